@@ -1,0 +1,173 @@
+// MaxSim driver: packs the queries, splits the documents across threads by
+// token count, runs the SIMD level's per-document kernel, and either writes
+// all scores or keeps a per-thread top-k heap (no [B, N] buffer needed).
+#include "cpu/maxsim.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/dispatch.h"
+#include "cpu/threadpool.h"
+
+namespace vkern {
+namespace cpu {
+namespace {
+
+const MaxsimLevel& level_for(SimdLevel l) {
+  switch (l) {
+    case SimdLevel::avx512: return maxsim_level_avx512();
+    case SimdLevel::avx2: return maxsim_level_avx2();
+    default: return maxsim_level_generic();
+  }
+}
+
+float load_scalar(const void* p, int dtype, int64_t i) {
+  if (dtype == kF32) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  uint32_t bits;
+  if (dtype == kBF16) {
+    bits = static_cast<uint32_t>(h) << 16;
+  } else {  // IEEE half -> float, portable
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0x1f) {
+      bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+      bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+      bits = sign;
+    } else {
+      int e = -1;
+      do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
+      bits = sign | ((112u - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+struct Entry {
+  float score;
+  int64_t idx;
+};
+
+// Strict "a ranks before b": higher score first, NaN after everything
+// (below -inf), ties to the lower index.
+inline bool ranks_before(const Entry& a, const Entry& b) {
+  const bool an = std::isnan(a.score), bn = std::isnan(b.score);
+  if (an != bn) return bn;
+  if (!an && a.score != b.score) return a.score > b.score;
+  return a.idx < b.idx;
+}
+
+// Bounded heap of the k best entries; the front is the worst kept.
+struct TopK {
+  std::vector<Entry> heap;
+  void offer(const Entry& e, int64_t k) {
+    if (static_cast<int64_t>(heap.size()) < k) {
+      heap.push_back(e);
+      std::push_heap(heap.begin(), heap.end(), ranks_before);
+    } else if (ranks_before(e, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), ranks_before);
+      heap.back() = e;
+      std::push_heap(heap.begin(), heap.end(), ranks_before);
+    }
+  }
+};
+
+}  // namespace
+
+void maxsim(const MaxsimCall& c) {
+  const MaxsimLevel& lv = level_for(simd_active());
+  const int64_t QB = lv.qblock, B = c.B, D = c.D, N = c.N;
+  const int64_t nblk_max = (c.Lq + QB - 1) / QB;
+
+  // Queries -> [B][nblk][D][QB] fp32, zero padded (padded tokens are never summed).
+  std::vector<float> qt(static_cast<size_t>(std::max<int64_t>(1, B * nblk_max * D * QB)), 0.0f);
+  std::vector<int64_t> qlen(B), nblocks(B);
+  for (int64_t b = 0; b < B; ++b) {
+    qlen[b] = c.q_lengths ? c.q_lengths[b] : c.Lq;
+    nblocks[b] = (qlen[b] + QB - 1) / QB;
+    for (int64_t i = 0; i < qlen[b]; ++i) {
+      float* dst = qt.data() + ((b * nblk_max + i / QB) * D) * QB + (i % QB);
+      const int64_t base = b * c.q_stride_b + i * c.q_stride_i;
+      for (int64_t k = 0; k < D; ++k) dst[k * QB] = load_scalar(c.q, c.q_dtype, base + k * c.q_stride_d);
+    }
+  }
+
+  // Split documents into contiguous ranges of roughly equal token counts (plus
+  // a small per-document cost), several per thread for dynamic balancing.
+  const int threads = num_threads();
+  std::vector<int64_t> cost_prefix(N + 1, 0);
+  for (int64_t n = 0; n < N; ++n) cost_prefix[n + 1] = cost_prefix[n] + c.doc_lens[n] + 8;
+  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(N, int64_t(threads) * 8));
+  std::vector<int64_t> task_start(n_tasks + 1);
+  for (int64_t t = 0; t <= n_tasks; ++t) {
+    const int64_t target = cost_prefix[N] * t / n_tasks;
+    task_start[t] = std::lower_bound(cost_prefix.begin(), cost_prefix.end(), target) - cost_prefix.begin();
+  }
+  task_start[n_tasks] = N;
+
+  struct Scratch {
+    std::vector<float> conv, maxbuf;
+    std::vector<int32_t> nanbuf;
+    std::vector<TopK> heaps;
+  };
+  std::vector<Scratch> scratch(threads);
+  for (auto& s : scratch) {
+    s.conv.resize(static_cast<size_t>(lv.scratch_floats(D)));
+    s.maxbuf.resize(static_cast<size_t>(std::max<int64_t>(1, B * nblk_max * QB)));
+    s.nanbuf.resize(s.maxbuf.size());
+    if (c.topk > 0) s.heaps.resize(B);
+  }
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+
+  parallel_for(n_tasks, [&](int64_t task, int worker) {
+    Scratch& s = scratch[worker];
+    MaxsimDocJob job{qt.data(), B, nblk_max, D, nblocks.data(), nullptr, c.d_dtype,
+                     c.d_row_stride, 0, s.conv.data(), s.maxbuf.data(), s.nanbuf.data()};
+    const size_t elem = c.d_dtype == kF32 ? 4 : 2;
+    for (int64_t n = task_start[task]; n < task_start[task + 1]; ++n) {
+      const int64_t len = c.doc_lens[n];
+      if (len > 0) {
+        job.doc = static_cast<const char*>(c.docs) + c.doc_starts[n] * elem;
+        job.len = len;
+        lv.score_doc(job);
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        float score = neg_inf;  // an empty document ranks last
+        if (len > 0) {
+          const float* mx = s.maxbuf.data() + b * nblk_max * QB;
+          const int32_t* ns = s.nanbuf.data() + b * nblk_max * QB;
+          double sum = 0.0;
+          for (int64_t i = 0; i < qlen[b]; ++i) sum += ns[i] ? nan : mx[i];
+          score = static_cast<float>(sum);
+        }
+        if (c.scores) c.scores[b * N + n] = score;
+        if (c.topk > 0) s.heaps[b].offer({score, n}, c.topk);
+      }
+    }
+  });
+
+  if (c.topk <= 0) return;
+  std::vector<Entry> merged;
+  for (int64_t b = 0; b < B; ++b) {
+    merged.clear();
+    for (auto& s : scratch) merged.insert(merged.end(), s.heaps[b].heap.begin(), s.heaps[b].heap.end());
+    const int64_t k = std::min<int64_t>(c.topk, static_cast<int64_t>(merged.size()));
+    std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), ranks_before);
+    for (int64_t r = 0; r < c.topk; ++r) {
+      const bool have = r < k;
+      c.topk_scores[b * c.topk + r] = have ? merged[r].score : neg_inf;
+      c.topk_idx[b * c.topk + r] = have ? merged[r].idx : -1;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace vkern

@@ -1,0 +1,60 @@
+// MaxSim on the CPU: the driver (maxsim.cpp) and the per-SIMD-level kernels
+// (simd/maxsim_*.cpp). Nothing here knows about Python.
+#pragma once
+#include <cstdint>
+
+namespace vkern {
+namespace cpu {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// One document scored against every query of a batch, by one thread.
+struct MaxsimDocJob {
+  const float* qt;            // packed queries [B][nblk_max][D][qblock], fp32, zero padded
+  int64_t B, nblk_max, D;
+  const int64_t* q_nblocks;   // [B] register blocks holding valid query tokens
+  const void* doc;            // first token row; elements contiguous within a row
+  int dtype;                  // DType of doc
+  int64_t row_stride;         // elements between consecutive token rows
+  int64_t len;                // tokens in this document, > 0
+  float* scratch;             // thread-private, scratch_floats(D) floats
+  float* maxbuf;              // thread-private [B][nblk_max * qblock]: running max per query token
+  int32_t* nanbuf;            // same shape: nonzero where a NaN similarity was seen
+};
+
+// What one SIMD level offers. Each level lives in its own translation unit,
+// compiled with its own -m flags.
+struct MaxsimLevel {
+  const char* name;
+  int qblock;                              // query tokens per register tile
+  int64_t (*scratch_floats)(int64_t D);
+  void (*score_doc)(const MaxsimDocJob& job);
+};
+
+const MaxsimLevel& maxsim_level_generic();
+const MaxsimLevel& maxsim_level_avx2();
+const MaxsimLevel& maxsim_level_avx512();
+
+// A whole call, as the bindings hand it over (pointers already validated).
+struct MaxsimCall {
+  const void* q;              // [B, Lq, D] with element strides below
+  int q_dtype;
+  int64_t B, Lq, D;
+  int64_t q_stride_b, q_stride_i, q_stride_d;
+  const int64_t* q_lengths;   // [B] or nullptr (all Lq valid); values in [0, Lq]
+  const void* docs;           // base address of the document tokens
+  int d_dtype;
+  int64_t d_row_stride;       // elements between token rows (the element stride is 1)
+  const int64_t* doc_starts;  // [N] element offset (from docs) of each document's first row
+  const int64_t* doc_lens;    // [N] tokens per document (0 = empty: scores -inf)
+  int64_t N;
+  float* scores;              // [B, N] output, or nullptr when only top-k is wanted
+  int64_t topk;               // 0 = no top-k
+  float* topk_scores;         // [B, topk]
+  int64_t* topk_idx;          // [B, topk]
+};
+
+void maxsim(const MaxsimCall& call);
+
+}  // namespace cpu
+}  // namespace vkern

@@ -1,0 +1,141 @@
+"""Array adapters: NumPy, torch (CPU and CUDA) and other DLPack producers.
+
+The ops work on "native" arrays, a NumPy ndarray or a torch Tensor, and hand
+results back as the caller's kind, on the caller's device.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def torch_module():
+    """torch if it is already imported or importable, else None (never raises)."""
+    mod = sys.modules.get("torch")
+    if mod is not None:
+        return mod
+    try:
+        import torch  # noqa: F401
+    except Exception:  # pragma: no cover - torch is optional
+        return None
+    return sys.modules["torch"]
+
+
+def is_torch(x: Any) -> bool:
+    mod = sys.modules.get("torch")
+    return mod is not None and isinstance(x, mod.Tensor)
+
+
+def to_native(x: Any, name: str):
+    """Returns (array, origin): array is an ndarray or a torch Tensor; origin
+    remembers how to hand a result back ('numpy', 'torch' or a DLPack module)."""
+    if isinstance(x, np.ndarray):
+        return x, "numpy"
+    if is_torch(x):
+        return x, "torch"
+    if hasattr(x, "__dlpack__"):
+        torch = torch_module()
+        if torch is not None:
+            return torch.from_dlpack(x), type(x).__module__.split(".")[0]
+        return np.from_dlpack(x), "numpy"
+    if isinstance(x, (list, tuple)) or np.isscalar(x):
+        return np.asarray(x), "numpy"
+    raise TypeError(f"{name}: expected a NumPy array, a torch tensor or a DLPack array, got {type(x).__name__}")
+
+
+def from_native(result: Any, origin: str):
+    """Hands a native result back as the caller's array kind."""
+    if origin in ("numpy", "torch"):
+        return result
+    mod = sys.modules.get(origin)
+    if mod is not None and hasattr(mod, "from_dlpack"):
+        return mod.from_dlpack(result)
+    return result
+
+
+def dtype_name(a: Any) -> str:
+    if isinstance(a, np.ndarray):
+        return a.dtype.name
+    return str(a.dtype).replace("torch.", "")
+
+
+def device_of(a: Any) -> str:
+    if isinstance(a, np.ndarray):
+        return "cpu"
+    return a.device.type
+
+
+def is_float(a: Any) -> bool:
+    return dtype_name(a) in FLOAT_DTYPES
+
+
+def is_integer(a: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return a.dtype.kind in "iu"
+    return (not a.dtype.is_floating_point) and (not a.dtype.is_complex) and a.dtype != sys.modules["torch"].bool
+
+
+def elem_strides(a: Any) -> tuple:
+    if isinstance(a, np.ndarray):
+        return tuple(s // a.itemsize for s in a.strides)
+    return tuple(a.stride())
+
+
+def data_ptr(a: Any) -> int:
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__["data"][0]
+    return a.data_ptr()
+
+
+def rows_contiguous(a: Any) -> bool:
+    """Last axis has unit stride and the strides are multiples of the element
+    size (what the CPU kernel needs)."""
+    if isinstance(a, np.ndarray):
+        if any(s % a.itemsize for s in a.strides) or any(s < 0 for s in a.strides):
+            return False
+    if a.ndim == 0:
+        return True
+    return a.shape[-1] <= 1 or elem_strides(a)[-1] == 1
+
+
+def contiguous(a: Any):
+    if isinstance(a, np.ndarray):
+        return np.ascontiguousarray(a)
+    return a.contiguous()
+
+
+def to_numpy(a: Any, float_dtype=None) -> np.ndarray:
+    """Host NumPy copy/view of a CPU array; bfloat16 becomes float32 (exactly)."""
+    if isinstance(a, np.ndarray):
+        out = a
+    else:
+        if a.device.type != "cpu":
+            raise ValueError("expected a CPU array")
+        t = a.detach()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        out = t.numpy()
+    if float_dtype is not None:
+        out = out.astype(float_dtype, copy=False)
+    return out
+
+
+def empty_like_kind(shape, dtype: str, like: Any):
+    """Uninitialised array of the same kind and device as `like`."""
+    if isinstance(like, np.ndarray):
+        return np.empty(shape, dtype=dtype)
+    torch = sys.modules["torch"]
+    return torch.empty(shape, dtype=getattr(torch, dtype), device=like.device)
+
+
+def as_kind(x: np.ndarray, like: Any):
+    """A NumPy result moved to `like`'s kind and device."""
+    if isinstance(like, np.ndarray):
+        return x
+    torch = sys.modules["torch"]
+    return torch.from_numpy(np.ascontiguousarray(x)).to(like.device)

@@ -1,0 +1,90 @@
+"""Backend registry: each op lists its backends in priority order; each
+backend says why it cannot run a given call, so an impossible request can
+list every reason (the xformers pattern)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend (or every backend, for "auto") cannot run this call."""
+
+
+@dataclass
+class Backend:
+    name: str
+    # why_not(call) -> None if the backend can run the call, else a reason
+    why_not: Callable[[Any], Optional[str]]
+    run: Callable[[Any], Any]
+
+
+@dataclass
+class Op:
+    name: str
+    backends: Dict[str, Backend] = field(default_factory=dict)
+
+    def register(self, backend: Backend) -> None:
+        self.backends[backend.name] = backend
+
+    def reasons(self, call: Any) -> Dict[str, Optional[str]]:
+        out: Dict[str, Optional[str]] = {}
+        for name in BACKENDS:
+            b = self.backends.get(name)
+            out[name] = "not implemented for this op" if b is None else b.why_not(call)
+        return out
+
+    def pick(self, backend: str, call: Any) -> Backend:
+        requested = backend
+        if backend == "auto":
+            backend = os.environ.get("VKERN_BACKEND", "auto") or "auto"
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {('auto',) + BACKENDS}, got {backend!r}")
+        if backend != "auto":
+            b = self.backends.get(backend)
+            reason = "not implemented for this op" if b is None else b.why_not(call)
+            if reason is None:
+                return b
+            raise BackendUnavailable(self._message(f"backend {backend!r}" + (
+                " (from VKERN_BACKEND)" if requested == "auto" else ""), call))
+        for name in BACKENDS:
+            b = self.backends.get(name)
+            if b is not None and b.why_not(call) is None:
+                return b
+        raise BackendUnavailable(self._message("no backend", call))
+
+    def _message(self, head: str, call: Any) -> str:
+        lines = [f"vkern.{self.name}: {head} can run this call ({call!r}):"]
+        for name, reason in self.reasons(call).items():
+            lines.append(f"  {name}: {'available' if reason is None else reason}")
+        return "\n".join(lines)
+
+
+OPS: Dict[str, Op] = {}
+
+
+def op(name: str) -> Op:
+    return OPS.setdefault(name, Op(name))
+
+
+def available_backends(op_name: str, call: Any = None) -> Dict[str, tuple]:
+    """{backend: (usable, reason)} for an op, for a given call or in general."""
+    o = OPS[op_name]
+    if call is None:
+        from . import _ext
+
+        out = {}
+        for name in BACKENDS:
+            reason = _ext.general_reason(name)
+            if name not in o.backends:
+                reason = "not implemented for this op"
+            out[name] = (reason is None, reason or "")
+        return out
+    return {k: (v is None, v or "") for k, v in o.reasons(call).items()}
+
+
+def order(names: List[str]) -> List[str]:
+    return [n for n in BACKENDS if n in names]
