@@ -41,7 +41,7 @@ def to_kind(backend, a, dtype=None):
     t = torch.from_numpy(np.ascontiguousarray(a))
     if dtype is not None and t.is_floating_point():
         t = t.to(getattr(torch, dtype))
-    if backend == "cuda":
+    if backend == "cuda" or (backend == "triton" and HAVE_CUDA):
         t = t.cuda()
     return t
 
@@ -286,7 +286,7 @@ def test_half_precision_error_within_twice_reference(backend, dtype, rng):
         got = vkern.maxsim(q.astype(np.float16), docs.astype(np.float16), doc_offsets=off, backend=backend)
         assert isinstance(got, np.ndarray)
         assert np.abs(host(got) - exact).max() <= 2 * ref_err + 1e-5
-    dev = "cuda" if backend == "cuda" else "cpu"
+    dev = "cuda" if backend == "cuda" or (backend == "triton" and HAVE_CUDA) else "cpu"
     got = vkern.maxsim(tq.to(dev), td.to(dev), doc_offsets=torch.from_numpy(off).to(dev), backend=backend)
     assert got.dtype == torch.float32 and got.device.type == dev
     assert np.abs(host(got) - exact).max() <= 2 * ref_err + 1e-5

@@ -191,8 +191,8 @@ def maxsim_workloads(quick: bool, threads: int) -> List[Workload]:
 
             def torch_flat(tq=tq):
                 sims = torch.einsum("...qd,td->...qt", tq, tdocs)
-                m = torch.segment_reduce(sims.reshape(-1, T).T, "max", lengths=lens, axis=0)
-                return m.sum(dim=1)
+                m = torch.segment_reduce(sims.reshape(-1, T).T, "max", lengths=lens, axis=0)  # [N, B*Lq]
+                return m.reshape(m.shape[0], -1, Lq).sum(-1)
 
             w.contenders.append(Contender("torch cuda flat GEMM + segment_reduce", torch_flat, "peer", sync=sync))
             try:
