@@ -485,3 +485,23 @@ def test_torch_compile_uses_custom_op(rng):
 
     compiled = torch.compile(fn, backend="eager", fullgraph=True)
     assert torch.allclose(compiled(q, td, to), fn(q, td, to))
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+def test_triton_gpu_nan_path_under_interpreter(rng, monkeypatch):
+    """The interpreter normally takes the isnan-flag path; force the
+    NaN-propagating reduce that GPUs compile, so it is checked here too."""
+    needs("triton")
+    from vkern import _ext
+
+    kernels = _ext.triton_kernels("maxsim")
+    monkeypatch.setattr(kernels, "_NAN_BY_FLAG", False)
+    D = 16
+    docs, off = packed(rng, [3, 5, 2], D)
+    docs[off[1] + 4, 0] = np.nan
+    q = rng.standard_normal((2, D)).astype(np.float32)
+    got = host(vkern.maxsim(to_kind("triton", q), to_kind("triton", docs), doc_offsets=to_kind("triton", off),
+                            backend="triton"))
+    want = brute(q[None], split(docs, off))[0]
+    assert np.isnan(got[1]) and not np.isnan(got[[0, 2]]).any()
+    np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], rtol=1e-5, atol=1e-4)
