@@ -116,7 +116,7 @@ py::dict build_info() {
   d["cuda"] = false;
   d["cuda_archs"] = "";
 #endif
-  d["simd_compiled"] = std::vector<std::string>{"generic", "avx2", "avx512"};
+  d["simd_compiled"] = std::vector<std::string>{"generic", "avx2", "avx512", "avx512shape"};
   return d;
 }
 

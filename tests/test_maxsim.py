@@ -307,7 +307,7 @@ def test_cpu_mixed_precision_queries_fp32_docs_bf16(rng):
 
 # --------------------------------------------------------- CPU specifics
 
-@pytest.mark.parametrize("level", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("level", ["generic", "avx2", "avx512", "avx512shape"])
 def test_every_simd_level(level, rng):
     needs("cpu")
     from vkern import _ext

@@ -15,6 +15,7 @@ bool cpu_has(SimdLevel level) {
     case SimdLevel::generic:
       return true;
     case SimdLevel::avx2:
+    case SimdLevel::avx512shape:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
              __builtin_cpu_supports("f16c");
     case SimdLevel::avx512:
@@ -32,8 +33,9 @@ SimdLevel parse(const std::string& name) {
   if (name == "generic" || name == "scalar") return SimdLevel::generic;
   if (name == "avx2") return SimdLevel::avx2;
   if (name == "avx512") return SimdLevel::avx512;
+  if (name == "avx512shape") return SimdLevel::avx512shape;
   throw std::invalid_argument("unknown SIMD level '" + name +
-                              "' (expected auto, generic, avx2 or avx512)");
+                              "' (expected auto, generic, avx2, avx512 or avx512shape)");
 }
 
 SimdLevel initial_level() {
@@ -61,6 +63,7 @@ const char* simd_name(SimdLevel level) {
     case SimdLevel::generic: return "generic";
     case SimdLevel::avx2: return "avx2";
     case SimdLevel::avx512: return "avx512";
+    case SimdLevel::avx512shape: return "avx512shape";
   }
   return "?";
 }
@@ -88,7 +91,7 @@ void simd_force(const std::string& name) {
 
 std::vector<std::string> simd_supported_names() {
   std::vector<std::string> out;
-  for (SimdLevel l : {SimdLevel::generic, SimdLevel::avx2, SimdLevel::avx512})
+  for (SimdLevel l : {SimdLevel::generic, SimdLevel::avx2, SimdLevel::avx512, SimdLevel::avx512shape})
     if (cpu_has(l)) out.emplace_back(simd_name(l));
   return out;
 }

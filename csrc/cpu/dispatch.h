@@ -1,4 +1,4 @@
-// Run-time choice of the SIMD level. VKERN_SIMD (generic|avx2|avx512) forces a
+// Run-time choice of the SIMD level. VKERN_SIMD (generic|avx2|avx512|avx512shape) forces a
 // level, so the tests can run every path the CPU supports on one machine.
 #pragma once
 #include <string>
@@ -7,7 +7,9 @@
 namespace vkern {
 namespace cpu {
 
-enum class SimdLevel : int { generic = 0, avx2 = 1, avx512 = 2 };
+// avx512shape = the AVX-512 blocking compiled for AVX2: selectable for tests
+// on machines without AVX-512, never picked automatically.
+enum class SimdLevel : int { generic = 0, avx2 = 1, avx512 = 2, avx512shape = 3 };
 
 const char* simd_name(SimdLevel level);
 bool simd_supported(SimdLevel level);   // can this CPU run it

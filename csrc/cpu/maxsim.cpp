@@ -20,6 +20,7 @@ const MaxsimLevel& level_for(SimdLevel l) {
   switch (l) {
     case SimdLevel::avx512: return maxsim_level_avx512();
     case SimdLevel::avx2: return maxsim_level_avx2();
+    case SimdLevel::avx512shape: return maxsim_level_avx512shape();
     default: return maxsim_level_generic();
   }
 }

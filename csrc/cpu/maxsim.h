@@ -34,6 +34,7 @@ struct MaxsimLevel {
 const MaxsimLevel& maxsim_level_generic();
 const MaxsimLevel& maxsim_level_avx2();
 const MaxsimLevel& maxsim_level_avx512();
+const MaxsimLevel& maxsim_level_avx512shape();  // AVX-512 tiling on AVX2, for tests
 
 // A whole call, as the bindings hand it over (pointers already validated).
 struct MaxsimCall {
