@@ -505,3 +505,25 @@ def test_triton_gpu_nan_path_under_interpreter(rng, monkeypatch):
     want = brute(q[None], split(docs, off))[0]
     assert np.isnan(got[1]) and not np.isnan(got[[0, 2]]).any()
     np.testing.assert_allclose(got[[0, 2]], want[[0, 2]], rtol=1e-5, atol=1e-4)
+
+
+class _DLPackOnly:
+    """An array from some other library: only the DLPack protocol."""
+
+    def __init__(self, arr):
+        self._arr = arr
+        self.shape = arr.shape
+
+    def __dlpack__(self, **kwargs):
+        return self._arr.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._arr.__dlpack_device__()
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="DLPack inputs are read through torch")
+def test_other_dlpack_producers_are_accepted(rng):
+    docs, off = packed(rng, [3, 4], 8)
+    q = rng.standard_normal((2, 8)).astype(np.float32)
+    got = vkern.maxsim(_DLPackOnly(q), _DLPackOnly(docs), doc_offsets=_DLPackOnly(off))
+    assert_f32_close(np.from_dlpack(got), brute(q[None], split(docs, off))[0])
