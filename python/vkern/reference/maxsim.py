@@ -16,17 +16,27 @@ def maxsim_scores(queries: np.ndarray, query_lengths: np.ndarray, docs: np.ndarr
     """
     q = np.asarray(queries, dtype=np.float64)
     d = np.asarray(docs, dtype=np.float64)
-    B, Lq, _ = q.shape
-    N = len(doc_offsets) - 1
+    B, Lq, D = q.shape
+    offsets = np.asarray(doc_offsets, dtype=np.int64)
+    N = len(offsets) - 1
     valid = np.arange(Lq)[None, :] < np.asarray(query_lengths)[:, None]  # [B, Lq]
-    out = np.empty((B, N), dtype=np.float64)
-    for n in range(N):
-        seg = d[doc_offsets[n]:doc_offsets[n + 1]]
-        if len(seg) == 0:
-            out[:, n] = -np.inf
-            continue
-        best = (q @ seg.T).max(axis=2)  # [B, Lq]
-        out[:, n] = np.where(valid, best, 0.0).sum(axis=1)
+    out = np.full((B, N), -np.inf)                                       # empty documents stay -inf
+    q_rows = q.reshape(B * Lq, D)
+    # Documents in groups of about 2**22 similarity entries, so memory stays bounded.
+    per_group = max(1, (1 << 22) // max(1, B * Lq))
+    start = 0
+    while start < N:
+        stop = int(np.searchsorted(offsets, offsets[start] + per_group, side="right")) - 1
+        stop = min(N, max(stop, start + 1))
+        lo = offsets[start]
+        starts = offsets[start:stop] - lo
+        nonempty = np.nonzero(offsets[start + 1:stop + 1] > offsets[start:stop])[0]
+        if len(nonempty):
+            sims = q_rows @ d[lo:offsets[stop]].T                             # [B*Lq, tokens]
+            best = np.maximum.reduceat(sims, starts[nonempty], axis=1)      # max per document (NaN propagates)
+            best = best.reshape(B, Lq, len(nonempty))
+            out[:, start + nonempty] = np.where(valid[:, :, None], best, 0.0).sum(axis=1)
+        start = stop
     return out.astype(np.float32)
 
 
