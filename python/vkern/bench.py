@@ -39,7 +39,6 @@ class Workload:
     name: str
     bytes: float                # bytes a kernel must move at least
     flops: float
-    bound: str                  # "memory" or "compute": which limit to compare with
     contenders: List[Contender] = field(default_factory=list)
 
 
@@ -138,7 +137,7 @@ def maxsim_workloads(quick: bool, threads: int) -> List[Workload]:
     for B in (1, 16):
         qb = queries[:B]
         w = Workload("maxsim", f"{B} x {Lq}x{D} query vs {n_docs} docs ({T} tokens, {docs.nbytes / 1e6:.0f} MB)",
-                     bytes=docs.nbytes, flops=2.0 * B * Lq * D * T, bound="memory" if B == 1 else "compute")
+                     bytes=docs.nbytes, flops=2.0 * B * Lq * D * T)
         qarg = q1 if B == 1 else qb
         w.contenders.append(Contender("vkern reference", lambda qarg=qarg: vkern.maxsim(
             qarg, docs, doc_offsets=offsets, backend="reference"), "reference", note="NumPy, float64"))
@@ -267,7 +266,7 @@ def run(args) -> int:
             _progress(f"[{op_name}] {w.name}: {', '.join(c.name for c in w.contenders)}")
             timings = time_workload(w, repeat, budget)
             report["results"].append({"op": w.op, "workload": w.name, "bytes": w.bytes, "flops": w.flops,
-                                      "bound": w.bound, "timings": timings})
+                                      "timings": timings})
     _progress("done")
     text = render(report)
     print(text)
@@ -290,7 +289,12 @@ def render(report: dict) -> str:
         ref = next((v["median_s"] for v in ok.values() if v["kind"] == "reference"), None)
         peers = {k: v["median_s"] for k, v in ok.items() if v["kind"] == "peer"}
         best_peer = min(peers, key=peers.get) if peers else None
-        lines.append(f"## {r['op']}: {r['workload']}  ({r['bound']}-bound)")
+        # Which limit binds here: the workload's flops per byte against this machine's balance.
+        balance = m["gemm_flops"] / m["copy_bytes_per_s"]
+        intensity = r["flops"] / r["bytes"]
+        bound = "compute" if intensity > balance else "memory"
+        lines.append(f"## {r['op']}: {r['workload']}  ({intensity:.0f} flop/byte vs machine balance "
+                     f"{balance:.0f}: {bound}-bound)")
         lines.append(f"| {'contender':<34} | {'median ms':>9} | {'min ms':>8} | {'x ref':>6} | {'x best peer':>11} "
                      f"| {'GB/s':>6} | {'% copy BW':>9} | {'GFLOP/s':>7} | {'% GEMM':>6} |")
         lines.append("|" + "|".join("-" * n for n in (36, 11, 10, 8, 13, 8, 11, 9, 8)) + "|")
@@ -330,6 +334,7 @@ def plot(report: dict, path: str) -> None:
         colors = {"vkern": "tab:blue", "peer": "tab:orange", "reference": "tab:gray"}
         ax.barh([i[0] for i in items], [i[1] for i in items], color=[colors[i[2]] for i in items])
         ax.set_xscale("log")
+        ax.set_xlim(left=min(i[1] for i in items) / 2)
         ax.set_xlabel("median ms (log)")
         ax.set_title(f"{r['op']}: {r['workload']}", fontsize=9)
         ax.invert_yaxis()
