@@ -527,3 +527,33 @@ def test_other_dlpack_producers_are_accepted(rng):
     q = rng.standard_normal((2, 8)).astype(np.float32)
     got = vkern.maxsim(_DLPackOnly(q), _DLPackOnly(docs), doc_offsets=_DLPackOnly(off))
     assert_f32_close(np.from_dlpack(got), brute(q[None], split(docs, off))[0])
+
+
+@pytest.mark.parametrize("level", ["generic", "avx2"])
+def test_float16_special_values_every_path(level, rng):
+    """Subnormal, largest, signed-zero and infinite halves widen exactly,
+    on the portable converter (generic) and on F16C (avx2)."""
+    needs("cpu")
+    from vkern import _ext
+
+    if level not in _ext.C.simd_supported():
+        pytest.skip(f"this CPU cannot run {level}")
+    D = 11
+    docs = rng.standard_normal((7, D)).astype(np.float16)
+    docs[0] = rng.uniform(-6e-5, 6e-5, D).astype(np.float16)  # all subnormal halves
+    docs[0, :2] = [6e-8, -3e-6]
+    docs[1] = 0.0
+    docs[1, 0] = -0.0
+    docs[3, 4] = 65504.0
+    docs[2, 3] = np.inf
+    docs[5, 7] = -np.inf
+    off = np.array([0, 2, 4, 7])
+    q = rng.standard_normal((3, D)).astype(np.float32) * 1e3  # makes the subnormal doc count
+    want = brute(q[None], split(docs.astype(np.float32), off))[0]
+    assert abs(want[0]) > 1e-2
+    try:
+        vkern.set_simd_level(level)
+        got = vkern.maxsim(q, docs, doc_offsets=off, backend="cpu")
+    finally:
+        vkern.set_simd_level("auto")
+    np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-5, atol=1e-4)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
+#include "cpu/half.h"
 #include "cpu/threadpool.h"
 
 namespace vkern {
@@ -28,27 +29,7 @@ const MaxsimLevel& level_for(SimdLevel l) {
 float load_scalar(const void* p, int dtype, int64_t i) {
   if (dtype == kF32) return static_cast<const float*>(p)[i];
   const uint16_t h = static_cast<const uint16_t*>(p)[i];
-  uint32_t bits;
-  if (dtype == kBF16) {
-    bits = static_cast<uint32_t>(h) << 16;
-  } else {  // IEEE half -> float, portable
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-    if (exp == 0x1f) {
-      bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-      bits = sign | ((exp + 112u) << 23) | (man << 13);
-    } else if (man == 0) {
-      bits = sign;
-    } else {
-      int e = -1;
-      do { ++e; man <<= 1; } while ((man & 0x400u) == 0);
-      bits = sign | ((112u - e) << 23) | ((man & 0x3ffu) << 13);
-    }
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return dtype == kBF16 ? bf16_to_float(h) : half_to_float(h);
 }
 
 struct Entry {
