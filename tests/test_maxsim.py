@@ -557,3 +557,12 @@ def test_float16_special_values_every_path(level, rng):
     finally:
         vkern.set_simd_level("auto")
     np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-5, atol=1e-4)
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import vkern.ops.maxsim as mod
+
+    result = doctest.testmod(mod, extraglobs={"vkern": vkern})
+    assert result.attempted >= 3 and result.failed == 0

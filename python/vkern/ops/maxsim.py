@@ -6,6 +6,7 @@ caller's array kind.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -263,10 +264,7 @@ def _cpu_run(call: MaxsimCall):
     if isinstance(q, np.ndarray) and any(s < 0 or s % q.itemsize for s in q.strides):
         q = np.ascontiguousarray(q)
     docs = call.docs if A.rows_contiguous(call.docs) else A.contiguous(call.docs)
-    call_docs = call
-    if docs is not call.docs:
-        call_docs = MaxsimCall(**{**call.__dict__, "docs": docs})
-    starts, lens, row_stride = _doc_extents(call_docs)
+    starts, lens, row_stride = _doc_extents(dataclasses.replace(call, docs=docs))
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     lens = np.ascontiguousarray(lens, dtype=np.int64)
     qlens = _query_lengths_host(call)
@@ -327,9 +325,7 @@ def _triton_why_not(call: MaxsimCall) -> Optional[str]:
         return "CPU tensors need TRITON_INTERPRET=1"
     if call.device not in ("cpu", "cuda"):
         return f"unsupported device {call.device}"
-    if A.dtype_name(call.docs) == "bfloat16" and call.device == "cpu":
-        return None  # the kernel widens bf16 tiles itself under the interpreter
-    return None
+    return None  # bf16 included: under the interpreter the kernel widens bf16 tiles itself
 
 
 def _triton_run(call: MaxsimCall):
@@ -416,9 +412,10 @@ def maxsim(queries, docs, *, doc_offsets=None, doc_lengths=None, query_lengths=N
         [1.0, 1.0]
     """
     torch = A.torch_module() if A.is_torch(queries) else None
-    if torch is not None and not isinstance(docs, (list, tuple)) and torch.compiler.is_compiling():
-        from .. import _torch_ops  # registers vkern::maxsim on first use
+    if torch is not None:
+        from .. import _torch_ops  # registers vkern::maxsim on first use of torch inputs
 
-        return _torch_ops.call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, backend)
+        if not isinstance(docs, (list, tuple)) and torch.compiler.is_compiling():
+            return _torch_ops.call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, backend)
     return maxsim_impl(queries, docs, doc_offsets=doc_offsets, doc_lengths=doc_lengths,
                        query_lengths=query_lengths, topk=topk, backend=backend)
