@@ -34,6 +34,10 @@ class MaxsimCall:
     device: str
     lib: str                    # "numpy" or "torch"
     origin: str = "numpy"       # how to hand results back (see _arrays.from_native)
+    # Host int64 copies of the small index arrays, made once while validating:
+    host_offsets: Optional[np.ndarray] = None    # [N+1] (packed)
+    host_doc_lengths: Optional[np.ndarray] = None  # [N] (padded; Ld where not given)
+    host_q_lengths: Optional[np.ndarray] = None  # [B] (Lq where not given)
 
     def __repr__(self) -> str:
         layout = f"packed docs {tuple(self.docs.shape)}" if self.packed else f"padded docs {tuple(self.docs.shape)}"
@@ -158,6 +162,7 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, query_lengths, topk) -> Ma
         raise TypeError(f"mixed array kinds: {libs}; pass all NumPy arrays or all torch tensors")
 
     # Value checks on the small index arrays, before any kernel runs.
+    off = ln = None
     if packed:
         off = _host_ints(offsets)
         T = int(d.shape[0])
@@ -165,15 +170,14 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, query_lengths, topk) -> Ma
             raise ValueError(f"doc_offsets: must start at 0, be non-decreasing and end at T={T}; "
                              f"got first={int(off[0])}, last={int(off[-1])}, "
                              f"decreasing steps={int(np.sum(np.diff(off) < 0))}")
-    elif lengths is not None:
-        ln = _host_ints(lengths)
+    else:
         Ld = int(d.shape[1])
+        ln = _host_ints(lengths) if lengths is not None else np.full(N, Ld, dtype=np.int64)
         if np.any(ln < 0) or np.any(ln > Ld):
             raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}], got min={int(ln.min())}, max={int(ln.max())}")
-    if qlens is not None:
-        ql = _host_ints(qlens)
-        if np.any(ql < 0) or np.any(ql > Lq):
-            raise ValueError(f"query_lengths: every length must be in [0, Lq={Lq}], got min={int(ql.min())}, max={int(ql.max())}")
+    ql = _host_ints(qlens) if qlens is not None else np.full(B, Lq, dtype=np.int64)
+    if np.any(ql < 0) or np.any(ql > Lq):
+        raise ValueError(f"query_lengths: every length must be in [0, Lq={Lq}], got min={int(ql.min())}, max={int(ql.max())}")
 
     if topk is not None:
         if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
@@ -181,7 +185,8 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, query_lengths, topk) -> Ma
         if topk < 1:
             raise ValueError(f"topk: expected k >= 1, got {int(topk)}")
         topk = int(topk)
-    return MaxsimCall(q, single, qlens, d, packed, offsets, lengths, N, topk, device, libs["queries"], origin)
+    return MaxsimCall(q, single, qlens, d, packed, offsets, lengths, N, topk, device, libs["queries"], origin,
+                      host_offsets=off, host_doc_lengths=ln, host_q_lengths=np.ascontiguousarray(ql))
 
 
 # ------------------------------------------------------------------ helpers
@@ -191,11 +196,9 @@ def _doc_extents(call: MaxsimCall):
     in elements from the docs base pointer: no copy of the documents."""
     strides = A.elem_strides(call.docs)
     if call.packed:
-        off = _host_ints(call.doc_offsets)
+        off = call.host_offsets
         return off[:-1] * strides[0], np.diff(off), strides[0]
-    N, Ld = int(call.docs.shape[0]), int(call.docs.shape[1])
-    lens = _host_ints(call.doc_lengths) if call.doc_lengths is not None else np.full(N, Ld, dtype=np.int64)
-    return np.arange(N, dtype=np.int64) * strides[0], lens, strides[1]
+    return np.arange(call.N, dtype=np.int64) * strides[0], call.host_doc_lengths, strides[1]
 
 
 def _packed_offsets(call: MaxsimCall):
@@ -204,7 +207,7 @@ def _packed_offsets(call: MaxsimCall):
     if call.packed:
         return A.contiguous(call.docs), call.doc_offsets
     N, Ld, D = (int(s) for s in call.docs.shape)
-    lens = _host_ints(call.doc_lengths) if call.doc_lengths is not None else np.full(N, Ld, dtype=np.int64)
+    lens = call.host_doc_lengths
     offsets = np.zeros(N + 1, dtype=np.int64)
     np.cumsum(lens, out=offsets[1:])
     mask = np.arange(Ld)[None, :] < lens[:, None]
@@ -213,13 +216,6 @@ def _packed_offsets(call: MaxsimCall):
     torch = A.torch_module()
     m = torch.from_numpy(mask).to(call.docs.device)
     return call.docs[m].contiguous(), torch.from_numpy(offsets).to(call.docs.device)
-
-
-def _query_lengths_host(call: MaxsimCall) -> np.ndarray:
-    B, Lq = int(call.q.shape[0]), int(call.q.shape[1])
-    if call.q_lengths is None:
-        return np.full(B, Lq, dtype=np.int64)
-    return np.ascontiguousarray(_host_ints(call.q_lengths))
 
 
 def _topk_torch(scores, k: int):
@@ -244,7 +240,8 @@ def _reference_why_not(call: MaxsimCall) -> Optional[str]:
 
 def _reference_run(call: MaxsimCall):
     docs, offsets = _packed_offsets(call)
-    scores = ref.maxsim_scores(A.to_numpy(call.q), _query_lengths_host(call), A.to_numpy(docs), _host_ints(offsets))
+    host_offsets = call.host_offsets if call.packed else np.concatenate([[0], np.cumsum(call.host_doc_lengths)])
+    scores = ref.maxsim_scores(A.to_numpy(call.q), call.host_q_lengths, A.to_numpy(docs), host_offsets)
     if call.topk is None:
         return A.as_kind(scores, call.q), None, None
     vals, idx = ref.topk(scores, call.topk)
@@ -267,7 +264,7 @@ def _cpu_run(call: MaxsimCall):
     starts, lens, row_stride = _doc_extents(dataclasses.replace(call, docs=docs))
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     lens = np.ascontiguousarray(lens, dtype=np.int64)
-    qlens = _query_lengths_host(call)
+    qlens = call.host_q_lengths
     B, Lq, D = (int(s) for s in q.shape)
     qs = A.elem_strides(q)
     scores = vals = idx = None
