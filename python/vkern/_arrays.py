@@ -58,10 +58,15 @@ def from_native(result: Any, origin: str):
     return result
 
 
+_NAMES: dict = {}  # dtype object -> "float32" etc. (numpy's dtype.name is slow to compute)
+
+
 def dtype_name(a: Any) -> str:
-    if isinstance(a, np.ndarray):
-        return a.dtype.name
-    return str(a.dtype).replace("torch.", "")
+    dt = a.dtype
+    name = _NAMES.get(dt)
+    if name is None:
+        name = _NAMES[dt] = dt.name if isinstance(a, np.ndarray) else str(dt).replace("torch.", "")
+    return name
 
 
 def device_of(a: Any) -> str:
