@@ -9,6 +9,7 @@ them alike.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -78,7 +79,7 @@ def gemm_flops(threads: int, n: int = 2048, repeat: int = 4) -> float:
         from threadpoolctl import threadpool_limits
     except Exception:  # pragma: no cover
         threadpool_limits = None
-    ctx = threadpool_limits(threads) if threadpool_limits else _Null()
+    ctx = threadpool_limits(threads) if threadpool_limits else contextlib.nullcontext()
     with ctx:
         a @ a
         best = float("inf")
@@ -87,14 +88,6 @@ def gemm_flops(threads: int, n: int = 2048, repeat: int = 4) -> float:
             a @ a
             best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 # ------------------------------------------------------------- MaxSim data

@@ -240,7 +240,7 @@ def _reference_why_not(call: MaxsimCall) -> Optional[str]:
 
 def _reference_run(call: MaxsimCall):
     docs, offsets = _packed_offsets(call)
-    host_offsets = call.host_offsets if call.packed else np.concatenate([[0], np.cumsum(call.host_doc_lengths)])
+    host_offsets = call.host_offsets if call.packed else _host_ints(offsets)  # padded: built by _packed_offsets
     scores = ref.maxsim_scores(A.to_numpy(call.q), call.host_q_lengths, A.to_numpy(docs), host_offsets)
     if call.topk is None:
         return A.as_kind(scores, call.q), None, None
