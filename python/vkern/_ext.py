@@ -22,7 +22,7 @@ def cpu_reason() -> Optional[str]:
 
 
 def cuda_built() -> bool:
-    return C is not None and hasattr(C, "maxsim_cuda")
+    return C is not None and bool(getattr(C, "cuda_built", False))
 
 
 @lru_cache(maxsize=None)

@@ -198,7 +198,21 @@ def maxsim_workloads(quick: bool, threads: int) -> List[Workload]:
     return out
 
 
-WORKLOADS = {"maxsim": maxsim_workloads}
+# op -> workloads function, or "module:function" imported on first use (each
+# op keeps its bench data in python/vkern/bench_<op>.py).
+WORKLOADS = {
+    "maxsim": maxsim_workloads,
+}
+
+
+def workloads_for(op_name: str) -> Callable[[bool, int], List[Workload]]:
+    fn = WORKLOADS[op_name]
+    if isinstance(fn, str):
+        import importlib
+
+        module, name = fn.split(":")
+        fn = getattr(importlib.import_module(module), name)
+    return fn
 
 
 # ------------------------------------------------------------------ timing
@@ -258,7 +272,7 @@ def run(args) -> int:
         if op_name not in WORKLOADS:
             print(f"unknown op {op_name!r}; known: {', '.join(WORKLOADS)}", file=sys.stderr)
             return 2
-        for w in WORKLOADS[op_name](args.quick, threads):
+        for w in workloads_for(op_name)(args.quick, threads):
             _progress(f"[{op_name}] {w.name}: {', '.join(c.name for c in w.contenders)}")
             timings = time_workload(w, repeat, budget)
             report["results"].append({"op": w.op, "workload": w.name, "bytes": w.bytes, "flops": w.flops,
