@@ -16,7 +16,7 @@ def main(argv=None) -> int:
     p_bench.add_argument("--json", metavar="PATH", help="save the results as JSON")
     p_bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     p_bench.add_argument("--threads", type=int, default=2, help="CPU threads for every contender (default 2)")
-    p_bench.add_argument("--ops", default="maxsim", help="comma-separated ops to run (default: all)")
+    p_bench.add_argument("--ops", default="all", help="comma-separated ops to run (default: all)")
     p_bench.add_argument("--repeat", type=int, default=None, help="timed repetitions per contender")
     args = parser.parse_args(argv)
 

@@ -259,7 +259,9 @@ def run(args) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     repeat = args.repeat or (5 if args.quick else 15)
     budget = 3.0 if args.quick else 10.0
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    ops = [o.strip() for o in (args.ops or "all").split(",") if o.strip()]
+    if ops == ["all"]:
+        ops = list(WORKLOADS)
     info = vkern.info()
     _progress(f"[limits] copy bandwidth and BLAS GEMM with {threads} threads ...")
     bw = copy_bandwidth(threads, 128 if args.quick else 256)
