@@ -1,0 +1,361 @@
+"""vkern.apply_task_vectors / vkern.delta_linear / vkern.taskvec.dequantize (SPEC §4).
+
+The wrappers validate every input before any kernel runs, pick a backend and
+hand results back as the base's (apply) or x's (delta_linear) array kind.
+Kernels see a task vector as one or two *components* (a residual is its shared
+base plus its offset), described by a flat table (see ``_components``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+
+from .. import _arrays as A
+from .. import _ext
+from .._backend import Backend, op
+from ..reference import taskvec as ref
+from ..taskvec import QTaskVector, _validate
+
+_APPLY = op("apply_task_vectors")
+_DELTA = op("delta_linear")
+_DEQ = op("dequantize")
+
+METHODS = ("sum", "ties")
+
+
+@dataclass
+class ApplyCall:
+    base: Any                   # native [N, K]
+    qtvs: List[QTaskVector]
+    coeffs: np.ndarray          # float64 [T]
+    method: str
+    density: Optional[float]
+    out: Any                    # native [N, K] or None
+    device: str
+    lib: str
+    origin: str
+
+    def __repr__(self) -> str:
+        fmts = ", ".join(f"{q.scheme}{q.bits}{'+res' if q.base is not None else ''}" for q in self.qtvs)
+        return (f"base {tuple(self.base.shape)} {A.dtype_name(self.base)}, T={len(self.qtvs)} [{fmts}], "
+                f"method={self.method}, density={self.density}, {self.lib} on {self.device}")
+
+
+@dataclass
+class DeltaCall:
+    x: Any                      # native [M, K]
+    single: bool                # x came as [K]
+    base: Any                   # native [N, K]
+    qtvs: List[QTaskVector]
+    coeffs: np.ndarray          # float64 [T] (ones when not given)
+    task_ids: Optional[np.ndarray]  # host int64 [M] or None
+    task_ids_native: Any
+    device: str
+    lib: str
+    origin: str
+
+    def __repr__(self) -> str:
+        return (f"x {tuple(self.x.shape)} {A.dtype_name(self.x)}, base {tuple(self.base.shape)} "
+                f"{A.dtype_name(self.base)}, T={len(self.qtvs)}, task_ids={'yes' if self.task_ids is not None else 'no'}, "
+                f"{self.lib} on {self.device}")
+
+
+@dataclass
+class DeqCall:
+    qtv: QTaskVector
+    device: str
+    lib: str
+
+    def __repr__(self) -> str:
+        return f"{self.qtv!r}"
+
+
+# --------------------------------------------------------------- validation
+
+def _check_float(x: Any, name: str) -> None:
+    if not A.is_float(x):
+        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {A.dtype_name(x)}")
+
+
+def _qtv_device(q: QTaskVector) -> str:
+    devs = set()
+    for part in (q, q.base):
+        if part is None:
+            continue
+        for a in (part.codes, part.scales, part.zero_points):
+            if a is not None:
+                devs.add("cpu" if isinstance(a, np.ndarray) else str(a.device))
+    if len(devs) > 1:
+        return "mixed " + "/".join(sorted(devs))
+    return devs.pop()
+
+
+def _device_str(a: Any) -> str:
+    return "cpu" if isinstance(a, np.ndarray) else str(a.device)
+
+
+def _check_qtvs(qtvs: Any, shape: tuple, device: str, shape_from: str) -> List[QTaskVector]:
+    if isinstance(qtvs, QTaskVector) or not isinstance(qtvs, (list, tuple)):
+        raise TypeError(f"qtvs: expected a list of QTaskVector, got {type(qtvs).__name__}")
+    out = []
+    for t, q in enumerate(qtvs):
+        if not isinstance(q, QTaskVector):
+            raise TypeError(f"qtvs[{t}]: expected a QTaskVector, got {type(q).__name__}")
+        _validate(q, f"qtvs[{t}]")
+        if q.base is not None:
+            _validate(q.base, f"qtvs[{t}].base")
+        if tuple(q.shape) != tuple(shape):
+            raise ValueError(f"qtvs[{t}]: expected shape {tuple(shape)} (from {shape_from}), got {tuple(q.shape)}")
+        qdev = _qtv_device(q)
+        if qdev.split(":")[0] != device.split(":")[0] or (device != "cpu" and qdev != device):
+            raise ValueError(f"qtvs[{t}]: arrays on {qdev}, expected {device} (where {shape_from} is); "
+                             f"move them with qtv.to(...) (no hidden host<->device copies)")
+        out.append(q)
+    return out
+
+
+def _check_coeffs(coeffs: Any, T: int, name: str = "coeffs") -> np.ndarray:
+    if coeffs is None:
+        raise TypeError(f"{name}: expected a sequence of {T} numbers, got None")
+    if A.is_torch(coeffs):
+        coeffs = coeffs.detach().cpu().numpy()
+    try:
+        c = np.asarray(coeffs, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a sequence of {T} numbers, got {type(coeffs).__name__}") from None
+    if c.ndim != 1 or c.shape[0] != T:
+        raise ValueError(f"{name}: expected length T={T} (one per task vector), got shape {tuple(c.shape)}")
+    if not np.all(np.isfinite(c)):
+        raise ValueError(f"{name}: every coefficient must be finite, got {c.tolist()}")
+    return c
+
+
+def _prepare_apply(base, qtvs, coeffs, method, density, out) -> ApplyCall:
+    b, origin = A.to_native(base, "base")
+    _check_float(b, "base")
+    if b.ndim != 2:
+        raise ValueError(f"base: expected shape [N_out, K_in], got {tuple(b.shape)}")
+    device = _device_str(b)
+    qs = _check_qtvs(qtvs, tuple(int(s) for s in b.shape), device, "base")
+    c = _check_coeffs(coeffs, len(qs))
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float, np.floating, np.integer)):
+            raise TypeError(f"density: expected a float in [0, 1] or None, got {type(density).__name__}")
+        density = float(density)
+        if not (0.0 <= density <= 1.0):
+            raise ValueError(f"density: expected a float in [0, 1], got {density}")
+    o = None
+    if out is not None:
+        o, _ = A.to_native(out, "out")
+        if type(o) is not type(b):
+            raise TypeError(f"out: expected the same array kind as base ({type(b).__name__}), got {type(o).__name__}")
+        if tuple(o.shape) != tuple(b.shape):
+            raise ValueError(f"out: expected shape {tuple(b.shape)} (from base), got {tuple(o.shape)}")
+        if A.dtype_name(o) != A.dtype_name(b):
+            raise TypeError(f"out: expected dtype {A.dtype_name(b)} (from base), got {A.dtype_name(o)}")
+        if _device_str(o) != device:
+            raise ValueError(f"out: expected device {device} (from base), got {_device_str(o)}")
+        if isinstance(o, np.ndarray) and not o.flags.writeable:
+            raise ValueError("out: array is read-only")
+    lib = "numpy" if isinstance(b, np.ndarray) else "torch"
+    return ApplyCall(b, qs, c, method, density, o, A.device_of(b), lib, origin)
+
+
+def _prepare_delta(x, base, qtvs, coeffs, task_ids) -> DeltaCall:
+    xx, origin = A.to_native(x, "x")
+    _check_float(xx, "x")
+    if xx.ndim not in (1, 2):
+        raise ValueError(f"x: expected shape [K_in] or [M, K_in], got {tuple(xx.shape)}")
+    single = xx.ndim == 1
+    if single:
+        xx = xx[None]
+    b, _ = A.to_native(base, "base")
+    _check_float(b, "base")
+    if b.ndim != 2:
+        raise ValueError(f"base: expected shape [N_out, K_in], got {tuple(b.shape)}")
+    if int(xx.shape[1]) != int(b.shape[1]):
+        raise ValueError(f"x: expected last dim K_in={int(b.shape[1])} (from base), got {int(xx.shape[1])}")
+    if type(xx) is not type(b):
+        raise TypeError(f"mixed array kinds: x is {type(xx).__name__}, base is {type(b).__name__}")
+    device = _device_str(b)
+    if _device_str(xx) != device:
+        raise ValueError(f"mixed devices: x on {_device_str(xx)}, base on {device}")
+    qs = _check_qtvs(qtvs, tuple(int(s) for s in b.shape), device, "base")
+    T = len(qs)
+    c = np.ones(T) if coeffs is None else _check_coeffs(coeffs, T)
+    ids = ids_native = None
+    if task_ids is not None:
+        ids_native, _ = A.to_native(task_ids, "task_ids")
+        if not A.is_integer(ids_native):
+            raise TypeError(f"task_ids: expected an integer array, got {A.dtype_name(ids_native)}")
+        M = int(xx.shape[0])
+        if ids_native.ndim != 1 or int(ids_native.shape[0]) != M:
+            raise ValueError(f"task_ids: expected shape ({M},) (one per row of x), got {tuple(ids_native.shape)}")
+        if _device_str(ids_native) != device:
+            raise ValueError(f"mixed devices: task_ids on {_device_str(ids_native)}, base on {device}")
+        ids = (ids_native if isinstance(ids_native, np.ndarray) else ids_native.detach().cpu().numpy()).astype(np.int64)
+        if M and (ids.min() < -1 or ids.max() >= T):
+            raise ValueError(f"task_ids: every id must be in [-1, T={T}) (-1 = base only), "
+                             f"got min={int(ids.min())}, max={int(ids.max())}")
+    lib = "numpy" if isinstance(b, np.ndarray) else "torch"
+    return DeltaCall(xx, single, b, qs, c, ids, ids_native, A.device_of(b), lib, origin)
+
+
+# --------------------------------------------------------------- reference
+
+def _host_only(call) -> Optional[str]:
+    if call.device != "cpu":
+        return f"runs on host memory only (inputs are on {call.device}; no hidden device->host copies)"
+    return None
+
+
+def _host_qtv(q: QTaskVector) -> QTaskVector:
+    """NumPy views of a CPU QTaskVector's fields (torch CPU tensors share memory)."""
+    if all(a is None or isinstance(a, np.ndarray) for a in (q.codes, q.scales, q.zero_points)) and \
+            (q.base is None or isinstance(q.base.codes, np.ndarray)):
+        return q
+    from ..taskvec import to_device
+
+    return to_device([q], "numpy")[0]
+
+
+def _cast_result(res64: np.ndarray, like: Any):
+    """A float64 host result rounded once to like's dtype, as like's kind."""
+    name = A.dtype_name(like)
+    if isinstance(like, np.ndarray):
+        return res64.astype(name)
+    torch = A.torch_module()
+    return torch.from_numpy(res64).to(getattr(torch, name))
+
+
+def _write_out(call: ApplyCall, result):
+    if call.out is None:
+        return result
+    if isinstance(call.out, np.ndarray):
+        np.copyto(call.out, result)
+    else:
+        call.out.copy_(result)
+    return call.out
+
+
+def _apply_reference(call: ApplyCall):
+    res = ref.apply_task_vectors(A.to_numpy(call.base), [_host_qtv(q) for q in call.qtvs], call.coeffs,
+                                 call.method, call.density)
+    return _write_out(call, _cast_result(res, call.base))
+
+
+def _delta_reference(call: DeltaCall):
+    res = ref.delta_linear(A.to_numpy(call.x), A.to_numpy(call.base), [_host_qtv(q) for q in call.qtvs],
+                           call.coeffs, call.task_ids)
+    return _cast_result(res, call.x)
+
+
+def _deq_reference(call: DeqCall):
+    res = ref.dequantize(_host_qtv(call.qtv))
+    return res if call.lib == "numpy" else A.torch_module().from_numpy(res)
+
+
+_APPLY.register(Backend("reference", _host_only, _apply_reference))
+_DELTA.register(Backend("reference", _host_only, _delta_reference))
+_DEQ.register(Backend("reference", _host_only, _deq_reference))
+
+
+# --------------------------------------------------------------------- API
+
+def dequantize_impl(qtv: QTaskVector, *, backend: str = "auto"):
+    if not isinstance(qtv, QTaskVector):
+        raise TypeError(f"qtv: expected a QTaskVector, got {type(qtv).__name__}")
+    _validate(qtv, "qtv")
+    if qtv.base is not None:
+        _validate(qtv.base, "qtv.base")
+    dev = _qtv_device(qtv)
+    if dev.startswith("mixed"):
+        raise ValueError(f"qtv: arrays on several devices ({dev}); move them with qtv.to(...)")
+    lib = "numpy" if isinstance(qtv.codes, np.ndarray) else "torch"
+    call = DeqCall(qtv, dev.split(":")[0], lib)
+    return _DEQ.pick(backend, call).run(call)
+
+
+def apply_task_vectors_impl(base, qtvs, coeffs, *, method="sum", density=None, out=None, backend="auto"):
+    call = _prepare_apply(base, qtvs, coeffs, method, density, out)
+    return A.from_native(_APPLY.pick(backend, call).run(call), call.origin)
+
+
+def delta_linear_impl(x, base, qtvs, coeffs=None, *, task_ids=None, backend="auto"):
+    call = _prepare_delta(x, base, qtvs, coeffs, task_ids)
+    y = _DELTA.pick(backend, call).run(call)
+    return A.from_native(y[0] if call.single else y, call.origin)
+
+
+def apply_task_vectors(base, qtvs: Sequence[QTaskVector], coeffs, *, method: str = "sum",
+                       density: Optional[float] = None, out=None, backend: str = "auto"):
+    """Merges T quantized task vectors into a base weight in one pass over memory.
+
+    ``W = base + sum_t coeffs[t] * dequantize(qtvs[t])`` (``method="sum"``, task arithmetic),
+    accumulated in float32 and returned in base's dtype and array kind.
+
+    ``method="ties"`` (mergekit's ``ties``, weights before election): per element,
+    ``w_t = coeffs[t] * tau_t``; the elected sign is + where ``sum_t w_t >= 0``; task t
+    agrees where ``sign(w_t)`` equals it (a zero never agrees); ``W = base + (sum of
+    agreeing w_t) / (sum of agreeing coeffs[t])`` (a sum of 0 counts as 1).
+
+    ``density`` (either method) first trims each tau_t to its ``k = int(density * numel)``
+    entries of largest magnitude (exact count, ties to the lower flat index).
+
+    Args:
+        base: [N_out, K_in] float32 / float16 / bfloat16 (NumPy or torch, CPU or CUDA).
+        qtvs: list of T QTaskVector of shape [N_out, K_in], formats may differ, on base's device.
+        coeffs: T numbers.
+        out: optional array like base to write into (``out=base`` updates in place).
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+
+    Example:
+        >>> import numpy as np, vkern
+        >>> from vkern import taskvec
+        >>> base = np.zeros((2, 4), np.float32)
+        >>> tau = np.array([[0, 1, 2, 3], [-3, -2, -1, 0]], np.float32)
+        >>> q = taskvec.quantize(tau, bits=8)
+        >>> bool(np.abs(vkern.apply_task_vectors(base, [q], [0.5]) - 0.5 * tau).max() < 0.01)
+        True
+    """
+    torch = A.torch_module() if A.is_torch(base) else None
+    if torch is not None and torch.compiler.is_compiling():
+        from .._torch_ops import call_apply_task_vectors
+
+        return call_apply_task_vectors(base, qtvs, coeffs, method, density, out, backend)
+    return apply_task_vectors_impl(base, qtvs, coeffs, method=method, density=density, out=out, backend=backend)
+
+
+def delta_linear(x, base, qtvs: Sequence[QTaskVector], coeffs=None, *, task_ids=None, backend: str = "auto"):
+    """``y = x @ base^T + sum_t coeffs[t] * x @ dequantize(qtvs[t])^T`` without a dense delta.
+
+    With ``task_ids [M]`` row m of x adds only task ``task_ids[m]`` (times ``coeffs[t]``
+    if coeffs is given, else 1); ``-1`` means the base alone (multi-tenant serving).
+    Without either, every task is added with coefficient 1.
+
+    Args:
+        x: [M, K_in] or [K_in], float32 / float16 / bfloat16.
+        base: [N_out, K_in] float, same array kind and device as x.
+        qtvs: T QTaskVector of shape [N_out, K_in] on base's device.
+
+    Returns:
+        y [M, N_out] (or [N_out]) in x's dtype, accumulated in float32.
+
+    Example:
+        >>> import numpy as np, vkern
+        >>> from vkern import taskvec
+        >>> base = np.eye(3, 4, dtype=np.float32)
+        >>> q = taskvec.quantize(np.ones((3, 4), np.float32), bits=1, scheme="sign")
+        >>> vkern.delta_linear(np.ones((2, 4), np.float32), base, [q], task_ids=np.array([0, -1])).tolist()
+        [[5.0, 5.0, 5.0], [1.0, 1.0, 1.0]]
+    """
+    torch = A.torch_module() if A.is_torch(x) else None
+    if torch is not None and torch.compiler.is_compiling():
+        from .._torch_ops import call_delta_linear
+
+        return call_delta_linear(x, base, qtvs, coeffs, task_ids, backend)
+    return delta_linear_impl(x, base, qtvs, coeffs, task_ids=task_ids, backend=backend)
