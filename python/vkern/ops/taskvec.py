@@ -264,6 +264,175 @@ _DELTA.register(Backend("reference", _host_only, _delta_reference))
 _DEQ.register(Backend("reference", _host_only, _deq_reference))
 
 
+# ------------------------------------------------------------ component table
+
+def _comp_row(q: QTaskVector, task: int) -> List[int]:
+    return [0 if q.scheme == "affine" else 1, q.bits, A.data_ptr(q.codes), q.row_bytes, A.data_ptr(q.scales),
+            0 if q.zero_points is None else A.data_ptr(q.zero_points), int(q.per_row), q.n_groups, q.group_size,
+            task]
+
+
+def _components(qtvs: Sequence[QTaskVector], coeffs: np.ndarray, share_bases: bool):
+    """(table int64 [C, 10], coefficients float64 [C]) describing every component of
+    every task vector; a residual adds its base then its offset. With share_bases
+    (plain sums), a base shared by several residuals becomes one component whose
+    coefficient is the sum of theirs: it is decoded once per chunk, not once per task."""
+    rows: List[List[int]] = []
+    coefs: List[float] = []
+    seen = {}
+    for t, q in enumerate(qtvs):
+        if q.base is not None:
+            if share_bases and id(q.base) in seen:
+                coefs[seen[id(q.base)]] += float(coeffs[t])
+            else:
+                seen[id(q.base)] = len(rows)
+                rows.append(_comp_row(q.base, t))
+                coefs.append(float(coeffs[t]))
+        rows.append(_comp_row(q, t))
+        coefs.append(float(coeffs[t]))
+    table = np.array(rows, dtype=np.int64).reshape(-1, 10)
+    return np.ascontiguousarray(table), np.array(coefs, dtype=np.float64)
+
+
+def _contiguous_qtv(q: QTaskVector) -> QTaskVector:
+    """Fields C-contiguous (they normally are); one copy otherwise."""
+    def ok(a):
+        return a is None or (a.flags.c_contiguous if isinstance(a, np.ndarray) else a.is_contiguous())
+
+    if all(ok(a) for a in (q.codes, q.scales, q.zero_points)) and (q.base is None or q.base is _contiguous_qtv(q.base)):
+        return q
+    c = A.contiguous
+    return QTaskVector(q.scheme, q.bits, q.shape, q.granularity, q.group_size, c(q.codes), c(q.scales),
+                       None if q.zero_points is None else c(q.zero_points),
+                       None if q.base is None else _contiguous_qtv(q.base))
+
+
+def _rows_ok(a: Any) -> bool:
+    """What the CPU kernels read directly: unit element stride, row stride >= K."""
+    if not A.rows_contiguous(a):
+        return False
+    N, K = int(a.shape[0]), int(a.shape[1])
+    return N <= 1 or A.elem_strides(a)[0] >= K
+
+
+def _row_stride(a: Any) -> int:
+    return int(A.elem_strides(a)[0]) if int(a.shape[0]) > 1 else int(a.shape[1])
+
+
+def _same_view(a: Any, b: Any) -> bool:
+    return A.data_ptr(a) == A.data_ptr(b) and A.elem_strides(a) == A.elem_strides(b)
+
+
+def _may_overlap(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _thresholds(qtvs, density: float, deq_fn):
+    """Per-task (threshold, cut) of the TIES trim, from each task's exact dequantized values."""
+    thr = np.empty(len(qtvs), dtype=np.float32)
+    cut = np.empty(len(qtvs), dtype=np.int64)
+    for t, q in enumerate(qtvs):
+        vals = deq_fn(q)
+        k = int(density * vals.size)
+        th, ct = ref.trim_threshold(np.abs(vals), k)
+        thr[t], cut[t] = np.float32(th) if np.isfinite(th) else np.float32(np.inf), ct
+    return thr, cut
+
+
+# ---------------------------------------------------------------------- cpu
+
+def _cpu_why_not(call) -> Optional[str]:
+    if _ext.C is None:
+        return _ext.C_ERROR
+    if call.device != "cpu":
+        return f"runs on the CPU only (inputs are on {call.device})"
+    return None
+
+
+def _cpu_deq_host(q: QTaskVector) -> np.ndarray:
+    N, K = q.shape
+    out = np.empty((N, K), dtype=np.float32)
+    table, coefs = _components([q], np.ones(1), False)
+    if N:
+        _ext.C.taskvec_dequantize_cpu(table.ctypes.data, coefs.ctypes.data, len(table), N, K, out.ctypes.data)
+    return out
+
+
+def _deq_cpu(call: DeqCall):
+    res = _cpu_deq_host(_contiguous_qtv(call.qtv))
+    return res if call.lib == "numpy" else A.torch_module().from_numpy(res)
+
+
+def _apply_cpu(call: ApplyCall):
+    base = call.base if _rows_ok(call.base) else A.contiguous(call.base)
+    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+    N, K = (int(s) for s in base.shape)
+    T = len(qtvs)
+    out = call.out
+    direct = out is not None and _rows_ok(out) and (_same_view(out, base) or not _may_overlap(out, base))
+    target = out if direct else A.empty_like_kind((N, K), A.dtype_name(base), base)
+    per_task = call.method == "ties" or call.density is not None
+    table, coefs = _components(qtvs, call.coeffs, share_bases=not per_task)
+    task_coef = call.coeffs.astype(np.float32)
+    thr = cut = None
+    if call.density is not None:
+        thr, cut = _thresholds(qtvs, call.density, _cpu_deq_host)
+    if N:
+        _ext.C.taskvec_apply_cpu(A.data_ptr(base), A.DTYPE_CODE[A.dtype_name(base)], N, K, _row_stride(base),
+                                 A.data_ptr(target), _row_stride(target), table.ctypes.data, coefs.ctypes.data,
+                                 len(table), T, 1 if call.method == "ties" else 0, task_coef.ctypes.data,
+                                 0 if thr is None else thr.ctypes.data, 0 if cut is None else cut.ctypes.data)
+    if out is None or direct:
+        return target
+    return _write_out(call, target)
+
+
+def _task_groups(ids: np.ndarray, T: int):
+    order = np.argsort(ids, kind="stable").astype(np.int64)
+    counts = np.bincount(ids + 1, minlength=T + 1)
+    starts = np.zeros(T + 2, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    return np.ascontiguousarray(order), starts
+
+
+def _delta_cpu(call: DeltaCall):
+    torch = A.torch_module() if call.lib == "torch" else None
+    x = call.x
+    if torch is None:
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+    else:
+        x32 = x.detach().to(torch.float32).contiguous()
+    base = call.base if _rows_ok(call.base) else A.contiguous(call.base)
+    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+    M, K = (int(s) for s in x32.shape)
+    N = int(base.shape[0])
+    T = len(qtvs)
+    y = A.empty_like_kind((M, N), "float32", base)
+    merged = call.task_ids is None
+    table, coefs = _components(qtvs, call.coeffs, share_bases=merged)
+    order = starts = None
+    if not merged:
+        order, starts = _task_groups(call.task_ids, T)
+    if M and N:
+        _ext.C.taskvec_delta_linear_cpu(A.data_ptr(x32), M, K, A.data_ptr(base), A.DTYPE_CODE[A.dtype_name(base)], N,
+                                        _row_stride(base), table.ctypes.data, coefs.ctypes.data, len(table), T,
+                                        int(merged), 0 if merged else order.ctypes.data,
+                                        0 if merged else starts.ctypes.data, A.data_ptr(y))
+    elif M:
+        y[...] = 0
+    name = A.dtype_name(call.x)
+    if name == "float32":
+        return y
+    return y.astype(name) if torch is None else y.to(getattr(torch, name))
+
+
+_APPLY.register(Backend("cpu", _cpu_why_not, _apply_cpu))
+_DELTA.register(Backend("cpu", _cpu_why_not, _delta_cpu))
+_DEQ.register(Backend("cpu", _cpu_why_not, _deq_cpu))
+
+
 # --------------------------------------------------------------------- API
 
 def dequantize_impl(qtv: QTaskVector, *, backend: str = "auto"):
