@@ -202,8 +202,6 @@ def apply_scale(base, qs, coeffs):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_apply_mixed_formats(rng, backend, method, density, dtype):
     needs(backend)
-    if backend == "triton" and dtype == "bfloat16":
-        dtype = "float16"
     small = backend == "triton"
     N, K = (3, 37) if small else (6, 300)
     base = rng.standard_normal((N, K)).astype(np.float32)
@@ -318,8 +316,6 @@ def test_trim_count_through_kernels(rng, backend):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_zero_coeffs_return_base_exactly(rng, backend, dtype):
     needs(backend)
-    if backend == "triton" and dtype == "bfloat16":
-        dtype = "float16"
     N, K = 4, 50
     base = to_kind(backend, rng.standard_normal((N, K)).astype(np.float32), dtype)
     qs = [q_of(make_tau(rng, N, K), f) for f in FORMATS[::3]]
@@ -394,8 +390,8 @@ def test_empty_task_list_and_empty_rows(rng):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_delta_linear_equals_dense(rng, backend, dtype):
     needs(backend, "delta_linear")
-    if backend == "triton" and dtype == "bfloat16":
-        dtype = "float16"
+    if backend == "triton" and dtype == "bfloat16" and not HAVE_CUDA:
+        pytest.skip("bfloat16 tl.dot is broken in the Triton interpreter")
     small = backend == "triton"
     N, K, M = (5, 40, 3) if small else (9, 203, 7)
     base = rng.standard_normal((N, K)).astype(np.float32) * 0.1
