@@ -202,6 +202,8 @@ def apply_scale(base, qs, coeffs):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_apply_mixed_formats(rng, backend, method, density, dtype):
     needs(backend)
+    if backend == "triton" and dtype == "bfloat16" and not HAVE_CUDA:
+        pytest.skip("the Triton interpreter rounds bfloat16 stores by truncation")
     small = backend == "triton"
     N, K = (3, 37) if small else (6, 300)
     base = rng.standard_normal((N, K)).astype(np.float32)
