@@ -446,6 +446,23 @@ def test_delta_linear_single_row_and_many_rows(rng):
     assert y1.shape == (N,) and np.allclose(y1, ref.delta_linear(x[:1], base, qs, None, None)[0], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("M", [1, 3, 5, 8])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_delta_linear_fused_bitdelta_path(rng, M, dtype):
+    """Few rows, sign tasks with one scale per tensor/row (the fused dot + bit-sum pass)."""
+    needs("cpu")
+    N, K = 37, 301
+    base = (rng.standard_normal((N, K)) * 0.1).astype(dtype)
+    qs = [q_of(make_tau(rng, N, K), ("sign", 1, g)) for g in (None, "row", None)]
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    ids = np.array([-1, 0, 1, 2, 1, 0, 2, -1][:M])
+    c = [0.5, 1.5, -1.0]
+    got = vkern.delta_linear(x, base, qs, c, task_ids=ids, backend="cpu")
+    want = ref.delta_linear(x, base.astype(np.float32), qs, c, ids)
+    scale = np.abs(x) @ (np.abs(base.astype(np.float64)) + sum(np.abs(tv.dequantize(q)) for q in qs)).T
+    assert np.all(np.abs(got - want) <= 1e-5 * scale)
+
+
 # ------------------------------------------------------------------- RTVQ
 
 def test_rtvq_shared_base_storage_and_accuracy(rng):

@@ -131,8 +131,12 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
   const TaskvecLevel& lv = level_now();
   const int64_t M = call.M, K = call.K, N = call.N, T = call.T;
   const int nthreads = num_threads();
-  constexpr int64_t kDeltaChunk = 512;  // x chunk of 64 rows = 128 KiB, stays in L2
-  const int64_t per_worker = 2 * kDeltaChunk + 2 * M;
+  // Columns per chunk: the chunk of every row of x stays in L2 (<= 256 KiB), and a
+  // few rows take the whole row at once (longer streams for the prefetcher).
+  int64_t chunk = std::max<int64_t>(512, (int64_t(1) << 16) / std::max<int64_t>(M, 1));
+  chunk = std::min<int64_t>(chunk, (K + 7) / 8 * 8);
+  const int64_t kDeltaChunk = chunk;
+  const int64_t per_worker = 2 * kDeltaChunk + 2 * M + 16;  // + 16: workers' sums never share a cache line
   std::vector<float> scratch(static_cast<size_t>(nthreads) * per_worker);
   std::vector<int64_t> all_rows(static_cast<size_t>(M));
   for (int64_t m = 0; m < M; ++m) all_rows[m] = m;
@@ -157,6 +161,66 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
         }
       }
     }
+  }
+
+  // Few rows, each with a sign task of one scale per row or tensor (BitDelta) or none:
+  // one fused pass per base row (dot and bit sums together) while the base streams in.
+  bool fused = !call.merged && M <= 8;
+  std::vector<int64_t> row_task(static_cast<size_t>(M), -1);
+  if (fused) {
+    for (int64_t t = -1; t < T; ++t)
+      for (int64_t i = call.group_start[t + 1]; i < call.group_start[t + 2]; ++i) row_task[call.row_order[i]] = t;
+    for (int64_t m = 0; m < M && fused; ++m) {
+      const int64_t t = row_task[m];
+      fused = t < 0 || (sign[t] != nullptr && sign[t]->n_groups == 1);
+    }
+  }
+  if (fused) {
+    std::vector<float> row_sum_x(static_cast<size_t>(M), 0.0f);
+    std::vector<float> row_coef(static_cast<size_t>(M), 0.0f);
+    for (int64_t m = 0; m < M; ++m) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < K; ++k) acc += call.x[m * K + k];
+      row_sum_x[m] = static_cast<float>(acc);
+      if (row_task[m] >= 0) row_coef[m] = sign[row_task[m]]->coef;
+    }
+    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(16, N / (8 * nthreads)));
+    const int64_t ntasks = (N + rows - 1) / rows;
+    parallel_for(ntasks, [&](int64_t task, int worker) {
+      float* basebuf = scratch.data() + static_cast<size_t>(worker) * per_worker;
+      float* dots = basebuf + kDeltaChunk;
+      float* signs = dots + M;
+      const uint8_t* code_rows[8];
+      const int64_t n_end = std::min(N, (task + 1) * rows);
+      for (int64_t n = task * rows; n < n_end; ++n) {
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t t = row_task[m];
+          code_rows[m] = t < 0 ? nullptr : sign[t]->codes + n * sign[t]->row_bytes;
+        }
+        std::fill(dots, dots + 2 * M, 0.0f);
+        for (int64_t k0 = 0; k0 < K; k0 += kDeltaChunk) {
+          const int64_t len = std::min(kDeltaChunk, K - k0);
+          const float* b;
+          if (call.dtype == 0) {
+            b = reinterpret_cast<const float*>(row_ptr(call.base, 0, call.base_stride, n, k0));
+          } else {
+            lv.load_row(row_ptr(call.base, call.dtype, call.base_stride, n, k0), call.dtype, len, basebuf);
+            b = basebuf;
+          }
+          lv.dot_sign_rows(b, call.x, K, code_rows, M, k0, len, dots, signs);
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          float y = dots[m];
+          const int64_t t = row_task[m];
+          if (t >= 0) {
+            const float s = sign[t]->scales[sign[t]->per_row ? n : 0];
+            y += row_coef[m] * s * (2.0f * signs[m] - row_sum_x[m]);  // x . (+-s) = s (2 sum_bit x - sum x)
+          }
+          call.y[m * N + n] = y;
+        }
+      }
+    });
+    return;
   }
 
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(16, N / (8 * nthreads)));

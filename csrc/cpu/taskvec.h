@@ -44,6 +44,10 @@ struct TaskvecLevel {
   // 2 * scale * (sum of x[rows[i], k] with sign bit 1); the caller subtracts scale * sum(x) per group.
   void (*sign_dot_rows)(const TvComp& c, int64_t n, const float* x, int64_t x_stride, const int64_t* rows,
                         int64_t nrows, int64_t k0, int64_t len, float* acc);
+  // Rows 0..nrows-1 of x at once (nrows small): dots[i] += x_i . b[0:len] and, where
+  // code_rows[i] (sign bit stream of row n) is not null, signs[i] += sum of x_i[k] with bit k set.
+  void (*dot_sign_rows)(const float* b, const float* x, int64_t x_stride, const uint8_t* const* code_rows,
+                        int64_t nrows, int64_t k0, int64_t len, float* dots, float* signs);
   // TIES on one chunk: vals[t][i] (trimmed task values), coef[t]; acc[i] += merged value.
   void (*ties)(const float* const* vals, const float* coef, int64_t T, int64_t len, float* acc);
   // TIES trim of one chunk: zero v[i] unless |v| > thr or (|v| == thr and flat0 + i <= cut).
