@@ -442,6 +442,13 @@ def test_delta_linear_single_row_and_many_rows(rng):
     got = vkern.delta_linear(x, base, qs, task_ids=ids, backend="cpu")
     want = ref.delta_linear(x, base, qs, None, ids)
     assert np.allclose(got, want, rtol=1e-5, atol=1e-4)
+    # many rows: float32 takes the BLAS for x @ base^T plus the delta kernel, float16 the full kernel
+    mixed = qs[:2] + [q_of(make_tau(rng, N, K), ("affine", 4, 32))]
+    for b in (base, base.astype(np.float16)):
+        for kw in (dict(coeffs=[0.5, -1.0, 2.0]), dict(task_ids=ids)):
+            got = vkern.delta_linear(x, b, mixed, backend="cpu", **kw)
+            want = ref.delta_linear(x, b.astype(np.float32), mixed, kw.get("coeffs"), kw.get("task_ids"))
+            assert np.allclose(got, want, rtol=1e-5, atol=1e-4)
     y1 = vkern.delta_linear(x[0], base, qs, backend="cpu")
     assert y1.shape == (N,) and np.allclose(y1, ref.delta_linear(x[:1], base, qs, None, None)[0], rtol=1e-5, atol=1e-4)
 

@@ -71,7 +71,7 @@ void apply_cpu(uintptr_t base, int dtype, int64_t N, int64_t K, int64_t base_str
 
 void delta_linear_cpu(uintptr_t x, int64_t M, int64_t K, uintptr_t base, int dtype, int64_t N, int64_t base_stride,
                       uintptr_t table, uintptr_t coefs, int64_t C, int64_t T, int merged, uintptr_t row_order,
-                      uintptr_t group_start, uintptr_t y) {
+                      uintptr_t group_start, uintptr_t y, int base_done) {
   check_dtype(dtype, "base");
   require(M >= 0 && N >= 0 && K >= 1 && base_stride >= K, "delta_linear: bad sizes/strides");
   require((M == 0 || x != 0) && (N == 0 || base != 0) && (M * N == 0 || y != 0), "delta_linear: null array");
@@ -85,7 +85,8 @@ void delta_linear_cpu(uintptr_t x, int64_t M, int64_t K, uintptr_t base, int dty
   }
   std::vector<cpu::TvComp> comps = comps_from(table, coefs, C, N, K, T);
   cpu::TvDeltaCall call{ptr<const float>(x), M, K, ptr<const void>(base), dtype, N, base_stride, comps.data(), C, T,
-                        merged, ptr<const int64_t>(row_order), ptr<const int64_t>(group_start), ptr<float>(y)};
+                        merged, ptr<const int64_t>(row_order), ptr<const int64_t>(group_start), ptr<float>(y),
+                        base_done};
   py::gil_scoped_release release;
   cpu::taskvec_delta_linear(call);
 }

@@ -165,7 +165,7 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
 
   // Few rows, each with a sign task of one scale per row or tensor (BitDelta) or none:
   // one fused pass per base row (dot and bit sums together) while the base streams in.
-  bool fused = !call.merged && M <= 8;
+  bool fused = !call.merged && M <= 8 && !call.base_done;
   std::vector<int64_t> row_task(static_cast<size_t>(M), -1);
   if (fused) {
     for (int64_t t = -1; t < T; ++t)
@@ -233,10 +233,15 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
     const int64_t n_end = std::min(N, (task + 1) * rows);
     for (int64_t n = task * rows; n < n_end; ++n) {
       std::fill(sums, sums + 2 * M, 0.0f);
+      if (call.base_done)
+        for (int64_t m = 0; m < M; ++m) sums[m] = call.y[m * N + n];
       for (int64_t k0 = 0; k0 < K; k0 += kDeltaChunk) {
         const int64_t len = std::min(kDeltaChunk, K - k0);
-        const float* b;
-        if (call.dtype == 0) {
+        const float* b = nullptr;
+        if (call.base_done) {
+          if (call.merged) std::memset(buf, 0, static_cast<size_t>(len) * 4);
+          b = buf;  // the deltas alone: y already holds x @ base^T
+        } else if (call.dtype == 0) {
           b = reinterpret_cast<const float*>(row_ptr(call.base, 0, call.base_stride, n, k0));
         } else {
           lv.load_row(row_ptr(call.base, call.dtype, call.base_stride, n, k0), call.dtype, len, basebuf);
@@ -251,7 +256,7 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
           lv.dot_rows(src, call.x, K, all_rows.data(), M, k0, len, sums);
           continue;
         }
-        lv.dot_rows(b, call.x, K, all_rows.data(), M, k0, len, sums);
+        if (!call.base_done) lv.dot_rows(b, call.x, K, all_rows.data(), M, k0, len, sums);
         for (int64_t t = 0; t < T; ++t) {
           const int64_t r0 = call.group_start[t + 1], r1 = call.group_start[t + 2];
           if (r1 == r0) continue;

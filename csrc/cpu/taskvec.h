@@ -85,6 +85,7 @@ struct TvDeltaCall {
   const int64_t* group_start;  // task mode: [T + 2]; rows of task t (-1..T-1) are
                                // row_order[group_start[t + 1] : group_start[t + 2]]
   float* y;                  // [M, N] float32
+  int base_done;             // 1: y already holds x @ base^T (from a BLAS); add the deltas only
 };
 void taskvec_delta_linear(const TvDeltaCall& call);
 

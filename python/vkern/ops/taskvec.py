@@ -397,6 +397,9 @@ def _task_groups(ids: np.ndarray, T: int):
     return np.ascontiguousarray(order), starts
 
 
+_BLAS_ROWS = 8  # above this many rows of x, delta_linear's base product goes to the BLAS
+
+
 def _delta_cpu(call: DeltaCall):
     torch = A.torch_module() if call.lib == "torch" else None
     x = call.x
@@ -415,11 +418,19 @@ def _delta_cpu(call: DeltaCall):
     order = starts = None
     if not merged:
         order, starts = _task_groups(call.task_ids, T)
+    # Many rows of float32: x @ base^T is a GEMM, which the BLAS does best; the kernel then
+    # adds the deltas only (still never a dense delta). Few rows: one fused pass over the base.
+    base_done = M > _BLAS_ROWS and A.dtype_name(base) == "float32"
+    if base_done and M and N:
+        if torch is None:
+            np.matmul(x32, base.T, out=y)
+        else:
+            torch.mm(x32, base.T, out=y)
     if M and N:
         _ext.C.taskvec_delta_linear_cpu(A.data_ptr(x32), M, K, A.data_ptr(base), A.DTYPE_CODE[A.dtype_name(base)], N,
                                         _row_stride(base), table.ctypes.data, coefs.ctypes.data, len(table), T,
                                         int(merged), 0 if merged else order.ctypes.data,
-                                        0 if merged else starts.ctypes.data, A.data_ptr(y))
+                                        0 if merged else starts.ctypes.data, A.data_ptr(y), int(base_done))
     elif M:
         y[...] = 0
     name = A.dtype_name(call.x)
