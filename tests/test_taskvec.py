@@ -464,10 +464,15 @@ def test_delta_linear_fused_bitdelta_path(rng, M, dtype):
     x = rng.standard_normal((M, K)).astype(np.float32)
     ids = np.array([-1, 0, 1, 2, 1, 0, 2, -1][:M])
     c = [0.5, 1.5, -1.0]
-    got = vkern.delta_linear(x, base, qs, c, task_ids=ids, backend="cpu")
     want = ref.delta_linear(x, base.astype(np.float32), qs, c, ids)
     scale = np.abs(x) @ (np.abs(base.astype(np.float64)) + sum(np.abs(tv.dequantize(q)) for q in qs)).T
-    assert np.all(np.abs(got - want) <= 1e-5 * scale)
+    try:
+        for level in ("generic", "auto"):
+            vkern.set_simd_level(level)
+            got = vkern.delta_linear(x, base, qs, c, task_ids=ids, backend="cpu")
+            assert np.all(np.abs(got - want) <= 1e-5 * scale), level
+    finally:
+        vkern.set_simd_level("auto")
 
 
 # ------------------------------------------------------------------- RTVQ
