@@ -72,6 +72,14 @@ void taskvec_apply(const TvApplyCall& call) {
       for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
         const int64_t len = std::min(kChunk, K - k0);
         const char* src_row = row_ptr(call.base, call.dtype, call.base_stride, n, k0);
+        {  // ask for the next chunk of the base now, so its loads overlap this chunk's decoding
+          const int64_t nk = k0 + kChunk < K ? k0 + kChunk : 0, nn = k0 + kChunk < K ? n : n + 1;
+          if (nn < n_end) {
+            const char* next = row_ptr(call.base, call.dtype, call.base_stride, nn, nk);
+            const int64_t bytes = std::min(kChunk, K - nk) * static_cast<int64_t>(elem_size(call.dtype));
+            for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(next + off, 0, 0);
+          }
+        }
         float* out_row = reinterpret_cast<float*>(const_cast<char*>(row_ptr(call.out, call.dtype, call.out_stride, n, k0)));
         if (!per_task && call.dtype == 0) {
           // float32: read the base straight into the first decode, stream the last one to out.
