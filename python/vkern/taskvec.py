@@ -396,4 +396,10 @@ def dequantize(qtv: QTaskVector, *, backend: str = "auto"):
     the fields' device otherwise. Backends: reference, cpu, triton, cuda."""
     from .ops.taskvec import dequantize_impl
 
+    if isinstance(qtv, QTaskVector) and A.is_torch(qtv.codes):
+        torch = A.torch_module()
+        if torch.compiler.is_compiling():
+            from ._torch_ops import call_dequantize
+
+            return call_dequantize(qtv, backend)
     return dequantize_impl(qtv, backend=backend)
