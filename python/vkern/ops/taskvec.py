@@ -1,0 +1,705 @@
+"""vkern.apply_task_vectors / vkern.delta_linear / vkern.taskvec.dequantize (SPEC §4).
+
+The wrappers validate every input before any kernel runs, pick a backend and
+hand results back as the base's (apply) or x's (delta_linear) array kind.
+Kernels see a task vector as one or two *components* (a residual is its shared
+base plus its offset), described by a flat table (see ``_components``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence
+
+import numpy as np
+
+from .. import _arrays as A
+from .. import _ext
+from .._backend import Backend, op
+from ..reference import taskvec as ref
+from ..taskvec import QTaskVector, _validate
+
+_APPLY = op("apply_task_vectors")
+_DELTA = op("delta_linear")
+_DEQ = op("dequantize")
+
+METHODS = ("sum", "ties")
+
+
+@dataclass
+class ApplyCall:
+    base: Any                   # native [N, K]
+    qtvs: List[QTaskVector]
+    coeffs: np.ndarray          # float64 [T]
+    method: str
+    density: Optional[float]
+    out: Any                    # native [N, K] or None
+    device: str
+    lib: str
+    origin: str
+
+    def __repr__(self) -> str:
+        fmts = ", ".join(f"{q.scheme}{q.bits}{'+res' if q.base is not None else ''}" for q in self.qtvs)
+        return (f"base {tuple(self.base.shape)} {A.dtype_name(self.base)}, T={len(self.qtvs)} [{fmts}], "
+                f"method={self.method}, density={self.density}, {self.lib} on {self.device}")
+
+
+@dataclass
+class DeltaCall:
+    x: Any                      # native [M, K]
+    single: bool                # x came as [K]
+    base: Any                   # native [N, K]
+    qtvs: List[QTaskVector]
+    coeffs: np.ndarray          # float64 [T] (ones when not given)
+    task_ids: Optional[np.ndarray]  # host int64 [M] or None
+    task_ids_native: Any
+    device: str
+    lib: str
+    origin: str
+
+    def __repr__(self) -> str:
+        return (f"x {tuple(self.x.shape)} {A.dtype_name(self.x)}, base {tuple(self.base.shape)} "
+                f"{A.dtype_name(self.base)}, T={len(self.qtvs)}, task_ids={'yes' if self.task_ids is not None else 'no'}, "
+                f"{self.lib} on {self.device}")
+
+
+@dataclass
+class DeqCall:
+    qtv: QTaskVector
+    device: str
+    lib: str
+
+    def __repr__(self) -> str:
+        return f"{self.qtv!r}"
+
+
+# --------------------------------------------------------------- validation
+
+def _check_float(x: Any, name: str) -> None:
+    if not A.is_float(x):
+        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {A.dtype_name(x)}")
+
+
+def _qtv_device(q: QTaskVector) -> str:
+    devs = set()
+    for part in (q, q.base):
+        if part is None:
+            continue
+        for a in (part.codes, part.scales, part.zero_points):
+            if a is not None:
+                devs.add("cpu" if isinstance(a, np.ndarray) else str(a.device))
+    if len(devs) > 1:
+        return "mixed " + "/".join(sorted(devs))
+    return devs.pop()
+
+
+def _device_str(a: Any) -> str:
+    return "cpu" if isinstance(a, np.ndarray) else str(a.device)
+
+
+def _check_qtvs(qtvs: Any, shape: tuple, device: str, shape_from: str) -> List[QTaskVector]:
+    if isinstance(qtvs, QTaskVector) or not isinstance(qtvs, (list, tuple)):
+        raise TypeError(f"qtvs: expected a list of QTaskVector, got {type(qtvs).__name__}")
+    out = []
+    for t, q in enumerate(qtvs):
+        if not isinstance(q, QTaskVector):
+            raise TypeError(f"qtvs[{t}]: expected a QTaskVector, got {type(q).__name__}")
+        _validate(q, f"qtvs[{t}]")
+        if q.base is not None:
+            _validate(q.base, f"qtvs[{t}].base")
+        if tuple(q.shape) != tuple(shape):
+            raise ValueError(f"qtvs[{t}]: expected shape {tuple(shape)} (from {shape_from}), got {tuple(q.shape)}")
+        qdev = _qtv_device(q)
+        if qdev.split(":")[0] != device.split(":")[0] or (device != "cpu" and qdev != device):
+            raise ValueError(f"qtvs[{t}]: arrays on {qdev}, expected {device} (where {shape_from} is); "
+                             f"move them with qtv.to(...) (no hidden host<->device copies)")
+        out.append(q)
+    return out
+
+
+def _check_coeffs(coeffs: Any, T: int, name: str = "coeffs") -> np.ndarray:
+    if coeffs is None:
+        raise TypeError(f"{name}: expected a sequence of {T} numbers, got None")
+    if A.is_torch(coeffs):
+        coeffs = coeffs.detach().cpu().numpy()
+    try:
+        c = np.asarray(coeffs, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a sequence of {T} numbers, got {type(coeffs).__name__}") from None
+    if c.ndim != 1 or c.shape[0] != T:
+        raise ValueError(f"{name}: expected length T={T} (one per task vector), got shape {tuple(c.shape)}")
+    if not np.all(np.isfinite(c)):
+        raise ValueError(f"{name}: every coefficient must be finite, got {c.tolist()}")
+    return c
+
+
+def _prepare_apply(base, qtvs, coeffs, method, density, out) -> ApplyCall:
+    b, origin = A.to_native(base, "base")
+    _check_float(b, "base")
+    if b.ndim != 2:
+        raise ValueError(f"base: expected shape [N_out, K_in], got {tuple(b.shape)}")
+    device = _device_str(b)
+    qs = _check_qtvs(qtvs, tuple(int(s) for s in b.shape), device, "base")
+    c = _check_coeffs(coeffs, len(qs))
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float, np.floating, np.integer)):
+            raise TypeError(f"density: expected a float in [0, 1] or None, got {type(density).__name__}")
+        density = float(density)
+        if not (0.0 <= density <= 1.0):
+            raise ValueError(f"density: expected a float in [0, 1], got {density}")
+    o = None
+    if out is not None:
+        o, _ = A.to_native(out, "out")
+        if type(o) is not type(b):
+            raise TypeError(f"out: expected the same array kind as base ({type(b).__name__}), got {type(o).__name__}")
+        if tuple(o.shape) != tuple(b.shape):
+            raise ValueError(f"out: expected shape {tuple(b.shape)} (from base), got {tuple(o.shape)}")
+        if A.dtype_name(o) != A.dtype_name(b):
+            raise TypeError(f"out: expected dtype {A.dtype_name(b)} (from base), got {A.dtype_name(o)}")
+        if _device_str(o) != device:
+            raise ValueError(f"out: expected device {device} (from base), got {_device_str(o)}")
+        if isinstance(o, np.ndarray) and not o.flags.writeable:
+            raise ValueError("out: array is read-only")
+    lib = "numpy" if isinstance(b, np.ndarray) else "torch"
+    return ApplyCall(b, qs, c, method, density, o, A.device_of(b), lib, origin)
+
+
+def _prepare_delta(x, base, qtvs, coeffs, task_ids) -> DeltaCall:
+    xx, origin = A.to_native(x, "x")
+    _check_float(xx, "x")
+    if xx.ndim not in (1, 2):
+        raise ValueError(f"x: expected shape [K_in] or [M, K_in], got {tuple(xx.shape)}")
+    single = xx.ndim == 1
+    if single:
+        xx = xx[None]
+    b, _ = A.to_native(base, "base")
+    _check_float(b, "base")
+    if b.ndim != 2:
+        raise ValueError(f"base: expected shape [N_out, K_in], got {tuple(b.shape)}")
+    if int(xx.shape[1]) != int(b.shape[1]):
+        raise ValueError(f"x: expected last dim K_in={int(b.shape[1])} (from base), got {int(xx.shape[1])}")
+    if type(xx) is not type(b):
+        raise TypeError(f"mixed array kinds: x is {type(xx).__name__}, base is {type(b).__name__}")
+    device = _device_str(b)
+    if _device_str(xx) != device:
+        raise ValueError(f"mixed devices: x on {_device_str(xx)}, base on {device}")
+    qs = _check_qtvs(qtvs, tuple(int(s) for s in b.shape), device, "base")
+    T = len(qs)
+    c = np.ones(T) if coeffs is None else _check_coeffs(coeffs, T)
+    ids = ids_native = None
+    if task_ids is not None:
+        ids_native, _ = A.to_native(task_ids, "task_ids")
+        if not A.is_integer(ids_native):
+            raise TypeError(f"task_ids: expected an integer array, got {A.dtype_name(ids_native)}")
+        M = int(xx.shape[0])
+        if ids_native.ndim != 1 or int(ids_native.shape[0]) != M:
+            raise ValueError(f"task_ids: expected shape ({M},) (one per row of x), got {tuple(ids_native.shape)}")
+        if _device_str(ids_native) != device:
+            raise ValueError(f"mixed devices: task_ids on {_device_str(ids_native)}, base on {device}")
+        ids = (ids_native if isinstance(ids_native, np.ndarray) else ids_native.detach().cpu().numpy()).astype(np.int64)
+        if M and (ids.min() < -1 or ids.max() >= T):
+            raise ValueError(f"task_ids: every id must be in [-1, T={T}) (-1 = base only), "
+                             f"got min={int(ids.min())}, max={int(ids.max())}")
+    lib = "numpy" if isinstance(b, np.ndarray) else "torch"
+    return DeltaCall(xx, single, b, qs, c, ids, ids_native, A.device_of(b), lib, origin)
+
+
+# --------------------------------------------------------------- reference
+
+def _host_only(call) -> Optional[str]:
+    if call.device != "cpu":
+        return f"runs on host memory only (inputs are on {call.device}; no hidden device->host copies)"
+    return None
+
+
+def _host_qtv(q: QTaskVector) -> QTaskVector:
+    """NumPy views of a CPU QTaskVector's fields (torch CPU tensors share memory)."""
+    if all(a is None or isinstance(a, np.ndarray) for a in (q.codes, q.scales, q.zero_points)) and \
+            (q.base is None or isinstance(q.base.codes, np.ndarray)):
+        return q
+    from ..taskvec import to_device
+
+    return to_device([q], "numpy")[0]
+
+
+def _cast_result(res64: np.ndarray, like: Any):
+    """A float64 host result rounded once to like's dtype, as like's kind."""
+    name = A.dtype_name(like)
+    if isinstance(like, np.ndarray):
+        return res64.astype(name)
+    torch = A.torch_module()
+    return torch.from_numpy(res64).to(getattr(torch, name))
+
+
+def _write_out(call: ApplyCall, result):
+    if call.out is None:
+        return result
+    if isinstance(call.out, np.ndarray):
+        np.copyto(call.out, result)
+    else:
+        call.out.copy_(result)
+    return call.out
+
+
+def _apply_reference(call: ApplyCall):
+    res = ref.apply_task_vectors(A.to_numpy(call.base), [_host_qtv(q) for q in call.qtvs], call.coeffs,
+                                 call.method, call.density)
+    return _write_out(call, _cast_result(res, call.base))
+
+
+def _delta_reference(call: DeltaCall):
+    res = ref.delta_linear(A.to_numpy(call.x), A.to_numpy(call.base), [_host_qtv(q) for q in call.qtvs],
+                           call.coeffs, call.task_ids)
+    return _cast_result(res, call.x)
+
+
+def _deq_reference(call: DeqCall):
+    res = ref.dequantize(_host_qtv(call.qtv))
+    return res if call.lib == "numpy" else A.torch_module().from_numpy(res)
+
+
+_APPLY.register(Backend("reference", _host_only, _apply_reference))
+_DELTA.register(Backend("reference", _host_only, _delta_reference))
+_DEQ.register(Backend("reference", _host_only, _deq_reference))
+
+
+# ------------------------------------------------------------ component table
+
+def _comp_row(q: QTaskVector, task: int) -> List[int]:
+    return [0 if q.scheme == "affine" else 1, q.bits, A.data_ptr(q.codes), q.row_bytes, A.data_ptr(q.scales),
+            0 if q.zero_points is None else A.data_ptr(q.zero_points), int(q.per_row), q.n_groups, q.group_size,
+            task]
+
+
+def _components(qtvs: Sequence[QTaskVector], coeffs: np.ndarray, share_bases: bool):
+    """(table int64 [C, 10], coefficients float64 [C]) describing every component of
+    every task vector; a residual adds its base then its offset. With share_bases
+    (plain sums), a base shared by several residuals becomes one component whose
+    coefficient is the sum of theirs: it is decoded once per chunk, not once per task."""
+    rows: List[List[int]] = []
+    coefs: List[float] = []
+    seen = {}
+    for t, q in enumerate(qtvs):
+        if q.base is not None:
+            if share_bases and id(q.base) in seen:
+                coefs[seen[id(q.base)]] += float(coeffs[t])
+            else:
+                seen[id(q.base)] = len(rows)
+                rows.append(_comp_row(q.base, t))
+                coefs.append(float(coeffs[t]))
+        rows.append(_comp_row(q, t))
+        coefs.append(float(coeffs[t]))
+    table = np.array(rows, dtype=np.int64).reshape(-1, 10)
+    return np.ascontiguousarray(table), np.array(coefs, dtype=np.float64)
+
+
+def _contiguous_qtv(q: QTaskVector) -> QTaskVector:
+    """Fields C-contiguous (they normally are); one copy otherwise."""
+    def ok(a):
+        return a is None or (a.flags.c_contiguous if isinstance(a, np.ndarray) else a.is_contiguous())
+
+    if all(ok(a) for a in (q.codes, q.scales, q.zero_points)) and (q.base is None or q.base is _contiguous_qtv(q.base)):
+        return q
+    c = A.contiguous
+    return QTaskVector(q.scheme, q.bits, q.shape, q.granularity, q.group_size, c(q.codes), c(q.scales),
+                       None if q.zero_points is None else c(q.zero_points),
+                       None if q.base is None else _contiguous_qtv(q.base))
+
+
+def _rows_ok(a: Any) -> bool:
+    """What the CPU kernels read directly: unit element stride, row stride >= K."""
+    if not A.rows_contiguous(a):
+        return False
+    N, K = int(a.shape[0]), int(a.shape[1])
+    return N <= 1 or A.elem_strides(a)[0] >= K
+
+
+def _row_stride(a: Any) -> int:
+    return int(A.elem_strides(a)[0]) if int(a.shape[0]) > 1 else int(a.shape[1])
+
+
+def _same_view(a: Any, b: Any) -> bool:
+    return A.data_ptr(a) == A.data_ptr(b) and A.elem_strides(a) == A.elem_strides(b)
+
+
+def _may_overlap(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _thresholds(qtvs, density: float, deq_fn):
+    """Per-task (threshold, cut) of the TIES trim, from each task's exact dequantized values."""
+    thr = np.empty(len(qtvs), dtype=np.float32)
+    cut = np.empty(len(qtvs), dtype=np.int64)
+    for t, q in enumerate(qtvs):
+        vals = deq_fn(q)
+        k = int(density * vals.size)
+        th, ct = ref.trim_threshold(np.abs(vals), k)
+        thr[t], cut[t] = np.float32(th) if np.isfinite(th) else np.float32(np.inf), ct
+    return thr, cut
+
+
+# ---------------------------------------------------------------------- cpu
+
+def _cpu_why_not(call) -> Optional[str]:
+    if _ext.C is None:
+        return _ext.C_ERROR
+    if call.device != "cpu":
+        return f"runs on the CPU only (inputs are on {call.device})"
+    return None
+
+
+def _cpu_deq_host(q: QTaskVector) -> np.ndarray:
+    N, K = q.shape
+    out = np.empty((N, K), dtype=np.float32)
+    table, coefs = _components([q], np.ones(1), False)
+    if N:
+        _ext.C.taskvec_dequantize_cpu(table.ctypes.data, coefs.ctypes.data, len(table), N, K, out.ctypes.data)
+    return out
+
+
+def _deq_cpu(call: DeqCall):
+    res = _cpu_deq_host(_contiguous_qtv(call.qtv))
+    return res if call.lib == "numpy" else A.torch_module().from_numpy(res)
+
+
+def _apply_cpu(call: ApplyCall):
+    base = call.base if _rows_ok(call.base) else A.contiguous(call.base)
+    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+    N, K = (int(s) for s in base.shape)
+    T = len(qtvs)
+    out = call.out
+    direct = out is not None and _rows_ok(out) and (_same_view(out, base) or not _may_overlap(out, base))
+    target = out if direct else A.empty_like_kind((N, K), A.dtype_name(base), base)
+    per_task = call.method == "ties" or call.density is not None
+    table, coefs = _components(qtvs, call.coeffs, share_bases=not per_task)
+    task_coef = call.coeffs.astype(np.float32)
+    thr = cut = None
+    if call.density is not None:
+        thr, cut = _thresholds(qtvs, call.density, _cpu_deq_host)
+    if N:
+        _ext.C.taskvec_apply_cpu(A.data_ptr(base), A.DTYPE_CODE[A.dtype_name(base)], N, K, _row_stride(base),
+                                 A.data_ptr(target), _row_stride(target), table.ctypes.data, coefs.ctypes.data,
+                                 len(table), T, 1 if call.method == "ties" else 0, task_coef.ctypes.data,
+                                 0 if thr is None else thr.ctypes.data, 0 if cut is None else cut.ctypes.data)
+    if out is None or direct:
+        return target
+    return _write_out(call, target)
+
+
+def _task_groups(ids: np.ndarray, T: int):
+    order = np.argsort(ids, kind="stable").astype(np.int64)
+    counts = np.bincount(ids + 1, minlength=T + 1)
+    starts = np.zeros(T + 2, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    return np.ascontiguousarray(order), starts
+
+
+_BLAS_ROWS = 8  # above this many rows of x, delta_linear's base product goes to the BLAS
+
+
+def _delta_cpu(call: DeltaCall):
+    torch = A.torch_module() if call.lib == "torch" else None
+    x = call.x
+    if torch is None:
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+    else:
+        x32 = x.detach().to(torch.float32).contiguous()
+    base = call.base if _rows_ok(call.base) else A.contiguous(call.base)
+    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+    M, K = (int(s) for s in x32.shape)
+    N = int(base.shape[0])
+    T = len(qtvs)
+    y = A.empty_like_kind((M, N), "float32", base)
+    merged = call.task_ids is None
+    table, coefs = _components(qtvs, call.coeffs, share_bases=merged)
+    order = starts = None
+    if not merged:
+        order, starts = _task_groups(call.task_ids, T)
+    # Many rows of float32: x @ base^T is a GEMM, which the BLAS does best; the kernel then
+    # adds the deltas only (still never a dense delta). Few rows: one fused pass over the base.
+    base_done = M > _BLAS_ROWS and A.dtype_name(base) == "float32"
+    if base_done and M and N:
+        if torch is None:
+            np.matmul(x32, base.T, out=y)
+        else:
+            torch.mm(x32, base.T, out=y)
+    if M and N:
+        _ext.C.taskvec_delta_linear_cpu(A.data_ptr(x32), M, K, A.data_ptr(base), A.DTYPE_CODE[A.dtype_name(base)], N,
+                                        _row_stride(base), table.ctypes.data, coefs.ctypes.data, len(table), T,
+                                        int(merged), 0 if merged else order.ctypes.data,
+                                        0 if merged else starts.ctypes.data, A.data_ptr(y), int(base_done))
+    elif M:
+        y[...] = 0
+    name = A.dtype_name(call.x)
+    if name == "float32":
+        return y
+    return y.astype(name) if torch is None else y.to(getattr(torch, name))
+
+
+_APPLY.register(Backend("cpu", _cpu_why_not, _apply_cpu))
+_DELTA.register(Backend("cpu", _cpu_why_not, _delta_cpu))
+_DEQ.register(Backend("cpu", _cpu_why_not, _deq_cpu))
+
+
+# ------------------------------------------------------------ triton / cuda
+
+def _torch_thresholds(qtvs, density: float, deq_fn):
+    """Per-task (threshold, cut) of the TIES trim, on the device (one small sync per task)."""
+    torch = A.torch_module()
+    thr, cut = [], []
+    for q in qtvs:
+        flat = deq_fn(q).abs().reshape(-1)
+        n = flat.numel()
+        k = int(density * n)
+        if k <= 0:
+            thr.append(float("inf")), cut.append(-1)
+        elif k >= n:
+            thr.append(-1.0), cut.append(-1)
+        else:
+            th = torch.kthvalue(flat, n - k + 1).values
+            greater = int((flat > th).sum())
+            ties = torch.nonzero(flat == th).reshape(-1)
+            thr.append(float(th)), cut.append(int(ties[k - greater - 1]))
+    dev = qtvs[0].codes.device if A.is_torch(qtvs[0].codes) else "cpu"
+    return (torch.tensor(thr, dtype=torch.float32, device=dev), torch.tensor(cut, dtype=torch.int64, device=dev))
+
+
+def _gpu_out(call: ApplyCall, base):
+    out = call.out
+    if out is not None and out.is_contiguous() and (_same_view(out, base) or not _may_overlap(out, base)):
+        return out, True
+    return A.torch_module().empty_like(base, memory_format=A.torch_module().contiguous_format), False
+
+
+def _triton_why_not(call) -> Optional[str]:
+    reason = _ext.triton_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch":
+        return "takes torch tensors (got NumPy arrays)"
+    if call.device == "cpu" and not _ext.triton_interpret():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    if call.device not in ("cpu", "cuda"):
+        return f"unsupported device {call.device}"
+    return None
+
+
+def _triton_deq_why_not(call: DeqCall) -> Optional[str]:
+    reason = _ext.triton_reason()
+    if reason is not None:
+        return reason
+    if call.device == "cpu" and not _ext.triton_interpret():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    return None
+
+
+def _deq_triton(call: DeqCall):
+    k = _ext.triton_kernels("taskvec")
+    q = call.qtv
+    dev = "cpu" if call.lib == "numpy" else q.codes.device
+    out = k.dequantize(k.pools([q], [1.0], dev, False), q.N, q.K)
+    return out.numpy() if call.lib == "numpy" else out
+
+
+def _apply_triton(call: ApplyCall):
+    torch = A.torch_module()
+    k = _ext.triton_kernels("taskvec")
+    base = call.base.contiguous()
+    dev = base.device
+    per_task = call.method == "ties" or call.density is not None
+    p = k.pools(call.qtvs, call.coeffs, dev, share_bases=not per_task)
+    task_coef = torch.tensor(call.coeffs, dtype=torch.float32, device=dev).reshape(-1)
+    thr = cut = None
+    if call.density is not None and call.qtvs:
+        thr, cut = _torch_thresholds(call.qtvs, call.density,
+                                     lambda q: k.dequantize(k.pools([q], [1.0], dev, False), q.N, q.K))
+    target, direct = _gpu_out(call, base)
+    k.apply(base, target, p, task_coef, 1 if call.method == "ties" else 0, thr, cut)
+    return target if call.out is None or direct else _write_out(call, target)
+
+
+def _delta_triton(call: DeltaCall):
+    torch = A.torch_module()
+    k = _ext.triton_kernels("taskvec")
+    x, base = call.x.contiguous(), call.base.contiguous()
+    p = k.pools(call.qtvs, call.coeffs, base.device, share_bases=call.task_ids is None)
+    task_coef = torch.tensor(call.coeffs, dtype=torch.float32, device=base.device).reshape(-1)
+    ids = None if call.task_ids is None else call.task_ids_native.to(torch.int64).contiguous()
+    y = k.delta_linear(x, base, p, task_coef, ids)
+    return y if A.dtype_name(call.x) == "float32" else y.to(call.x.dtype)
+
+
+_APPLY.register(Backend("triton", _triton_why_not, _apply_triton))
+_DELTA.register(Backend("triton", _triton_why_not, _delta_triton))
+_DEQ.register(Backend("triton", _triton_deq_why_not, _deq_triton))
+
+
+def _cuda_why_not(call) -> Optional[str]:
+    reason = _ext.cuda_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch" or call.device != "cuda":
+        return f"takes CUDA tensors (got {call.lib} on {call.device})"
+    qtvs = call.qtvs if hasattr(call, "qtvs") else [call.qtv]
+    n = sum(2 if q.base is not None else 1 for q in qtvs)
+    if n > 32 or len(qtvs) > 32:
+        return f"at most 32 components per call (got {n} from {len(qtvs)} task vectors)"
+    return None
+
+
+def _deq_cuda_tensor(q: QTaskVector):
+    torch = A.torch_module()
+    q = _contiguous_qtv(q)
+    out = torch.empty((q.N, q.K), dtype=torch.float32, device=q.codes.device)
+    table, coefs = _components([q], np.ones(1), False)
+    with torch.cuda.device(q.codes.device):
+        _ext.C.taskvec_dequantize_cuda(table.ctypes.data, coefs.ctypes.data, len(table), q.N, q.K, out.data_ptr(),
+                                       torch.cuda.current_stream().cuda_stream)
+    return out
+
+
+def _deq_cuda(call: DeqCall):
+    return _deq_cuda_tensor(call.qtv)
+
+
+def _apply_cuda(call: ApplyCall):
+    torch = A.torch_module()
+    base = call.base.contiguous()
+    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+    N, K = (int(s) for s in base.shape)
+    per_task = call.method == "ties" or call.density is not None
+    table, coefs = _components(qtvs, call.coeffs, share_bases=not per_task)
+    thr, cut = [], []
+    if call.density is not None and qtvs:
+        t_thr, t_cut = _torch_thresholds(qtvs, call.density, _deq_cuda_tensor)
+        thr, cut = t_thr.cpu().tolist(), t_cut.cpu().tolist()
+    target, direct = _gpu_out(call, base)
+    with torch.cuda.device(base.device):
+        _ext.C.taskvec_apply_cuda(base.data_ptr(), A.DTYPE_CODE[A.dtype_name(base)], N, K, target.data_ptr(),
+                                  table.ctypes.data, coefs.ctypes.data, len(table), len(qtvs),
+                                  1 if call.method == "ties" else 0, [float(c) for c in call.coeffs], thr, cut,
+                                  torch.cuda.current_stream().cuda_stream)
+    return target if call.out is None or direct else _write_out(call, target)
+
+
+def _delta_cuda(call: DeltaCall):
+    torch = A.torch_module()
+    x = call.x.detach().to(torch.float32).contiguous()
+    base = call.base.contiguous()
+    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+    M, K = (int(s) for s in x.shape)
+    N = int(base.shape[0])
+    table, coefs = _components(qtvs, call.coeffs, share_bases=call.task_ids is None)
+    ids = None if call.task_ids is None else call.task_ids_native.to(torch.int64).contiguous()
+    y = torch.empty((M, N), dtype=torch.float32, device=base.device)
+    with torch.cuda.device(base.device):
+        _ext.C.taskvec_delta_linear_cuda(x.data_ptr(), M, K, base.data_ptr(), A.DTYPE_CODE[A.dtype_name(base)], N,
+                                         table.ctypes.data, coefs.ctypes.data, len(table), len(qtvs),
+                                         0 if ids is None else ids.data_ptr(), y.data_ptr(),
+                                         torch.cuda.current_stream().cuda_stream)
+    return y if A.dtype_name(call.x) == "float32" else y.to(call.x.dtype)
+
+
+_APPLY.register(Backend("cuda", _cuda_why_not, _apply_cuda))
+_DELTA.register(Backend("cuda", _cuda_why_not, _delta_cuda))
+_DEQ.register(Backend("cuda", _cuda_why_not, _deq_cuda))
+
+
+# --------------------------------------------------------------------- API
+
+def dequantize_impl(qtv: QTaskVector, *, backend: str = "auto"):
+    if not isinstance(qtv, QTaskVector):
+        raise TypeError(f"qtv: expected a QTaskVector, got {type(qtv).__name__}")
+    _validate(qtv, "qtv")
+    if qtv.base is not None:
+        _validate(qtv.base, "qtv.base")
+    dev = _qtv_device(qtv)
+    if dev.startswith("mixed"):
+        raise ValueError(f"qtv: arrays on several devices ({dev}); move them with qtv.to(...)")
+    lib = "numpy" if isinstance(qtv.codes, np.ndarray) else "torch"
+    call = DeqCall(qtv, dev.split(":")[0], lib)
+    return _DEQ.pick(backend, call).run(call)
+
+
+def apply_task_vectors_impl(base, qtvs, coeffs, *, method="sum", density=None, out=None, backend="auto"):
+    call = _prepare_apply(base, qtvs, coeffs, method, density, out)
+    return A.from_native(_APPLY.pick(backend, call).run(call), call.origin)
+
+
+def delta_linear_impl(x, base, qtvs, coeffs=None, *, task_ids=None, backend="auto"):
+    call = _prepare_delta(x, base, qtvs, coeffs, task_ids)
+    y = _DELTA.pick(backend, call).run(call)
+    return A.from_native(y[0] if call.single else y, call.origin)
+
+
+def apply_task_vectors(base, qtvs: Sequence[QTaskVector], coeffs, *, method: str = "sum",
+                       density: Optional[float] = None, out=None, backend: str = "auto"):
+    """Merges T quantized task vectors into a base weight in one pass over memory.
+
+    ``W = base + sum_t coeffs[t] * dequantize(qtvs[t])`` (``method="sum"``, task arithmetic),
+    accumulated in float32 and returned in base's dtype and array kind.
+
+    ``method="ties"`` (mergekit's ``ties``, weights before election): per element,
+    ``w_t = coeffs[t] * tau_t``; the elected sign is + where ``sum_t w_t >= 0``; task t
+    agrees where ``sign(w_t)`` equals it (a zero never agrees); ``W = base + (sum of
+    agreeing w_t) / (sum of agreeing coeffs[t])`` (a sum of 0 counts as 1).
+
+    ``density`` (either method) first trims each tau_t to its ``k = int(density * numel)``
+    entries of largest magnitude (exact count, ties to the lower flat index).
+
+    Args:
+        base: [N_out, K_in] float32 / float16 / bfloat16 (NumPy or torch, CPU or CUDA).
+        qtvs: list of T QTaskVector of shape [N_out, K_in], formats may differ, on base's device.
+        coeffs: T numbers.
+        out: optional array like base to write into (``out=base`` updates in place).
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+
+    Example:
+        >>> import numpy as np, vkern
+        >>> from vkern import taskvec
+        >>> base = np.zeros((2, 4), np.float32)
+        >>> tau = np.array([[0, 1, 2, 3], [-3, -2, -1, 0]], np.float32)
+        >>> q = taskvec.quantize(tau, bits=8)
+        >>> bool(np.abs(vkern.apply_task_vectors(base, [q], [0.5]) - 0.5 * tau).max() < 0.01)
+        True
+    """
+    torch = A.torch_module() if A.is_torch(base) else None
+    if torch is not None and torch.compiler.is_compiling():
+        from .._torch_ops import call_apply_task_vectors
+
+        return call_apply_task_vectors(base, qtvs, coeffs, method, density, out, backend)
+    return apply_task_vectors_impl(base, qtvs, coeffs, method=method, density=density, out=out, backend=backend)
+
+
+def delta_linear(x, base, qtvs: Sequence[QTaskVector], coeffs=None, *, task_ids=None, backend: str = "auto"):
+    """``y = x @ base^T + sum_t coeffs[t] * x @ dequantize(qtvs[t])^T`` without a dense delta.
+
+    With ``task_ids [M]`` row m of x adds only task ``task_ids[m]`` (times ``coeffs[t]``
+    if coeffs is given, else 1); ``-1`` means the base alone (multi-tenant serving).
+    Without either, every task is added with coefficient 1.
+
+    Args:
+        x: [M, K_in] or [K_in], float32 / float16 / bfloat16.
+        base: [N_out, K_in] float, same array kind and device as x.
+        qtvs: T QTaskVector of shape [N_out, K_in] on base's device.
+
+    Returns:
+        y [M, N_out] (or [N_out]) in x's dtype, accumulated in float32.
+
+    Example:
+        >>> import numpy as np, vkern
+        >>> from vkern import taskvec
+        >>> base = np.eye(3, 4, dtype=np.float32)
+        >>> q = taskvec.quantize(np.ones((3, 4), np.float32), bits=1, scheme="sign")
+        >>> vkern.delta_linear(np.ones((2, 4), np.float32), base, [q], task_ids=np.array([0, -1])).tolist()
+        [[5.0, 5.0, 5.0], [1.0, 1.0, 1.0]]
+    """
+    torch = A.torch_module() if A.is_torch(x) else None
+    if torch is not None and torch.compiler.is_compiling():
+        from .._torch_ops import call_delta_linear
+
+        return call_delta_linear(x, base, qtvs, coeffs, task_ids, backend)
+    return delta_linear_impl(x, base, qtvs, coeffs, task_ids=task_ids, backend=backend)
