@@ -9,10 +9,12 @@ from __future__ import annotations
 from ._backend import BackendUnavailable, available_backends
 from . import _ext
 from .ops.maxsim import maxsim
+from .ops.vatp import vatp_prune
+from . import vatp
 
 __version__ = "0.1.0"
 
-__all__ = ["maxsim", "BackendUnavailable", "available_backends", "set_num_threads", "get_num_threads",
+__all__ = ["maxsim", "vatp", "vatp_prune", "BackendUnavailable", "available_backends", "set_num_threads", "get_num_threads",
            "set_simd_level", "info", "__version__"]
 
 

@@ -45,3 +45,6 @@ def call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, ba
     if topk is None:
         return maxsim_op(queries, docs, doc_offsets, doc_lengths, query_lengths, backend)
     return maxsim_topk_op(queries, docs, doc_offsets, doc_lengths, query_lengths, int(topk), backend)
+
+
+from . import _torch_ops_vatp  # noqa: E402,F401  (vkern::attention_colsum, value_l1, vatp_prune, vatp_prune_)
