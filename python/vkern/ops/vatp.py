@@ -285,6 +285,92 @@ _VNORM.register(Backend("reference", _host_only, _vnorm_reference))
 _PRUNE.register(Backend("reference", _host_only, _prune_reference))
 
 
+# ------------------------------------------------------------- CPU backend
+
+def _cpu_why_not(call) -> Optional[str]:
+    if _ext.C is None:
+        return _ext.C_ERROR
+    if call.device != "cpu":
+        return f"runs on the CPU only (inputs are on {call.device})"
+    return None
+
+
+def _strided_ok(x) -> bool:
+    """Element strides the C++ kernels can take as they are (numpy strides may be negative or not
+    a multiple of the item size)."""
+    if isinstance(x, np.ndarray):
+        return not any(s < 0 or s % x.itemsize for s in x.strides)
+    return True
+
+
+def _kernel_view(x):
+    return x if _strided_ok(x) else A.contiguous(x)
+
+
+def _code(x) -> int:
+    return A.DTYPE_CODE[A.dtype_name(x)]
+
+
+def _colsum_cpu(call: ColsumCall):
+    q = _kernel_view(call.q)
+    k = call.k if (_strided_ok(call.k) and A.rows_contiguous(call.k)) else A.contiguous(call.k)
+    B, Hq, Tq, D = (int(s) for s in q.shape)
+    H_kv, T = int(k.shape[1]), int(k.shape[2])
+    out = A.empty_like_kind((B, H_kv, T), "float32", call.q)
+    lens = call.host_lens
+    _ext.C.vatp_colsum_cpu(A.data_ptr(q), _code(q), B, Hq, Tq, D, list(A.elem_strides(q)), A.data_ptr(k), _code(k),
+                           H_kv, T, list(A.elem_strides(k)), lens.ctypes.data, call.causal, call.scale,
+                           A.data_ptr(out))
+    return out
+
+
+def _vnorm_cpu(call: VnormCall):
+    v = _kernel_view(call.v)
+    B, H, T, D = (int(s) for s in v.shape)
+    out = A.empty_like_kind((B, H, T), "float32", call.v)
+    _ext.C.vatp_value_l1_cpu(A.data_ptr(v), _code(v), B, H, T, D, list(A.elem_strides(v)), A.data_ptr(out))
+    return out
+
+
+def _prune_cpu_why_not(call: PruneCall) -> Optional[str]:
+    reason = _cpu_why_not(call)
+    if reason is None and call.inplace and not (_strided_ok(call.k) and _strided_ok(call.v)):
+        return "in place needs non-negative strides that are whole elements"
+    return reason
+
+
+def _prune_cpu(call: PruneCall):
+    k = call.k if call.inplace else _kernel_view(call.k)
+    v = call.v if call.inplace else _kernel_view(call.v)
+    scores = _kernel_view(call.scores)
+    B, H, T, Dk = (int(s) for s in k.shape)
+    Dv = int(v.shape[3])
+    kmax = call.kmax
+    idx = A.empty_like_kind((B, H, kmax), "int64", call.k)
+    if call.inplace:
+        k_out = v_out = None
+    else:
+        k_out = A.empty_like_kind((B, H, kmax, Dk), A.dtype_name(k), call.k)
+        v_out = A.empty_like_kind((B, H, kmax, Dv), A.dtype_name(v), call.k)
+
+    def ptr_strides(x):
+        return (0, [0, 0, 0, 0]) if x is None else (A.data_ptr(x), list(A.elem_strides(x)))
+
+    (ko, kos), (vo, vos) = ptr_strides(k_out), ptr_strides(v_out)
+    _ext.C.vatp_prune_cpu(A.data_ptr(k), _code(k), Dk, list(A.elem_strides(k)), A.data_ptr(v), _code(v), Dv,
+                          list(A.elem_strides(v)), ko, kos, vo, vos, B, H, T, A.data_ptr(scores), _code(scores),
+                          list(A.elem_strides(scores)), call.host_lens.ctypes.data, call.kept_lens.ctypes.data,
+                          call.num_sink, call.num_recent, kmax, A.data_ptr(idx), call.inplace)
+    if call.inplace:
+        return k[:, :, :kmax], v[:, :, :kmax], idx
+    return k_out, v_out, idx
+
+
+_COLSUM.register(Backend("cpu", _cpu_why_not, _colsum_cpu))
+_VNORM.register(Backend("cpu", _cpu_why_not, _vnorm_cpu))
+_PRUNE.register(Backend("cpu", _prune_cpu_why_not, _prune_cpu))
+
+
 # --------------------------------------------------------------------- API
 
 def attention_colsum_impl(q, k, *, causal=True, seq_lens=None, scale=None, backend="auto"):
