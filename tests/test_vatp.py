@@ -38,7 +38,7 @@ def _as(x, backend, dtype="float32", as_torch=None):
         as_torch = backend not in ("reference", "cpu") or dtype == "bfloat16"
     if not as_torch:
         return x.astype(dtype)
-    t = torch.from_numpy(np.ascontiguousarray(x)).to(getattr(torch, dtype))
+    t = torch.from_numpy(np.array(x)).to(getattr(torch, dtype))   # a copy: in-place tests must not touch x
     return t.to(DEVICE[backend])
 
 

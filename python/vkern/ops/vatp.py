@@ -485,3 +485,65 @@ def vatp_prune(k, v, scores, *, budget: Union[int, float], num_sink: int = 4, nu
         return T_ops.call_vatp_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, backend)
     return vatp_prune_impl(k, v, scores, budget=budget, num_sink=num_sink, num_recent=num_recent,
                            seq_lens=seq_lens, inplace=inplace, backend=backend)
+
+
+# ----------------------------------------------------- Triton and CUDA
+
+def _triton_why_not(call) -> Optional[str]:
+    reason = _ext.triton_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch":
+        return "takes torch tensors (got NumPy arrays)"
+    if call.device == "cpu" and not _ext.triton_interpret():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    if call.device not in ("cpu", "cuda"):
+        return f"unsupported device {call.device}"
+    return None
+
+
+def _gpu_lens(call):
+    torch = A.torch_module()
+    return torch.from_numpy(call.host_lens).to(call.device)
+
+
+def _same_dtype(a, b):
+    torch = A.torch_module()
+    dt = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dt).contiguous(), b.to(dt).contiguous()
+
+
+def _colsum_triton(call: ColsumCall):
+    q, k = _same_dtype(call.q, call.k)
+    return _ext.triton_kernels("vatp").attention_colsum(q, k, _gpu_lens(call), call.causal, call.scale)
+
+
+def _vnorm_triton(call: VnormCall):
+    return _ext.triton_kernels("vatp").value_l1(call.v.contiguous())
+
+
+def _prune_gpu_why_not(call: PruneCall, base) -> Optional[str]:
+    reason = base(call)
+    if reason is None and call.inplace and not (call.k.is_contiguous() and call.v.is_contiguous()):
+        return "in place needs contiguous k and v"
+    return reason
+
+
+def _prune_gpu_inputs(call: PruneCall):
+    torch = A.torch_module()
+    k = call.k if call.inplace else call.k.contiguous()
+    v = call.v if call.inplace else call.v.contiguous()
+    scores = call.scores.to(torch.float32).contiguous()
+    kept = torch.from_numpy(call.kept_lens).to(call.device)
+    return k, v, scores, _gpu_lens(call), kept
+
+
+def _prune_triton(call: PruneCall):
+    k, v, scores, lens, kept = _prune_gpu_inputs(call)
+    return _ext.triton_kernels("vatp").prune(k, v, scores, lens, kept, call.num_sink, call.num_recent, call.kmax,
+                                             call.inplace)
+
+
+_COLSUM.register(Backend("triton", _triton_why_not, _colsum_triton))
+_VNORM.register(Backend("triton", _triton_why_not, _vnorm_triton))
+_PRUNE.register(Backend("triton", lambda c: _prune_gpu_why_not(c, _triton_why_not), _prune_triton))
