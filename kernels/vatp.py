@@ -45,7 +45,7 @@ _LOG2E = 1.4426950408889634
 _BLOCK_M = 32     # query rows per tile
 _BLOCK_N = 32     # keys per tile
 _BLOCK_ROWS = 32  # rows per tile for value_l1 and the copies
-_BLOCK_SEL = 1024 if not os.environ.get("TRITON_INTERPRET") == "1" else 64
+_BLOCK_SEL = 128 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
 
 
 def _interpreting() -> bool:
@@ -146,7 +146,7 @@ if triton is not None:
                 st = stats_ptr + ((b * Hq + hq) * Tq + rows) * 2
                 m = tl.load(st, mask=rows < Tq, other=0.0)
                 s_sum = tl.load(st + 1, mask=rows < Tq, other=0.0)
-                live = (rows < Tq) & (s_sum > 0.0)
+                live = (rows < Tq) & (s_sum != 0.0)   # a NaN sum stays live and propagates
                 inv = tl.where(live, 1.0 / tl.where(live, s_sum, 1.0), 0.0)
                 shift = tl.where(live, m, 0.0)
                 s = _scores(q, k_ptrs, kmask, qscale, UPCAST, PRECISION)

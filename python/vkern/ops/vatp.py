@@ -547,3 +547,68 @@ def _prune_triton(call: PruneCall):
 _COLSUM.register(Backend("triton", _triton_why_not, _colsum_triton))
 _VNORM.register(Backend("triton", _triton_why_not, _vnorm_triton))
 _PRUNE.register(Backend("triton", lambda c: _prune_gpu_why_not(c, _triton_why_not), _prune_triton))
+
+
+def _cuda_why_not(call) -> Optional[str]:
+    reason = _ext.cuda_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch" or call.device != "cuda":
+        return f"takes CUDA tensors (got {call.lib} on {call.device})"
+    return None
+
+
+def _stream(x):
+    torch = A.torch_module()
+    return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def _colsum_cuda(call: ColsumCall):
+    torch = A.torch_module()
+    q, k = _same_dtype(call.q, call.k)
+    B, Hq, Tq, D = (int(s) for s in q.shape)
+    H, T = int(k.shape[1]), int(k.shape[2])
+    out = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    stats = torch.empty((B, Hq, max(Tq, 1), 2), dtype=torch.float32, device=q.device)
+    lens = _gpu_lens(call)
+    with torch.cuda.device(q.device):
+        _ext.C.vatp_colsum_cuda(q.data_ptr(), k.data_ptr(), _code(q), B, Hq, Tq, D, H, T, lens.data_ptr(),
+                                call.causal, call.scale, stats.data_ptr(), out.data_ptr(), _stream(q))
+    return out
+
+
+def _vnorm_cuda(call: VnormCall):
+    torch = A.torch_module()
+    v = call.v.contiguous()
+    B, H, T, D = (int(s) for s in v.shape)
+    out = torch.empty((B, H, T), dtype=torch.float32, device=v.device)
+    with torch.cuda.device(v.device):
+        _ext.C.vatp_value_l1_cuda(v.data_ptr(), _code(v), B * H * T, D, out.data_ptr(), _stream(v))
+    return out
+
+
+def _prune_cuda(call: PruneCall):
+    torch = A.torch_module()
+    k, v, scores, lens, kept = _prune_gpu_inputs(call)
+    B, H, T, Dk = (int(s) for s in k.shape)
+    Dv = int(v.shape[3])
+    kmax = call.kmax
+    idx = torch.empty((B, H, kmax), dtype=torch.int64, device=k.device)
+    if call.inplace:
+        k_out, v_out = k, v
+    else:
+        k_out = torch.empty((B, H, kmax, Dk), dtype=k.dtype, device=k.device)
+        v_out = torch.empty((B, H, kmax, Dv), dtype=v.dtype, device=v.device)
+    with torch.cuda.device(k.device):
+        _ext.C.vatp_prune_cuda(k.data_ptr(), v.data_ptr(), Dk * k.element_size(), Dv * v.element_size(),
+                               0 if call.inplace else k_out.data_ptr(), 0 if call.inplace else v_out.data_ptr(),
+                               B, H, T, scores.data_ptr(), lens.data_ptr(), kept.data_ptr(), call.num_sink,
+                               call.num_recent, kmax, idx.data_ptr(), call.inplace, _stream(k))
+    if call.inplace:
+        return k[:, :, :kmax], v[:, :, :kmax], idx
+    return k_out, v_out, idx
+
+
+_COLSUM.register(Backend("cuda", _cuda_why_not, _colsum_cuda))
+_VNORM.register(Backend("cuda", _cuda_why_not, _vnorm_cuda))
+_PRUNE.register(Backend("cuda", lambda c: _prune_gpu_why_not(c, _cuda_why_not), _prune_cuda))
