@@ -41,6 +41,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
 __device__ __forceinline__ bool is_nan(float v) { return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u; }
 
+__host__ __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -82,14 +85,14 @@ __global__ void rowstats_kernel(const T* q, const T* k, const int64_t* lens, flo
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int t = threadIdx.x, r = t / 8, c = t % 8;
   const int64_t row = m0 + r, pos = T_ - Tq + row, L = lens[b];
-  const int64_t hi = causal ? min(L, T_ - Tq + m0 + kTile) : L;   // keys [0, hi) can be visible
-  const int rows_valid = static_cast<int>(min<int64_t>(kTile, Tq - m0));
+  const int64_t hi = causal ? imin(L, T_ - Tq + m0 + kTile) : L;   // keys [0, hi) can be visible
+  const int rows_valid = static_cast<int>(imin(kTile, Tq - m0));
   const T* q_rows = q + (bhq * Tq + m0) * D;
   const T* k_head = k + (b * H + h) * T_ * D;
   float m = neg_inf(), l = 0.f;
   for (int64_t n0 = 0; n0 < hi; n0 += kTile) {
     float s[4];
-    tile_scores(q_rows, rows_valid, k_head + n0 * D, static_cast<int>(min<int64_t>(kTile, hi - n0)), D, qscale, qs,
+    tile_scores(q_rows, rows_valid, k_head + n0 * D, static_cast<int>(imin(kTile, hi - n0)), D, qscale, qs,
                 ks, s);
     float tmax = neg_inf();
 #pragma unroll
@@ -128,15 +131,15 @@ __global__ void colsum_kernel(const T* q, const T* k, const int64_t* lens, const
   const int64_t L = lens[b];
   double acc[4] = {0.0, 0.0, 0.0, 0.0};
   if (n0 < L) {
-    const int keys_valid = static_cast<int>(min<int64_t>(kTile, L - n0));
-    const int64_t first = causal ? max<int64_t>(0, n0 - (T_ - Tq)) : 0;   // first row that can see key n0
+    const int keys_valid = static_cast<int>(imin(kTile, L - n0));
+    const int64_t first = causal ? imax(0, n0 - (T_ - Tq)) : 0;   // first row that can see key n0
     const int64_t start = (first / kTile) * kTile;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t hq = h * G + g;
       for (int64_t m0 = start; m0 < Tq; m0 += kTile) {
         const int64_t row = m0 + r, pos = T_ - Tq + row;
         float s[4];
-        tile_scores(q + ((b * Hq + hq) * Tq + m0) * D, static_cast<int>(min<int64_t>(kTile, Tq - m0)),
+        tile_scores(q + ((b * Hq + hq) * Tq + m0) * D, static_cast<int>(imin(kTile, Tq - m0)),
                     k + (bh * T_ + n0) * D, keys_valid, D, qscale, qs, ks, s);
         float m = 0.f, l = 0.f;
         if (row < Tq) {
@@ -219,7 +222,7 @@ __global__ void select_kernel(const float* scores, const int64_t* lens, const in
   const int64_t bh = blockIdx.x, b = bh / H;
   const int t = threadIdx.x;
   const int64_t L = lens[b], n = kept[b];
-  const int64_t sink_end = min(num_sink, L), recent_start = max(sink_end, L - num_recent);
+  const int64_t sink_end = imin(num_sink, L), recent_start = imax(sink_end, L - num_recent);
   const int64_t mid = recent_start - sink_end, n_free = n - sink_end - (L - recent_start);
   const float* row = scores + bh * T_;
   const bool keep_all = n_free >= mid, keep_none = n_free <= 0;
