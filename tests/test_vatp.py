@@ -146,14 +146,26 @@ def test_colsum_every_simd_level(level, rng):
     q = rng.standard_normal((1, 4, 45, 24)).astype(np.float32)
     k = rng.standard_normal((1, 2, 60, 24)).astype(np.float32)
     want = brute_colsum(q, k, [60], True, 0.2)
+    kc, vc, sc = _prune_inputs(rng, T=300, Dk=40, Dv=24, ties=False)
+    v16 = vc.astype(np.float16)
     try:
         vkern.set_simd_level(level)
         got = vkern.vatp.attention_colsum(q, k, scale=0.2, backend="cpu")
+        got16 = vkern.vatp.attention_colsum(q.astype(np.float16), k.astype(np.float16), scale=0.2, backend="cpu")
+        l1 = vkern.vatp.value_l1(v16, backend="cpu")
+        pruned = vkern.vatp_prune(kc, vc, sc, budget=0.4, num_sink=3, num_recent=5, backend="cpu")
+        kc2, vc2 = kc.copy(), vc.copy()
+        pruned_ip = vkern.vatp_prune(kc2, vc2, sc, budget=0.4, num_sink=3, num_recent=5, inplace=True, backend="cpu")
     except ValueError:
         pytest.skip(f"{level} not runnable here")
     finally:
         vkern.set_simd_level("auto")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    want16 = brute_colsum(q.astype(np.float16), k.astype(np.float16), [60], True, 0.2)
+    np.testing.assert_allclose(got16, want16, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(l1, np.abs(v16.astype(np.float64)).sum(-1), rtol=1e-5)
+    _check_prune(pruned, kc, vc, sc, [300, 300], 0.4, 3, 5)
+    _check_prune(pruned_ip, kc, vc, sc, [300, 300], 0.4, 3, 5)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
