@@ -413,6 +413,8 @@ def test_bad_inputs(rng):
         colsum(q, kk[:, :2], seq_lens=np.array([11, 1]))
     with pytest.raises(ValueError, match=r"q: expected shape \[B, Hq, Tq, D\]"):
         colsum(q[0], kk)
+    with pytest.raises(ValueError, match="q: expected a head dim D >= 1"):
+        colsum(q[..., :0], kk[:, :2, :, :0])
     with pytest.raises(TypeError, match="causal: expected a bool"):
         colsum(q, kk[:, :2], causal="yes")
     with pytest.raises(ValueError, match="scale: expected a finite float"):

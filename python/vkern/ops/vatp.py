@@ -138,6 +138,8 @@ def _prepare_colsum(q, k, causal, seq_lens, scale) -> ColsumCall:
     _check_rank4(kn, "k", "[B, H_kv, T, D]")
     B, Hq, Tq, D = (int(s) for s in qn.shape)
     H_kv, T = int(kn.shape[1]), int(kn.shape[2])
+    if D < 1:
+        raise ValueError(f"q: expected a head dim D >= 1, got shape {tuple(qn.shape)}")
     if int(kn.shape[0]) != B:
         raise ValueError(f"k: expected batch B={B} (from q), got {int(kn.shape[0])}")
     if int(kn.shape[3]) != D:
@@ -147,7 +149,7 @@ def _prepare_colsum(q, k, causal, seq_lens, scale) -> ColsumCall:
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if scale is None:
-        scale = 1.0 / math.sqrt(D) if D else 1.0
+        scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
     elif not math.isfinite(float(scale)):
@@ -163,6 +165,10 @@ def _prepare_vnorm(v) -> VnormCall:
     _check_float(vn, "v")
     _check_rank4(vn, "v", "[B, H_kv, T, D]")
     return VnormCall(vn, A.device_of(vn), "numpy" if isinstance(vn, np.ndarray) else "torch", origin)
+
+
+def _size(x) -> int:
+    return int(x.size) if isinstance(x, np.ndarray) else int(x.numel())
 
 
 def _extent(x) -> tuple:
@@ -222,7 +228,7 @@ def _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace
             if isinstance(x, np.ndarray) and not x.flags.writeable:
                 raise ValueError(f"{name}: inplace=True needs a writeable array")
             _no_self_overlap(x, name)
-        if kn.numel() if not isinstance(kn, np.ndarray) else kn.size:
+        if _size(kn) and _size(vn):
             (k0, k1), (v0, v1) = _extent(kn), _extent(vn)
             if A.data_ptr(kn) == A.data_ptr(vn) or (k0 < v1 and v0 < k1 and _really_overlap(kn, vn)):
                 raise ValueError("k, v: inplace=True needs k and v in separate memory (they overlap)")
