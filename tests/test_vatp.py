@@ -138,6 +138,17 @@ def test_colsum_all_masked_rows_nan_free(backend, rng):
         assert abs(got[1].sum() - total) < 1e-4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_colsum_nan_follows_reference(backend, rng):
+    q = rng.standard_normal((1, 2, 12, 16)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 12, 16)).astype(np.float32)
+    q[0, 0, 5, 3] = np.nan        # one row of head 0: the keys it sees (0..5) become NaN, the others stay finite
+    want = ref.attention_colsum(q, k, np.array([12]), True, 0.25)
+    got = _np(vkern.vatp.attention_colsum(_as(q, backend), _as(k, backend), scale=0.25, backend=backend))
+    assert np.isnan(got[0, 0, :6]).all() and np.isfinite(got[0, 0, 6:]).all()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.skipif(_ext.C is None, reason="cpu backend unavailable")
 @pytest.mark.parametrize("level", ["generic", "avx2", "avx512shape"])
 def test_colsum_every_simd_level(level, rng):
