@@ -14,8 +14,8 @@ from . import vatp
 
 __version__ = "0.1.0"
 
-__all__ = ["maxsim", "vatp", "vatp_prune", "BackendUnavailable", "available_backends", "set_num_threads", "get_num_threads",
-           "set_simd_level", "info", "__version__"]
+__all__ = ["maxsim", "vatp", "vatp_prune", "BackendUnavailable", "available_backends", "set_num_threads",
+           "get_num_threads", "set_simd_level", "info", "__version__"]
 
 
 def set_num_threads(n: int) -> None:
