@@ -10,12 +10,14 @@ from ._backend import BackendUnavailable, available_backends
 from . import _ext
 from .ops.maxsim import maxsim
 from .ops.taskvec import apply_task_vectors, delta_linear
-from . import taskvec
+from .ops.vatp import vatp_prune
+from . import taskvec, vatp
 
 __version__ = "0.1.0"
 
-__all__ = ["maxsim", "apply_task_vectors", "delta_linear", "taskvec", "BackendUnavailable", "available_backends",
-           "set_num_threads", "get_num_threads", "set_simd_level", "info", "__version__"]
+__all__ = ["maxsim", "apply_task_vectors", "delta_linear", "taskvec", "vatp", "vatp_prune",
+           "BackendUnavailable", "available_backends", "set_num_threads", "get_num_threads", "set_simd_level",
+           "info", "__version__"]
 
 
 def set_num_threads(n: int) -> None:
