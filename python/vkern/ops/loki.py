@@ -206,6 +206,59 @@ _LOKI.register(Backend("reference", _host_reason, _loki_reference))
 _DENSE.register(Backend("reference", _host_reason, _dense_reference))
 
 
+# ----------------------------------------------------------------------- cpu
+
+def _cpu_reason(call) -> Optional[str]:
+    if _ext.C is None:
+        return _ext.C_ERROR
+    if call.device != "cpu":
+        return f"runs on the CPU only (inputs are on {call.device})"
+    return None
+
+
+def _kernel_view(a: Any):
+    """a itself when the CPU kernel can read it (unit last stride, non-negative
+    element strides), else one contiguous copy."""
+    if isinstance(a, np.ndarray):
+        if any(s < 0 or s % a.itemsize for s in a.strides) or not A.rows_contiguous(a):
+            return np.ascontiguousarray(a)
+        return a
+    return a if A.rows_contiguous(a) else a.contiguous()
+
+
+def _f32_result(out32: np.ndarray, like: Any):
+    """float32 host result -> like's kind, device and dtype (no copy for float32)."""
+    if isinstance(like, np.ndarray):
+        return out32 if like.dtype == np.float32 else out32.astype(like.dtype)
+    torch = A.torch_module()
+    t = torch.from_numpy(out32)
+    return t if like.dtype == torch.float32 else t.to(like.dtype)
+
+
+def _cpu_attention(call: AttnCall, sparse: bool):
+    B, Hq, H_kv, T, D = call.dims
+    q, k, v = _kernel_view(call.q), _kernel_view(call.k), _kernel_view(call.v)
+    qs, ks, vs = A.elem_strides(q), A.elem_strides(k), A.elem_strides(v)
+    out = np.empty((B, Hq, D), np.float32)
+    idx = np.empty((B, Hq, call.K), np.int64) if sparse and call.return_indices else None
+    budgets = np.ascontiguousarray(call.budgets, dtype=np.int64) if sparse else None
+    if B:
+        _ext.C.loki_cpu(
+            A.data_ptr(q), A.DTYPE_CODE[A.dtype_name(q)], B, Hq, H_kv, T, D, qs[0], qs[1], qs[2],
+            A.data_ptr(k), A.data_ptr(v), A.DTYPE_CODE[A.dtype_name(k)], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+            call.host_lens.ctypes.data, 0 if budgets is None else budgets.ctypes.data,
+            call.rank if sparse else D, call.num_sink, call.num_recent, call.gqa == "shared", call.scale,
+            out.ctypes.data, 0 if idx is None else idx.ctypes.data, call.K if idx is not None else 0)
+    res = _f32_result(out, call.q)
+    if not sparse:
+        return res
+    return res, (A.as_kind(idx, call.q) if idx is not None else None)
+
+
+_LOKI.register(Backend("cpu", _cpu_reason, lambda call: _cpu_attention(call, True)))
+_DENSE.register(Backend("cpu", _cpu_reason, lambda call: _cpu_attention(call, False)))
+
+
 # ------------------------------------------------------------------- rotate
 
 @dataclass
@@ -251,6 +304,34 @@ def _rotate_reference(call: RotateCall):
 
 
 _ROTATE.register(Backend("reference", _host_reason, _rotate_reference))
+
+
+def _rows_view(x: Any):
+    """(x, rows, row_stride, head_stride): x [..., H, D] seen as rows of [H, D], without a
+    copy where the leading dims collapse into one stride; else one contiguous copy."""
+    x = _kernel_view(x)
+    shape, st = [int(s) for s in x.shape], A.elem_strides(x)
+    lead = [(n, s) for n, s in zip(shape[:-2], st[:-2]) if n != 1]
+    rows = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    if any(lead[i][1] != lead[i + 1][1] * lead[i + 1][0] for i in range(len(lead) - 1)):
+        x = A.contiguous(x)
+        st = A.elem_strides(x)
+        return x, rows, (st[-3] if len(shape) > 2 else 0), st[-2]
+    return x, rows, (lead[-1][1] if lead else 0), st[-2]
+
+
+def _rotate_cpu(call: RotateCall):
+    x, rows, sr, sh = _rows_view(call.x)
+    H, D = int(x.shape[-2]), int(x.shape[-1])
+    P = call.P
+    P32 = np.ascontiguousarray(P if isinstance(P, np.ndarray) else A.to_numpy(P), dtype=np.float32)
+    out = np.empty(tuple(int(s) for s in x.shape), np.float32)
+    _ext.C.loki_rotate_cpu(A.data_ptr(x), A.DTYPE_CODE[A.dtype_name(x)], rows, H, D, sr, sh, P32.ctypes.data,
+                           int(P32.shape[0]), out.ctypes.data)
+    return _f32_result(out, call.x)
+
+
+_ROTATE.register(Backend("cpu", _cpu_reason, _rotate_cpu))
 
 
 # --------------------------------------------------------------------- API
