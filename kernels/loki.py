@@ -99,14 +99,16 @@ if triton is not None:
             tl.store(out + p, val.to(tl.int32), mask=p < K)
         # threshold: the largest key t with count(key >= t) >= need
         t = tl.zeros((), dtype=tl.int64)
-        for bit in range(31, -1, -1):
-            cand = t | (1 << bit)
+        step = tl.full((), 2147483648, tl.int64)                   # 2**31, then down to 1, in int64
+        for _ in range(32):
+            cand = t | step
             cnt = tl.zeros((), dtype=tl.int64)
             for c in range(lo, hi, BLOCK):
                 p = c + offs
                 key = _sort_key(tl.load(row + p, mask=p < hi, other=0.0))
                 cnt += tl.sum(((key >= cand) & (p < hi)).to(tl.int64), axis=0)
             t = tl.where(cnt >= need, cand, t)
+            step = step >> 1
         gt = tl.zeros((), dtype=tl.int64)
         for c in range(lo, hi, BLOCK):
             p = c + offs

@@ -8,8 +8,8 @@
 //      k-th best key is found from histograms, one ordered pass then emits the
 //      kept positions already ascending (ties to the lower index, NaN last),
 //      so nothing is sorted;
-//   4. gathers only the kept K rows (exact scores for every head that kept a
-//      row), takes a float32 softmax, and gathers only the kept V rows.
+//   4. gathers only the kept K rows (exact scores), takes a float32 softmax,
+//      and gathers only the kept V rows.
 // Dense decode (budgets == nullptr) is steps 1 and 4 over every row.
 // Scratch lives in per-worker buffers that grow to the largest call seen, so
 // a steady stream of decode steps allocates nothing.
@@ -30,7 +30,7 @@ namespace vkern {
 namespace cpu {
 namespace {
 
-constexpr int64_t kHeadChunk = 8;  // heads handled together in the exact pass (bits of a row mask)
+constexpr int64_t kHeadChunk = 8;  // heads sharing one walk over the kept rows
 
 const LokiLevel& level_for(SimdLevel l) {
   switch (l) {
@@ -59,8 +59,7 @@ inline uint32_t sort_key(float f) {
 struct Scratch {
   std::vector<float> q, qs, approx, s, acc, wbuf;
   std::vector<uint32_t> keys;
-  std::vector<int32_t> cand, lists, rows;
-  std::vector<uint32_t> masks;
+  std::vector<int32_t> cand, lists;
   std::vector<int64_t> list_len;
 };
 
@@ -166,8 +165,7 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
   const void* V = vbase + (b * c.v_sb + kv * c.v_sh) * esz;
 
   grow(sc.q, G * D);
-  grow(sc.wbuf, 17 * D + 64);  // a block of up to 16 widened rows, then a zero row
-  std::fill(sc.wbuf.begin() + 16 * D, sc.wbuf.begin() + 17 * D, 0.0f);
+  grow(sc.wbuf, 16 * D + 64);  // a block of up to 16 widened rows
   for (int64_t g = 0; g < G; ++g) {
     const int64_t base = b * c.q_sb + (kv * G + g) * c.q_sh;
     for (int64_t d = 0; d < D; ++d) sc.q[g * D + d] = load_scalar(c.q, c.q_dtype, base + d * c.q_sd);
@@ -211,11 +209,14 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
     }
   }
 
-  // Exact attention, heads in chunks of up to kHeadChunk sharing one walk over the rows.
-  for (int64_t g0 = 0; g0 < G; g0 += kHeadChunk) {
-    const int64_t gc = std::min(kHeadChunk, G - g0);
+  // Exact attention. Shared / keep-all: heads in chunks of up to kHeadChunk share one
+  // walk over the kept rows. per_head: one head at a time over its own list (measured
+  // faster than one walk over the union of a group's lists with every head computed on
+  // every union row: the union keeps ~40% of rows, each kept by ~1.2 heads).
+  const int64_t chunk = one_list ? kHeadChunk : 1;
+  for (int64_t g0 = 0; g0 < G; g0 += chunk) {
+    const int64_t gc = std::min(chunk, G - g0);
     const int32_t* rows = nullptr;
-    const uint32_t* masks = nullptr;
     int64_t n;
     if (keep_all) {
       n = L;  // rows == nullptr: row i is position i
@@ -223,36 +224,17 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
       rows = sc.lists.data();
       n = sc.list_len[0];
     } else {
-      // Union of the chunk's ascending lists, with a bit per head that kept the row.
-      grow(sc.rows, gc * budget);
-      grow(sc.masks, gc * budget);
-      int64_t pos[kHeadChunk] = {0};
-      n = 0;
-      for (;;) {
-        int32_t next = std::numeric_limits<int32_t>::max();
-        for (int64_t g = 0; g < gc; ++g)
-          if (pos[g] < sc.list_len[g0 + g]) next = std::min(next, sc.lists[(g0 + g) * budget + pos[g]]);
-        if (next == std::numeric_limits<int32_t>::max()) break;
-        uint32_t m = 0;
-        for (int64_t g = 0; g < gc; ++g)
-          if (pos[g] < sc.list_len[g0 + g] && sc.lists[(g0 + g) * budget + pos[g]] == next) {
-            m |= 1u << g;
-            ++pos[g];
-          }
-        sc.rows[n] = next;
-        sc.masks[n++] = m;
-      }
-      rows = sc.rows.data();
-      masks = sc.masks.data();
+      rows = sc.lists.data() + g0 * budget;
+      n = sc.list_len[g0];
     }
     grow(sc.s, gc * n);
     grow(sc.acc, gc * D);
     float* s = sc.s.data();
-    lv.exact_scores(&sc.q[g0 * D], gc, D, c.scale, K, c.kv_dtype, c.k_st, rows, masks, n, s, sc.wbuf.data());
+    lv.exact_scores(&sc.q[g0 * D], gc, D, c.scale, K, c.kv_dtype, c.k_st, rows, n, s, sc.wbuf.data());
     float sums[kHeadChunk];
     for (int64_t g = 0; g < gc; ++g) sums[g] = lv.exp_sum(s + g * n, n, lv.max_of(s + g * n, n));
     std::fill(sc.acc.begin(), sc.acc.begin() + gc * D, 0.0f);
-    lv.accumulate(s, gc, D, V, c.kv_dtype, c.v_st, rows, masks, n, sc.acc.data(), sc.wbuf.data());
+    lv.accumulate(s, gc, D, V, c.kv_dtype, c.v_st, rows, n, sc.acc.data(), sc.wbuf.data());
     for (int64_t g = 0; g < gc; ++g) {
       float* o = c.out + (b * c.Hq + kv * G + g0 + g) * D;
       const float inv = 1.0f / sums[g];

@@ -9,23 +9,20 @@ namespace cpu {
 
 // Inner loops of one SIMD level. Caches hold float32 (dtype 0), float16 (1) or
 // bfloat16 (2) rows whose elements are contiguous; rows are `row_stride`
-// elements apart. `wbuf` is thread-private scratch of at least 17 * D floats
-// whose last D are zero.
+// elements apart. `wbuf` is thread-private scratch of at least 16 * D floats.
 struct LokiLevel {
   const char* name;
   // scores[g * sstride + j] = qs[g, :rank] . k_row(j)[:rank] for j < n,
   // g < G; reads only the first `rank` elements of each row.
   void (*approx_scores)(const float* qs, int64_t G, int64_t rank, const void* k, int dtype, int64_t row_stride,
                         int64_t n, float* scores, int64_t sstride, float* wbuf);
-  // s[g * n + i] = scale * q[g, :] . k_row(rows[i]) for the heads g set in
-  // masks[i] (-inf for the others); rows == nullptr means row i, masks ==
-  // nullptr means every head. Prefetches the gathered rows ahead.
+  // s[g * n + i] = scale * q[g, :] . k_row(rows[i]) for g < G, i < n;
+  // rows == nullptr means row i. Prefetches far-apart gathered rows ahead.
   void (*exact_scores)(const float* q, int64_t G, int64_t D, float scale, const void* k, int dtype,
-                       int64_t row_stride, const int32_t* rows, const uint32_t* masks, int64_t n, float* s,
-                       float* wbuf);
-  // acc[g, :] += p[g * n + i] * v_row(rows[i]) for the heads set in masks[i].
+                       int64_t row_stride, const int32_t* rows, int64_t n, float* s, float* wbuf);
+  // acc[g, :] += p[g * n + i] * v_row(rows[i]).
   void (*accumulate)(const float* p, int64_t G, int64_t D, const void* v, int dtype, int64_t row_stride,
-                     const int32_t* rows, const uint32_t* masks, int64_t n, float* acc, float* wbuf);
+                     const int32_t* rows, int64_t n, float* acc, float* wbuf);
   // Largest of s[0, n) (NaN is skipped; it reaches the output through exp).
   float (*max_of)(const float* s, int64_t n);
   // s[i] = exp(s[i] - m) in place; returns the sum.
