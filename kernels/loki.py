@@ -160,7 +160,7 @@ if triton is not None:
         start = split * chunk
         stop = tl.minimum(start + chunk, n)
         m = tl.full((), float("-inf"), tl.float32)
-        l = tl.zeros((), dtype=tl.float32)
+        denom = tl.zeros((), dtype=tl.float32)
         acc = tl.zeros((D_PAD,), dtype=tl.float32)
         for c in range(start, stop, BLOCK_N):
             i = c + tl.arange(0, BLOCK_N)
@@ -178,15 +178,15 @@ if triton is not None:
             p = tl.where(ok, p, 0.0)
             vt = tl.load(vbase + rows[:, None] * v_st + d[None, :], mask=ok[:, None] & dmask[None, :], other=0.0)
             acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
-            l = l * alpha + tl.sum(p, axis=0)
+            denom = denom * alpha + tl.sum(p, axis=0)
             m = m_new
         if NSPLIT == 1:
-            tl.store(out_ptr + bh.to(tl.int64) * D + d, acc / l, mask=dmask)
+            tl.store(out_ptr + bh.to(tl.int64) * D + d, acc / denom, mask=dmask)
         else:
             wrow = ws_ptr + (bh.to(tl.int64) * NSPLIT + split) * (D_PAD + 2)
             tl.store(wrow + d, acc)
             tl.store(wrow + D_PAD, m)
-            tl.store(wrow + D_PAD + 1, l)
+            tl.store(wrow + D_PAD + 1, denom)
             # The last split of this head to finish merges every split's partial.
             done = tl.atomic_add(count_ptr + bh, 1)
             if done == NSPLIT - 1:

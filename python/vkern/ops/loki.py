@@ -142,7 +142,7 @@ def _prepare_attn(q, k_cache, v_cache, seq_lens, scale) -> AttnCall:
 def _prepare_loki(q, k_cache, v_cache, seq_lens, rank, topk, num_sink, num_recent, gqa, scale,
                   return_indices) -> AttnCall:
     call = _prepare_attn(q, k_cache, v_cache, seq_lens, scale)
-    B, Hq, H_kv, T, D = call.dims
+    B, D = call.dims[0], call.dims[-1]
     call.rank = _int_arg(rank, "rank", 1, D, f" (1 <= rank <= D={D})")
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer, float, np.floating)):
         raise TypeError(f"topk: expected an int (tokens) or a float (fraction of seq_len), got {type(topk).__name__}")
@@ -305,7 +305,7 @@ def _gpu_inputs(call: AttnCall, sparse: bool):
 
 def _expand_idx(call: AttnCall, idx32):
     """Kernel lists [B, NL, K] int32 -> [B, Hq, K] int64."""
-    B, Hq, H_kv, T, D = call.dims
+    Hq, H_kv = call.dims[1], call.dims[2]
     idx = idx32.to(A.torch_module().int64)
     return idx.repeat_interleave(Hq // H_kv, dim=1) if call.gqa == "shared" else idx
 

@@ -6,7 +6,7 @@ always kept), and exact attention runs over those only.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
