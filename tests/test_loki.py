@@ -224,6 +224,29 @@ def test_selection_ties_go_to_the_lower_index(backend, rng):
             np.testing.assert_array_equal(host(idx)[0, h], want)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_long_selection_with_ties_and_nan(backend, rng):
+    """Long lists (the CPU kernel pre-filters them with a sampled threshold)."""
+    needs(backend)
+    T, D = 9000, 4
+    q = np.zeros((1, 3, D), np.float32)
+    q[0, :, 0] = [1.0, -1.0, 0.5]
+    k = np.zeros((1, 1, T, D), np.float32)
+    k[0, 0, :, 0] = rng.integers(-20, 20, T)   # heavy ties
+    k[0, 0, rng.integers(0, T, 50), 0] = np.nan
+    k[0, 0, :, 1:] = rng.standard_normal((T, D - 1))
+    v = rng.standard_normal((1, 1, T, D)).astype(np.float32)
+    for topk in (8, 9, 37, 900, 4500, 8999):
+        _, idx = vkern.loki_attention(q, k, v, rank=1, topk=topk, num_sink=3, num_recent=5,
+                                      return_indices=True, backend=backend)
+        for h in range(3):
+            mid = k[0, 0, 3:T - 5, 0].astype(np.float64) * q[0, h, 0]
+            nan = np.isnan(mid)
+            order = np.lexsort((np.arange(len(mid)), -np.where(nan, 0.0, mid), nan))  # NaN last
+            want = np.concatenate([np.arange(3), np.sort(order[:topk - 8]) + 3, np.arange(T - 5, T)])
+            np.testing.assert_array_equal(idx[0, h], want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gqa", ["per_head", "shared"])
 def test_sinks_and_recent_always_kept_and_no_index_past_seq_len(backend, gqa, rng):

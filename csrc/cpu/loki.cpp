@@ -4,10 +4,10 @@
 //      the group's summed approximate score is (sum of q)[:rank] . k[:rank]);
 //   2. streams the rank-prefix of every candidate key row once for all heads
 //      of the group (approximate scores);
-//   3. selects the budget per head (or per group) with a radix select: the
-//      k-th best key is found from histograms, one ordered pass then emits the
-//      kept positions already ascending (ties to the lower index, NaN last),
-//      so nothing is sorted;
+//   3. selects the budget per head (or per group) with a radix select (after a
+//      sampled pre-filter): the k-th best key is found from histograms, one
+//      ordered pass then emits the kept positions already ascending (ties to
+//      the lower index, NaN last), so nothing is sorted;
 //   4. gathers only the kept K rows (exact scores), takes a float32 softmax,
 //      and gathers only the kept V rows.
 // Dense decode (budgets == nullptr) is steps 1 and 4 over every row.
@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -59,7 +60,7 @@ inline uint32_t sort_key(float f) {
 struct Scratch {
   std::vector<float> q, qs, approx, s, acc, wbuf;
   std::vector<uint32_t> keys;
-  std::vector<int32_t> cand, lists;
+  std::vector<int32_t> cand, cand2, lists;
   std::vector<int64_t> list_len;
 };
 
@@ -70,6 +71,13 @@ inline void grow(V& v, size_t n) {
 
 // The `need` best of scores[0, n) (highest first, ties to the lower position,
 // NaN last), written ascending as base + position into out.
+//
+// Keys: order-preserving integers. For long lists a strided sample first sets a
+// threshold a little below the need-th best; when at least `need` keys reach it
+// (nearly always), they are a superset of the answer and the radix select runs
+// on them only. The radix select finds the need-th best key t from histograms of
+// 11, 11 and 10 bits; one ordered pass then emits every key above t and the
+// first positions equal to t, so the output is ascending without a sort.
 void select_top(const float* scores, int64_t n, int64_t need, int32_t base, int32_t* out, Scratch& sc) {
   if (need <= 0) return;
   if (need >= n) {
@@ -78,42 +86,55 @@ void select_top(const float* scores, int64_t n, int64_t need, int32_t base, int3
   }
   grow(sc.keys, n);
   grow(sc.cand, n);
+  grow(sc.cand2, n);
   uint32_t* keys = sc.keys.data();
-  uint32_t hist[2048];
-  // Pass 1: keys and a histogram of their top 11 bits.
-  std::memset(hist, 0, sizeof hist);
-  for (int64_t i = 0; i < n; ++i) {
-    keys[i] = sort_key(scores[i]);
-    ++hist[keys[i] >> 21];
-  }
-  int64_t remaining = need;
-  uint32_t bin = 2047;
-  for (;; --bin) {
-    if (hist[bin] >= remaining) break;
-    remaining -= hist[bin];
-  }
-  uint32_t prefix = bin << 21;
-  // Candidates sharing that top bin, then two more digits (11 and 10 bits) over them only.
+  for (int64_t i = 0; i < n; ++i) keys[i] = sort_key(scores[i]);
+
+  // Candidate positions, ascending: all of them, or those at or above a sampled threshold.
   int32_t* cand = sc.cand.data();
-  int64_t nc = 0;
-  for (int64_t i = 0; i < n; ++i)
-    if ((keys[i] >> 21) == bin) cand[nc++] = static_cast<int32_t>(i);
-  const int shifts[2] = {10, 0};
-  const uint32_t widths[2] = {2047u, 1023u};
-  uint32_t high_mask = 0xffe00000u;
-  for (int d = 0; d < 2; ++d) {
+  int64_t m = n;
+  bool all = true;
+  constexpr int64_t kSample = 1024;
+  const int64_t rank_in_sample = need * kSample / n + need * kSample / n / 4 + 16;
+  if (n >= 4 * kSample && rank_in_sample < kSample) {
+    uint32_t sample[kSample];
+    for (int64_t s = 0; s < kSample; ++s) sample[s] = keys[s * n / kSample];
+    std::nth_element(sample, sample + rank_in_sample, sample + kSample, std::greater<uint32_t>());
+    const uint32_t thr = sample[rank_in_sample];
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i) {  // branchless compaction
+      cand[c] = static_cast<int32_t>(i);
+      c += keys[i] >= thr;
+    }
+    if (c >= need) {
+      m = c;
+      all = false;
+    }
+  }
+  if (all)
+    for (int64_t i = 0; i < n; ++i) cand[i] = static_cast<int32_t>(i);
+
+  // Radix select of the need-th best key among the candidates.
+  uint32_t hist[2048];
+  int32_t* work = sc.cand2.data();
+  std::memcpy(work, cand, m * sizeof(int32_t));
+  int64_t nw = m, remaining = need;
+  uint32_t prefix = 0, high_mask = 0;
+  const int shifts[3] = {21, 10, 0};
+  const uint32_t widths[3] = {2047u, 2047u, 1023u};
+  for (int d = 0; d < 3; ++d) {
     const int sh = shifts[d];
     const uint32_t wm = widths[d];
     std::memset(hist, 0, sizeof hist);
     int64_t kept = 0;
-    for (int64_t c = 0; c < nc; ++c) {
-      const uint32_t key = keys[cand[c]];
+    for (int64_t c = 0; c < nw; ++c) {
+      const uint32_t key = keys[work[c]];
       if ((key & high_mask) == prefix) {
         ++hist[(key >> sh) & wm];
-        cand[kept++] = cand[c];
+        work[kept++] = work[c];
       }
     }
-    nc = kept;
+    nw = kept;
     uint32_t b = wm;
     for (;; --b) {
       if (hist[b] >= remaining) break;
@@ -122,15 +143,16 @@ void select_top(const float* scores, int64_t n, int64_t need, int32_t base, int3
     prefix |= b << sh;
     high_mask |= wm << sh;
   }
-  // prefix is now the k-th best key; take everything above it and the first
-  // `remaining` positions equal to it.
+  // prefix is now the need-th best key; emit everything above it and the first
+  // `remaining` positions equal to it, in position order.
   const uint32_t t = prefix;
   int64_t w = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t c = 0; c < m; ++c) {
+    const int32_t i = cand[c];
     const uint32_t key = keys[i];
     if (key > t || (key == t && remaining > 0)) {
       if (key == t) --remaining;
-      out[w++] = static_cast<int32_t>(base + i);
+      out[w++] = base + i;
     }
   }
 }
