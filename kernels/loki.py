@@ -92,11 +92,12 @@ if triton is not None:
         lo = tl.where(keep_all, L, tl.minimum(NUM_SINK, L))
         hi = tl.where(keep_all, L, tl.maximum(lo, L - NUM_RECENT))
         need = tl.where(keep_all, 0, budget - lo - (L - hi))
-        # sinks (or every position when all are kept) and the -1 padding
+        # sinks (or every position when all are kept) and the -1 padding; the slots in
+        # between belong to the selected and recent tokens below (no two stores share a slot)
         for c in range(0, K, BLOCK):
             p = c + offs
             val = tl.where(p < lo, p, -1)
-            tl.store(out + p, val.to(tl.int32), mask=p < K)
+            tl.store(out + p, val.to(tl.int32), mask=(p < K) & ((p < lo) | (p >= budget)))
         # threshold: the largest key t with count(key >= t) >= need
         t = tl.zeros((), dtype=tl.int64)
         step = tl.full((), 2147483648, tl.int64)                   # 2**31, then down to 1, in int64
