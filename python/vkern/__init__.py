@@ -1,4 +1,5 @@
-"""vkern: fast vector kernels (MaxSim late interaction; more ops to come).
+"""vkern: fast vector kernels: MaxSim late interaction, Loki sparse attention,
+VATP KV-cache pruning and quantized task vectors.
 
 Every op takes NumPy arrays or torch tensors (CPU or CUDA; other DLPack
 arrays too) and returns the same kind. Each has a NumPy reference, a C++ CPU
@@ -9,15 +10,16 @@ from __future__ import annotations
 from ._backend import BackendUnavailable, available_backends
 from . import _ext
 from .ops.maxsim import maxsim
+from .ops.loki import decode_attention, loki_attention
 from .ops.taskvec import apply_task_vectors, delta_linear
 from .ops.vatp import vatp_prune
-from . import taskvec, vatp
+from . import loki, taskvec, vatp
 
 __version__ = "0.1.0"
 
-__all__ = ["maxsim", "apply_task_vectors", "delta_linear", "taskvec", "vatp", "vatp_prune",
-           "BackendUnavailable", "available_backends", "set_num_threads", "get_num_threads", "set_simd_level",
-           "info", "__version__"]
+__all__ = ["maxsim", "loki_attention", "decode_attention", "loki", "vatp_prune", "vatp", "apply_task_vectors",
+           "delta_linear", "taskvec", "BackendUnavailable", "available_backends", "set_num_threads",
+           "get_num_threads", "set_simd_level", "info", "__version__"]
 
 
 def set_num_threads(n: int) -> None:

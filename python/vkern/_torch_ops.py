@@ -50,3 +50,5 @@ def call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, ba
 # Task-vector ops (SPEC §4) live in their own module.
 from ._torch_ops_taskvec import call_apply_task_vectors, call_delta_linear, call_dequantize  # noqa: E402,F401
 from . import _torch_ops_vatp  # noqa: E402,F401  (vkern::attention_colsum, value_l1, vatp_prune, vatp_prune_)
+from . import _torch_ops_loki  # noqa: E402,F401  (vkern::loki_attention, decode_attention, loki_rotate)
+from ._torch_ops_loki import call_decode_attention, call_loki_attention  # noqa: E402,F401

@@ -204,6 +204,7 @@ WORKLOADS = {
     "maxsim": maxsim_workloads,
     "taskvec": "vkern.bench_taskvec:taskvec_workloads",
     "vatp": "vkern.bench_vatp:vatp_workloads",
+    "loki": "vkern.bench_loki:loki_workloads",
 }
 
 
