@@ -202,9 +202,9 @@ def maxsim_workloads(quick: bool, threads: int) -> List[Workload]:
 # op keeps its bench data in python/vkern/bench_<op>.py).
 WORKLOADS = {
     "maxsim": maxsim_workloads,
-    "taskvec": "vkern.bench_taskvec:taskvec_workloads",
-    "vatp": "vkern.bench_vatp:vatp_workloads",
     "loki": "vkern.bench_loki:loki_workloads",
+    "vatp": "vkern.bench_vatp:vatp_workloads",
+    "taskvec": "vkern.bench_taskvec:taskvec_workloads",
 }
 
 
