@@ -46,7 +46,7 @@ void task_values(const TaskvecLevel& lv, const TvComp* comps, int64_t C, int64_t
   for (int64_t c = 0; c < C; ++c) {
     if (comps[c].task != t) continue;
     if (first) lv.decode(comps[c], n, k0, len, out);
-    else lv.decode_axpy(comps[c], n, k0, len, 1.0f, out);
+    else lv.decode_axpy(comps[c], n, k0, len, 1.0f, out, out, 0);
     first = false;
   }
   if (first) std::memset(out, 0, static_cast<size_t>(len) * 4);
@@ -71,9 +71,25 @@ void taskvec_apply(const TvApplyCall& call) {
     for (int64_t n = task * rows; n < n_end; ++n) {
       for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
         const int64_t len = std::min(kChunk, K - k0);
-        lv.load_row(row_ptr(call.base, call.dtype, call.base_stride, n, k0), call.dtype, len, acc);
+        const char* src_row = row_ptr(call.base, call.dtype, call.base_stride, n, k0);
+        float* out_row = reinterpret_cast<float*>(const_cast<char*>(row_ptr(call.out, call.dtype, call.out_stride, n, k0)));
+        if (!per_task && call.dtype == 0) {
+          // float32: read the base straight into the first decode, stream the last one to out.
+          const float* src = reinterpret_cast<const float*>(src_row);
+          if (call.C == 0) {
+            std::memmove(out_row, src, static_cast<size_t>(len) * 4);
+            continue;
+          }
+          for (int64_t c = 0; c < call.C; ++c) {
+            const bool last = c + 1 == call.C;
+            lv.decode_axpy(call.comps[c], n, k0, len, call.comps[c].coef, src, last ? out_row : acc, last);
+            src = acc;
+          }
+          continue;
+        }
+        lv.load_row(src_row, call.dtype, len, acc);
         if (!per_task) {
-          for (int64_t c = 0; c < call.C; ++c) lv.decode_axpy(call.comps[c], n, k0, len, call.comps[c].coef, acc);
+          for (int64_t c = 0; c < call.C; ++c) lv.decode_axpy(call.comps[c], n, k0, len, call.comps[c].coef, acc, acc, 0);
         } else {
           for (int64_t t = 0; t < T; ++t) {
             float* v = acc + (1 + t) * kChunk;
@@ -89,29 +105,134 @@ void taskvec_apply(const TvApplyCall& call) {
             }
           }
         }
-        lv.store_row(acc, const_cast<char*>(row_ptr(call.out, call.dtype, call.out_stride, n, k0)), call.dtype, len);
+        lv.store_row(acc, out_row, call.dtype, len);
       }
     }
+    lv.store_fence();
   });
 }
+
+namespace {
+
+// A task whose only component is a sign component: delta_linear uses the bit identity.
+const TvComp* sign_only(const TvComp* comps, int64_t C, int64_t t) {
+  const TvComp* found = nullptr;
+  for (int64_t c = 0; c < C; ++c) {
+    if (comps[c].task != t) continue;
+    if (found != nullptr || comps[c].scheme != 1) return nullptr;
+    found = &comps[c];
+  }
+  return found;
+}
+
+}  // namespace
 
 void taskvec_delta_linear(const TvDeltaCall& call) {
   const TaskvecLevel& lv = level_now();
   const int64_t M = call.M, K = call.K, N = call.N, T = call.T;
   const int nthreads = num_threads();
-  constexpr int64_t kDeltaChunk = 512;  // x chunk of 64 rows = 128 KiB, stays in L2
-  std::vector<float> scratch(static_cast<size_t>(nthreads) * (2 * kDeltaChunk + M));
+  // Columns per chunk: the chunk of every row of x stays in L2 (<= 256 KiB), and a
+  // few rows take the whole row at once (longer streams for the prefetcher).
+  int64_t chunk = std::max<int64_t>(512, (int64_t(1) << 16) / std::max<int64_t>(M, 1));
+  chunk = std::min<int64_t>(chunk, (K + 7) / 8 * 8);
+  const int64_t kDeltaChunk = chunk;
+  const int64_t per_worker = 2 * kDeltaChunk + 2 * M + 16;  // + 16: workers' sums never share a cache line
+  std::vector<float> scratch(static_cast<size_t>(nthreads) * per_worker);
   std::vector<int64_t> all_rows(static_cast<size_t>(M));
   for (int64_t m = 0; m < M; ++m) all_rows[m] = m;
+
+  // Task mode: sum of x per scale group, per row, for the sign-only tasks.
+  std::vector<const TvComp*> sign(static_cast<size_t>(T), nullptr);
+  std::vector<std::vector<float>> sum_x(static_cast<size_t>(T));
+  if (!call.merged) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r0 = call.group_start[t + 1], r1 = call.group_start[t + 2];
+      sign[t] = r1 > r0 ? sign_only(call.comps, call.C, t) : nullptr;
+      if (sign[t] == nullptr) continue;
+      const int64_t G = sign[t]->n_groups, gs = sign[t]->group_size;
+      std::vector<float>& sx = sum_x[t];
+      sx.assign(static_cast<size_t>((r1 - r0) * G), 0.0f);
+      for (int64_t i = r0; i < r1; ++i) {
+        const float* xm = call.x + call.row_order[i] * K;
+        for (int64_t g = 0; g < G; ++g) {
+          double acc = 0.0;
+          for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) acc += xm[k];
+          sx[(i - r0) * G + g] = static_cast<float>(acc);
+        }
+      }
+    }
+  }
+
+  // Few rows, each with a sign task of one scale per row or tensor (BitDelta) or none:
+  // one fused pass per base row (dot and bit sums together) while the base streams in.
+  bool fused = !call.merged && M <= 8;
+  std::vector<int64_t> row_task(static_cast<size_t>(M), -1);
+  if (fused) {
+    for (int64_t t = -1; t < T; ++t)
+      for (int64_t i = call.group_start[t + 1]; i < call.group_start[t + 2]; ++i) row_task[call.row_order[i]] = t;
+    for (int64_t m = 0; m < M && fused; ++m) {
+      const int64_t t = row_task[m];
+      fused = t < 0 || (sign[t] != nullptr && sign[t]->n_groups == 1);
+    }
+  }
+  if (fused) {
+    std::vector<float> row_sum_x(static_cast<size_t>(M), 0.0f);
+    std::vector<float> row_coef(static_cast<size_t>(M), 0.0f);
+    for (int64_t m = 0; m < M; ++m) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < K; ++k) acc += call.x[m * K + k];
+      row_sum_x[m] = static_cast<float>(acc);
+      if (row_task[m] >= 0) row_coef[m] = sign[row_task[m]]->coef;
+    }
+    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(16, N / (8 * nthreads)));
+    const int64_t ntasks = (N + rows - 1) / rows;
+    parallel_for(ntasks, [&](int64_t task, int worker) {
+      float* basebuf = scratch.data() + static_cast<size_t>(worker) * per_worker;
+      float* dots = basebuf + kDeltaChunk;
+      float* signs = dots + M;
+      const uint8_t* code_rows[8];
+      const int64_t n_end = std::min(N, (task + 1) * rows);
+      for (int64_t n = task * rows; n < n_end; ++n) {
+        for (int64_t m = 0; m < M; ++m) {
+          const int64_t t = row_task[m];
+          code_rows[m] = t < 0 ? nullptr : sign[t]->codes + n * sign[t]->row_bytes;
+        }
+        std::fill(dots, dots + 2 * M, 0.0f);
+        for (int64_t k0 = 0; k0 < K; k0 += kDeltaChunk) {
+          const int64_t len = std::min(kDeltaChunk, K - k0);
+          const float* b;
+          if (call.dtype == 0) {
+            b = reinterpret_cast<const float*>(row_ptr(call.base, 0, call.base_stride, n, k0));
+          } else {
+            lv.load_row(row_ptr(call.base, call.dtype, call.base_stride, n, k0), call.dtype, len, basebuf);
+            b = basebuf;
+          }
+          lv.dot_sign_rows(b, call.x, K, code_rows, M, k0, len, dots, signs);
+        }
+        for (int64_t m = 0; m < M; ++m) {
+          float y = dots[m];
+          const int64_t t = row_task[m];
+          if (t >= 0) {
+            const float s = sign[t]->scales[sign[t]->per_row ? n : 0];
+            y += row_coef[m] * s * (2.0f * signs[m] - row_sum_x[m]);  // x . (+-s) = s (2 sum_bit x - sum x)
+          }
+          call.y[m * N + n] = y;
+        }
+      }
+    });
+    return;
+  }
+
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(16, N / (8 * nthreads)));
   const int64_t ntasks = (N + rows - 1) / rows;
   parallel_for(ntasks, [&](int64_t task, int worker) {
-    float* basebuf = scratch.data() + static_cast<size_t>(worker) * (2 * kDeltaChunk + M);
+    float* basebuf = scratch.data() + static_cast<size_t>(worker) * per_worker;
     float* buf = basebuf + kDeltaChunk;
-    float* sums = buf + kDeltaChunk;  // [M], in row_order order (task mode) or row order (merged)
+    float* sums = buf + kDeltaChunk;  // [M] x . base row (row order)
+    float* dacc = sums + M;           // [M] x . delta (row_order order)
     const int64_t n_end = std::min(N, (task + 1) * rows);
     for (int64_t n = task * rows; n < n_end; ++n) {
-      std::fill(sums, sums + M, 0.0f);
+      std::fill(sums, sums + 2 * M, 0.0f);
       for (int64_t k0 = 0; k0 < K; k0 += kDeltaChunk) {
         const int64_t len = std::min(kDeltaChunk, K - k0);
         const float* b;
@@ -122,25 +243,53 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
           b = basebuf;
         }
         if (call.merged) {
-          std::memcpy(buf, b, static_cast<size_t>(len) * 4);
-          for (int64_t c = 0; c < call.C; ++c) lv.decode_axpy(call.comps[c], n, k0, len, call.comps[c].coef, buf);
-          lv.dot_rows(buf, call.x, K, all_rows.data(), M, k0, len, sums);
+          const float* src = b;
+          for (int64_t c = 0; c < call.C; ++c) {
+            lv.decode_axpy(call.comps[c], n, k0, len, call.comps[c].coef, src, buf, 0);
+            src = buf;
+          }
+          lv.dot_rows(src, call.x, K, all_rows.data(), M, k0, len, sums);
           continue;
         }
-        const int64_t* gs = call.group_start;
-        if (gs[1] > gs[0]) lv.dot_rows(b, call.x, K, call.row_order + gs[0], gs[1] - gs[0], k0, len, sums + gs[0]);
+        lv.dot_rows(b, call.x, K, all_rows.data(), M, k0, len, sums);
         for (int64_t t = 0; t < T; ++t) {
-          const int64_t r0 = gs[t + 1], r1 = gs[t + 2];
+          const int64_t r0 = call.group_start[t + 1], r1 = call.group_start[t + 2];
           if (r1 == r0) continue;
-          std::memcpy(buf, b, static_cast<size_t>(len) * 4);
-          for (int64_t c = 0; c < call.C; ++c)
-            if (call.comps[c].task == t) lv.decode_axpy(call.comps[c], n, k0, len, call.comps[c].coef, buf);
-          lv.dot_rows(buf, call.x, K, call.row_order + r0, r1 - r0, k0, len, sums + r0);
+          if (sign[t] != nullptr) {
+            lv.sign_dot_rows(*sign[t], n, call.x, K, call.row_order + r0, r1 - r0, k0, len, dacc + r0);
+          } else {
+            task_values(lv, call.comps, call.C, t, n, k0, len, buf);
+            lv.dot_rows(buf, call.x, K, call.row_order + r0, r1 - r0, k0, len, dacc + r0);
+          }
         }
       }
-      for (int64_t i = 0; i < M; ++i) {
-        const int64_t m = call.merged ? i : call.row_order[i];
-        call.y[m * N + n] = sums[i];
+      if (call.merged) {
+        for (int64_t m = 0; m < M; ++m) call.y[m * N + n] = sums[m];
+        continue;
+      }
+      for (int64_t i = call.group_start[0]; i < call.group_start[1]; ++i) {
+        const int64_t m = call.row_order[i];
+        call.y[m * N + n] = sums[m];
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t r0 = call.group_start[t + 1], r1 = call.group_start[t + 2];
+        if (r1 == r0) continue;
+        float coef = 0.0f;
+        for (int64_t c = 0; c < call.C; ++c)
+          if (call.comps[c].task == t) coef = call.comps[c].coef;
+        for (int64_t i = r0; i < r1; ++i) {
+          float extra = dacc[i];
+          if (sign[t] != nullptr) {
+            const TvComp& c = *sign[t];
+            const float* s = c.scales + (c.per_row ? n * c.n_groups : 0);
+            const float* sx = sum_x[t].data() + (i - r0) * c.n_groups;
+            float sub = 0.0f;
+            for (int64_t g = 0; g < c.n_groups; ++g) sub += s[g] * sx[g];
+            extra -= sub;
+          }
+          const int64_t m = call.row_order[i];
+          call.y[m * N + n] = sums[m] + coef * extra;
+        }
       }
     }
   });

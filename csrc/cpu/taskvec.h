@@ -30,13 +30,24 @@ struct TaskvecLevel {
   // out[0:len] = dequantized values of row n, columns [k0, k0+len) (exact float32:
   // (code - zero) * scale, or +-scale). k0 is a multiple of 8.
   void (*decode)(const TvComp& c, int64_t n, int64_t k0, int64_t len, float* out);
-  // out[0:len] += coef * dequantized values.
-  void (*decode_axpy)(const TvComp& c, int64_t n, int64_t k0, int64_t len, float coef, float* out);
+  // dst[0:len] = src[0:len] + coef * dequantized values (src may be dst); stream != 0:
+  // dst is a final output, written with streaming stores (call store_fence after).
+  void (*decode_axpy)(const TvComp& c, int64_t n, int64_t k0, int64_t len, float coef, const float* src,
+                      float* dst, int stream);
+  void (*store_fence)();
   void (*load_row)(const void* src, int dtype, int64_t len, float* out);     // widen to float32
   void (*store_row)(const float* src, void* dst, int dtype, int64_t len);    // round to nearest even
   // sums[i] += dot(buf[0:len], x[rows[i] * x_stride + k0 : +len]) for i < nrows
   void (*dot_rows)(const float* buf, const float* x, int64_t x_stride, const int64_t* rows, int64_t nrows,
                    int64_t k0, int64_t len, float* sums);
+  // Sign components (BitDelta identity): acc[i] += sum over the chunk's segments of
+  // 2 * scale * (sum of x[rows[i], k] with sign bit 1); the caller subtracts scale * sum(x) per group.
+  void (*sign_dot_rows)(const TvComp& c, int64_t n, const float* x, int64_t x_stride, const int64_t* rows,
+                        int64_t nrows, int64_t k0, int64_t len, float* acc);
+  // Rows 0..nrows-1 of x at once (nrows small): dots[i] += x_i . b[0:len] and, where
+  // code_rows[i] (sign bit stream of row n) is not null, signs[i] += sum of x_i[k] with bit k set.
+  void (*dot_sign_rows)(const float* b, const float* x, int64_t x_stride, const uint8_t* const* code_rows,
+                        int64_t nrows, int64_t k0, int64_t len, float* dots, float* signs);
   // TIES on one chunk: vals[t][i] (trimmed task values), coef[t]; acc[i] += merged value.
   void (*ties)(const float* const* vals, const float* coef, int64_t T, int64_t len, float* acc);
   // TIES trim of one chunk: zero v[i] unless |v| > thr or (|v| == thr and flat0 + i <= cut).

@@ -45,3 +45,7 @@ def call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, ba
     if topk is None:
         return maxsim_op(queries, docs, doc_offsets, doc_lengths, query_lengths, backend)
     return maxsim_topk_op(queries, docs, doc_offsets, doc_lengths, query_lengths, int(topk), backend)
+
+
+# Task-vector ops (SPEC §4) live in their own module.
+from ._torch_ops_taskvec import call_apply_task_vectors, call_delta_linear, call_dequantize  # noqa: E402,F401

@@ -433,6 +433,170 @@ _DELTA.register(Backend("cpu", _cpu_why_not, _delta_cpu))
 _DEQ.register(Backend("cpu", _cpu_why_not, _deq_cpu))
 
 
+# ------------------------------------------------------------ triton / cuda
+
+def _torch_thresholds(qtvs, density: float, deq_fn):
+    """Per-task (threshold, cut) of the TIES trim, on the device (one small sync per task)."""
+    torch = A.torch_module()
+    thr, cut = [], []
+    for q in qtvs:
+        flat = deq_fn(q).abs().reshape(-1)
+        n = flat.numel()
+        k = int(density * n)
+        if k <= 0:
+            thr.append(float("inf")), cut.append(-1)
+        elif k >= n:
+            thr.append(-1.0), cut.append(-1)
+        else:
+            th = torch.kthvalue(flat, n - k + 1).values
+            greater = int((flat > th).sum())
+            ties = torch.nonzero(flat == th).reshape(-1)
+            thr.append(float(th)), cut.append(int(ties[k - greater - 1]))
+    dev = qtvs[0].codes.device if A.is_torch(qtvs[0].codes) else "cpu"
+    return (torch.tensor(thr, dtype=torch.float32, device=dev), torch.tensor(cut, dtype=torch.int64, device=dev))
+
+
+def _gpu_out(call: ApplyCall, base):
+    out = call.out
+    if out is not None and out.is_contiguous() and (_same_view(out, base) or not _may_overlap(out, base)):
+        return out, True
+    return A.torch_module().empty_like(base, memory_format=A.torch_module().contiguous_format), False
+
+
+def _triton_why_not(call) -> Optional[str]:
+    reason = _ext.triton_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch":
+        return "takes torch tensors (got NumPy arrays)"
+    if call.device == "cpu" and not _ext.triton_interpret():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    if call.device not in ("cpu", "cuda"):
+        return f"unsupported device {call.device}"
+    return None
+
+
+def _triton_deq_why_not(call: DeqCall) -> Optional[str]:
+    reason = _ext.triton_reason()
+    if reason is not None:
+        return reason
+    if call.device == "cpu" and not _ext.triton_interpret():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    return None
+
+
+def _deq_triton(call: DeqCall):
+    k = _ext.triton_kernels("taskvec")
+    q = call.qtv
+    dev = "cpu" if call.lib == "numpy" else q.codes.device
+    out = k.dequantize(k.pools([q], [1.0], dev, False), q.N, q.K)
+    return out.numpy() if call.lib == "numpy" else out
+
+
+def _apply_triton(call: ApplyCall):
+    torch = A.torch_module()
+    k = _ext.triton_kernels("taskvec")
+    base = call.base.contiguous()
+    dev = base.device
+    per_task = call.method == "ties" or call.density is not None
+    p = k.pools(call.qtvs, call.coeffs, dev, share_bases=not per_task)
+    task_coef = torch.tensor(call.coeffs, dtype=torch.float32, device=dev).reshape(-1)
+    thr = cut = None
+    if call.density is not None and call.qtvs:
+        thr, cut = _torch_thresholds(call.qtvs, call.density,
+                                     lambda q: k.dequantize(k.pools([q], [1.0], dev, False), q.N, q.K))
+    target, direct = _gpu_out(call, base)
+    k.apply(base, target, p, task_coef, 1 if call.method == "ties" else 0, thr, cut)
+    return target if call.out is None or direct else _write_out(call, target)
+
+
+def _delta_triton(call: DeltaCall):
+    torch = A.torch_module()
+    k = _ext.triton_kernels("taskvec")
+    x, base = call.x.contiguous(), call.base.contiguous()
+    p = k.pools(call.qtvs, call.coeffs, base.device, share_bases=call.task_ids is None)
+    task_coef = torch.tensor(call.coeffs, dtype=torch.float32, device=base.device).reshape(-1)
+    ids = None if call.task_ids is None else call.task_ids_native.to(torch.int64).contiguous()
+    y = k.delta_linear(x, base, p, task_coef, ids)
+    return y if A.dtype_name(call.x) == "float32" else y.to(call.x.dtype)
+
+
+_APPLY.register(Backend("triton", _triton_why_not, _apply_triton))
+_DELTA.register(Backend("triton", _triton_why_not, _delta_triton))
+_DEQ.register(Backend("triton", _triton_deq_why_not, _deq_triton))
+
+
+def _cuda_why_not(call) -> Optional[str]:
+    reason = _ext.cuda_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch" or call.device != "cuda":
+        return f"takes CUDA tensors (got {call.lib} on {call.device})"
+    qtvs = call.qtvs if hasattr(call, "qtvs") else [call.qtv]
+    n = sum(2 if q.base is not None else 1 for q in qtvs)
+    if n > 32 or len(qtvs) > 32:
+        return f"at most 32 components per call (got {n} from {len(qtvs)} task vectors)"
+    return None
+
+
+def _deq_cuda_tensor(q: QTaskVector):
+    torch = A.torch_module()
+    q = _contiguous_qtv(q)
+    out = torch.empty((q.N, q.K), dtype=torch.float32, device=q.codes.device)
+    table, coefs = _components([q], np.ones(1), False)
+    with torch.cuda.device(q.codes.device):
+        _ext.C.taskvec_dequantize_cuda(table.ctypes.data, coefs.ctypes.data, len(table), q.N, q.K, out.data_ptr(),
+                                       torch.cuda.current_stream().cuda_stream)
+    return out
+
+
+def _deq_cuda(call: DeqCall):
+    return _deq_cuda_tensor(call.qtv)
+
+
+def _apply_cuda(call: ApplyCall):
+    torch = A.torch_module()
+    base = call.base.contiguous()
+    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+    N, K = (int(s) for s in base.shape)
+    per_task = call.method == "ties" or call.density is not None
+    table, coefs = _components(qtvs, call.coeffs, share_bases=not per_task)
+    thr, cut = [], []
+    if call.density is not None and qtvs:
+        t_thr, t_cut = _torch_thresholds(qtvs, call.density, _deq_cuda_tensor)
+        thr, cut = t_thr.cpu().tolist(), t_cut.cpu().tolist()
+    target, direct = _gpu_out(call, base)
+    with torch.cuda.device(base.device):
+        _ext.C.taskvec_apply_cuda(base.data_ptr(), A.DTYPE_CODE[A.dtype_name(base)], N, K, target.data_ptr(),
+                                  table.ctypes.data, coefs.ctypes.data, len(table), len(qtvs),
+                                  1 if call.method == "ties" else 0, [float(c) for c in call.coeffs], thr, cut,
+                                  torch.cuda.current_stream().cuda_stream)
+    return target if call.out is None or direct else _write_out(call, target)
+
+
+def _delta_cuda(call: DeltaCall):
+    torch = A.torch_module()
+    x = call.x.detach().to(torch.float32).contiguous()
+    base = call.base.contiguous()
+    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+    M, K = (int(s) for s in x.shape)
+    N = int(base.shape[0])
+    table, coefs = _components(qtvs, call.coeffs, share_bases=call.task_ids is None)
+    ids = None if call.task_ids is None else call.task_ids_native.to(torch.int64).contiguous()
+    y = torch.empty((M, N), dtype=torch.float32, device=base.device)
+    with torch.cuda.device(base.device):
+        _ext.C.taskvec_delta_linear_cuda(x.data_ptr(), M, K, base.data_ptr(), A.DTYPE_CODE[A.dtype_name(base)], N,
+                                         table.ctypes.data, coefs.ctypes.data, len(table), len(qtvs),
+                                         0 if ids is None else ids.data_ptr(), y.data_ptr(),
+                                         torch.cuda.current_stream().cuda_stream)
+    return y if A.dtype_name(call.x) == "float32" else y.to(call.x.dtype)
+
+
+_APPLY.register(Backend("cuda", _cuda_why_not, _apply_cuda))
+_DELTA.register(Backend("cuda", _cuda_why_not, _delta_cuda))
+_DEQ.register(Backend("cuda", _cuda_why_not, _deq_cuda))
+
+
 # --------------------------------------------------------------------- API
 
 def dequantize_impl(qtv: QTaskVector, *, backend: str = "auto"):
