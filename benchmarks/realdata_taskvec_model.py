@@ -234,7 +234,7 @@ def finetune(model, tokenizer, task, names, base_weights, log=print):
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % 25 == 0 or step + 1 == steps:
             log(f"    {task.name}: step {step + 1}/{steps}  loss(last 25) "
                 f"{np.mean(losses[-25:]):.3f}  {time.perf_counter() - t1:.0f} s")
