@@ -30,8 +30,14 @@ The script reports:
 3. the time to merge all 36 matrices with vkern against NumPy / torch loops,
    measured in the same run.
 
-    python benchmarks/realdata_taskvec.py                      # first run: fine-tunes (~5-10 min on 2 cores)
+    python benchmarks/realdata_taskvec.py                      # first run: fine-tunes + quantizes
     python benchmarks/realdata_taskvec.py --json /tmp/tv.json  # cached: no training, no quantizing
+
+Cost on 2 cores: fine-tuning ~5 min when the machine is quiet (25 min with
+the machine shared five ways), quantizing every format ~1 min; a cached run
+is ~22 forward passes over the val/test sets (~1000 sentences each) plus the
+timings: a few minutes quiet.  Use --threads 1 on a crowded machine: two
+torch threads that each get a fraction of a core wait on each other.
 
 Fine-tunes, quantized task vectors (``QTaskVector.to_dict``) and the chosen
 coefficients are cached under ``--cache-dir`` (default ~/.cache/vkern); a
