@@ -45,3 +45,7 @@ def call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, ba
     if topk is None:
         return maxsim_op(queries, docs, doc_offsets, doc_lengths, query_lengths, backend)
     return maxsim_topk_op(queries, docs, doc_offsets, doc_lengths, query_lengths, int(topk), backend)
+
+
+from . import _torch_ops_loki  # noqa: E402,F401  (vkern::loki_attention, decode_attention, loki_rotate)
+from ._torch_ops_loki import call_decode_attention, call_loki_attention  # noqa: E402,F401

@@ -1,0 +1,357 @@
+"""vkern.loki_attention, vkern.decode_attention and vkern.loki.rotate (SPEC §2).
+
+The wrappers validate every input before any kernel runs, resolve the
+per-sequence budgets, pick a backend and hand results back as the caller's
+array kind (out in q's dtype, indices int64).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import numpy as np
+
+from .. import _arrays as A
+from .. import _ext
+from .._backend import Backend, op
+from ..reference import loki as ref
+
+_LOKI = op("loki_attention")
+_DENSE = op("decode_attention")
+_ROTATE = op("loki_rotate")
+
+GQA_MODES = ("per_head", "shared")
+
+
+@dataclass
+class AttnCall:
+    q: Any                      # native [B, Hq, D]
+    k: Any                      # native [B, H_kv, T, D]
+    v: Any                      # native [B, H_kv, T, D]
+    seq_lens: Any               # native int [B] or None
+    host_lens: np.ndarray       # int64 [B], each in [1, T]
+    scale: float
+    device: str
+    lib: str
+    origin: str
+    # loki only (dense decode: rank = D, every token kept)
+    rank: int = 0
+    topk: Any = None            # int or float, as given
+    budgets: Optional[np.ndarray] = None   # int64 [B]: tokens kept per sequence
+    K: int = 0                  # largest budget (width of the index output)
+    num_sink: int = 0
+    num_recent: int = 0
+    gqa: str = "per_head"
+    return_indices: bool = False
+
+    @property
+    def dims(self):
+        B, Hq, D = (int(s) for s in self.q.shape)
+        return B, Hq, int(self.k.shape[1]), int(self.k.shape[2]), D
+
+    def __repr__(self) -> str:
+        B, Hq, H_kv, T, D = self.dims
+        extra = (f", rank={self.rank}, topk={self.topk}, gqa={self.gqa}, sinks={self.num_sink}, "
+                 f"recent={self.num_recent}" if self.rank else "")
+        return (f"q [{B}, {Hq}, {D}] {A.dtype_name(self.q)}, cache [{B}, {H_kv}, {T}, {D}] "
+                f"{A.dtype_name(self.k)}{extra}, {self.lib} on {self.device}")
+
+
+# ----------------------------------------------------------------- validation
+
+def _check_float(x: Any, name: str) -> None:
+    if not A.is_float(x):
+        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {A.dtype_name(x)}")
+
+
+def _int_arg(x: Any, name: str, lo: int, hi: Optional[int] = None, what: str = "") -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__}")
+    x = int(x)
+    if x < lo or (hi is not None and x > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: expected {rng}{what}, got {x}")
+    return x
+
+
+def _host_ints(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(np.int64, copy=False)
+    return x.detach().to("cpu").numpy().astype(np.int64, copy=False)
+
+
+def _prepare_attn(q, k_cache, v_cache, seq_lens, scale) -> AttnCall:
+    qn, origin = A.to_native(q, "q")
+    kn, _ = A.to_native(k_cache, "k_cache")
+    vn, _ = A.to_native(v_cache, "v_cache")
+    _check_float(qn, "q")
+    _check_float(kn, "k_cache")
+    _check_float(vn, "v_cache")
+    if qn.ndim != 3:
+        raise ValueError(f"q: expected shape [B, Hq, D], got {tuple(qn.shape)}")
+    if kn.ndim != 4:
+        raise ValueError(f"k_cache: expected shape [B, H_kv, T, D], got {tuple(kn.shape)}")
+    if tuple(vn.shape) != tuple(kn.shape):
+        raise ValueError(f"v_cache: expected the shape of k_cache {tuple(kn.shape)}, got {tuple(vn.shape)}")
+    if A.dtype_name(vn) != A.dtype_name(kn):
+        raise TypeError(f"v_cache: expected the dtype of k_cache ({A.dtype_name(kn)}), got {A.dtype_name(vn)}")
+    B, Hq, D = (int(s) for s in qn.shape)
+    Bk, H_kv, T, Dk = (int(s) for s in kn.shape)
+    if Bk != B:
+        raise ValueError(f"k_cache: expected batch B={B} (from q), got {Bk}")
+    if Dk != D:
+        raise ValueError(f"k_cache: expected head dim D={D} (from q), got {Dk}")
+    if D < 1 or H_kv < 1 or Hq < 1:
+        raise ValueError(f"q/k_cache: need D >= 1, Hq >= 1 and H_kv >= 1, got D={D}, Hq={Hq}, H_kv={H_kv}")
+    if Hq % H_kv:
+        raise ValueError(f"q: the number of query heads Hq={Hq} must be a multiple of H_kv={H_kv} "
+                         f"(k_cache.shape[1])")
+    if T < 1:
+        raise ValueError(f"k_cache: expected T >= 1 cached positions, got T={T}")
+    arrays = {"q": qn, "k_cache": kn, "v_cache": vn}
+    lens = None
+    if seq_lens is not None:
+        lens, _ = A.to_native(seq_lens, "seq_lens")
+        if not A.is_integer(lens):
+            raise TypeError(f"seq_lens: expected an integer array, got {A.dtype_name(lens)}")
+        if lens.ndim != 1 or int(lens.shape[0]) != B:
+            raise ValueError(f"seq_lens: expected shape ({B},) (one per sequence), got {tuple(lens.shape)}")
+        arrays["seq_lens"] = lens
+    devices = {k: A.device_of(v) for k, v in arrays.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"mixed devices: {devices}; put every array on one device")
+    libs = {k: ("numpy" if isinstance(v, np.ndarray) else "torch") for k, v in arrays.items()}
+    if len(set(libs.values())) > 1:
+        raise TypeError(f"mixed array kinds: {libs}; pass all NumPy arrays or all torch tensors")
+    host = _host_ints(lens) if lens is not None else np.full(B, T, dtype=np.int64)
+    if B and (np.any(host < 1) or np.any(host > T)):
+        raise ValueError(f"seq_lens: every length must be in [1, T={T}], got min={int(host.min())}, "
+                         f"max={int(host.max())}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+            raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale: expected a finite float > 0, got {scale}")
+    return AttnCall(qn, kn, vn, lens, np.ascontiguousarray(host), scale, devices["q"], libs["q"], origin)
+
+
+def _prepare_loki(q, k_cache, v_cache, seq_lens, rank, topk, num_sink, num_recent, gqa, scale,
+                  return_indices) -> AttnCall:
+    call = _prepare_attn(q, k_cache, v_cache, seq_lens, scale)
+    B, Hq, H_kv, T, D = call.dims
+    call.rank = _int_arg(rank, "rank", 1, D, f" (1 <= rank <= D={D})")
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer, float, np.floating)):
+        raise TypeError(f"topk: expected an int (tokens) or a float (fraction of seq_len), got {type(topk).__name__}")
+    if isinstance(topk, (float, np.floating)):
+        if not (0.0 < float(topk) <= 1.0):
+            raise ValueError(f"topk: a fraction of seq_len must be in (0, 1], got {float(topk)}")
+        topk = float(topk)
+    else:
+        topk = _int_arg(topk, "topk", 1)
+    call.topk = topk
+    call.num_sink = _int_arg(num_sink, "num_sink", 0)
+    call.num_recent = _int_arg(num_recent, "num_recent", 0)
+    if gqa not in GQA_MODES:
+        raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
+    call.gqa = gqa
+    call.return_indices = bool(return_indices)
+    budgets = np.array([ref.resolve_budget(topk, int(L)) for L in call.host_lens], dtype=np.int64)
+    forced = np.minimum(call.host_lens, call.num_sink + call.num_recent)
+    bad = np.nonzero(budgets < forced)[0]
+    if len(bad):
+        b = int(bad[0])
+        raise ValueError(f"topk: the budget k={int(budgets[b])} of sequence {b} (seq_len={int(call.host_lens[b])}) "
+                         f"is smaller than num_sink + num_recent = {call.num_sink} + {call.num_recent}; "
+                         f"sinks and recent tokens must fit in the budget")
+    call.budgets = budgets
+    call.K = int(budgets.max()) if B else 0
+    return call
+
+
+# ------------------------------------------------------------------ helpers
+
+def _result(x64: np.ndarray, like: Any):
+    """float64 host result -> q's kind, device and dtype."""
+    if isinstance(like, np.ndarray):
+        return x64.astype(like.dtype)
+    torch = A.torch_module()
+    return torch.from_numpy(np.ascontiguousarray(x64, dtype=np.float32)).to(device=like.device, dtype=like.dtype)
+
+
+def _host_reason(call) -> Optional[str]:
+    if call.device != "cpu":
+        return f"runs on host memory only (inputs are on {call.device}; no hidden device->host copies)"
+    return None
+
+
+# ----------------------------------------------------------------- reference
+
+def _loki_reference(call: AttnCall):
+    out, kept = ref.loki_attention(A.to_numpy(call.q), A.to_numpy(call.k), A.to_numpy(call.v), call.host_lens,
+                                   call.rank, call.topk, call.num_sink, call.num_recent, call.gqa, call.scale)
+    return _result(out, call.q), A.as_kind(kept, call.q)
+
+
+def _dense_reference(call: AttnCall):
+    out = ref.decode_attention(A.to_numpy(call.q), A.to_numpy(call.k), A.to_numpy(call.v), call.host_lens,
+                               call.scale)
+    return _result(out, call.q)
+
+
+_LOKI.register(Backend("reference", _host_reason, _loki_reference))
+_DENSE.register(Backend("reference", _host_reason, _dense_reference))
+
+
+# ------------------------------------------------------------------- rotate
+
+@dataclass
+class RotateCall:
+    x: Any                      # native [..., H, D]
+    P: Any                      # native [H_kv, D, D] (float64 from pca_basis, or any float)
+    device: str
+    lib: str
+    origin: str
+
+    def __repr__(self) -> str:
+        return (f"x {tuple(self.x.shape)} {A.dtype_name(self.x)}, P {tuple(self.P.shape)}, "
+                f"{self.lib} on {self.device}")
+
+
+def _prepare_rotate(x, P) -> RotateCall:
+    xn, origin = A.to_native(x, "x")
+    Pn, _ = A.to_native(P, "basis.P")
+    _check_float(xn, "x")
+    if A.dtype_name(Pn) not in ("float64", "float32", "float16", "bfloat16"):
+        raise TypeError(f"basis.P: expected a float array, got {A.dtype_name(Pn)}")
+    if Pn.ndim != 3 or int(Pn.shape[1]) != int(Pn.shape[2]):
+        raise ValueError(f"basis.P: expected shape [H_kv, D, D], got {tuple(Pn.shape)}")
+    H_kv, D = int(Pn.shape[0]), int(Pn.shape[1])
+    if xn.ndim < 2:
+        raise ValueError(f"x: expected shape [..., H, D], got {tuple(xn.shape)}")
+    H, Dx = int(xn.shape[-2]), int(xn.shape[-1])
+    if Dx != D:
+        raise ValueError(f"x: expected last dim D={D} (from basis.P), got {Dx}")
+    if H < 1 or H % H_kv:
+        raise ValueError(f"x: the head axis H={H} (x.shape[-2]) must be a positive multiple of H_kv={H_kv}")
+    libs = {"numpy" if isinstance(a, np.ndarray) else "torch" for a in (xn, Pn)}
+    if len(libs) > 1:
+        raise TypeError("x/basis.P: mixed array kinds; pass both as NumPy arrays or both as torch tensors")
+    if A.device_of(xn) != A.device_of(Pn):
+        raise ValueError(f"mixed devices: x on {A.device_of(xn)}, basis.P on {A.device_of(Pn)}")
+    return RotateCall(xn, Pn, A.device_of(xn), "numpy" if isinstance(xn, np.ndarray) else "torch", origin)
+
+
+def _rotate_reference(call: RotateCall):
+    P = A.to_numpy(call.P) if not isinstance(call.P, np.ndarray) else call.P
+    return _result(ref.rotate(A.to_numpy(call.x), np.asarray(P, np.float64)), call.x)
+
+
+_ROTATE.register(Backend("reference", _host_reason, _rotate_reference))
+
+
+# --------------------------------------------------------------------- API
+
+def loki_attention_impl(q, k_cache, v_cache, *, rank, topk, seq_lens=None, num_sink=0, num_recent=0,
+                        gqa="per_head", scale=None, return_indices=False, backend="auto"):
+    call = _prepare_loki(q, k_cache, v_cache, seq_lens, rank, topk, num_sink, num_recent, gqa, scale,
+                         return_indices)
+    out, idx = _LOKI.pick(backend, call).run(call)
+    if call.return_indices:
+        return A.from_native(out, call.origin), A.from_native(idx, call.origin)
+    return A.from_native(out, call.origin)
+
+
+def decode_attention_impl(q, k_cache, v_cache, *, seq_lens=None, scale=None, backend="auto"):
+    call = _prepare_attn(q, k_cache, v_cache, seq_lens, scale)
+    return A.from_native(_DENSE.pick(backend, call).run(call), call.origin)
+
+
+def rotate_impl(x, P, *, backend="auto"):
+    call = _prepare_rotate(x, P)
+    return A.from_native(_ROTATE.pick(backend, call).run(call), call.origin)
+
+
+def loki_attention(q, k_cache, v_cache, *, rank: int, topk, seq_lens=None, num_sink: int = 0,
+                   num_recent: int = 0, gqa: str = "per_head", scale: Optional[float] = None,
+                   return_indices: bool = False, backend: str = "auto"):
+    """One Loki decode step: sparse attention over the tokens that low-rank keys select.
+
+    Approximate scores q[:rank] . k[:rank] (q and the keys already rotated by
+    ``vkern.loki.rotate``) pick, per sequence, ``topk`` tokens: the first
+    ``num_sink`` and last ``num_recent`` valid tokens always, the rest of the
+    budget by highest approximate score (ties to the lower index, NaN last).
+    Exact attention (full D, float32 softmax, ``scale`` default 1/sqrt(D)) then
+    runs over the kept tokens only.
+
+    Args:
+        q: [B, Hq, D] rotated queries (float32/float16/bfloat16).
+        k_cache: [B, H_kv, T, D] rotated keys; v_cache: [B, H_kv, T, D] values,
+            same dtype as k_cache. Hq % H_kv == 0; query head h reads KV head h // (Hq / H_kv).
+        rank: dimensions used for the approximate scores, 1 <= rank <= D.
+        topk: tokens kept per sequence: an int >= 1, or a float in (0, 1] taken as
+            ceil(topk * seq_len). Never more than seq_len; must hold the sinks and recent tokens.
+        seq_lens: int [B], valid tokens per sequence, each in [1, T] (default T).
+        gqa: "per_head" (each query head selects its own tokens, as Loki) or "shared"
+            (a KV group selects once from the sum of its heads' approximate scores, as SparQ).
+        return_indices: also return the kept positions [B, Hq, K] (int64, ascending,
+            -1 padded), K = the largest budget over the batch.
+        backend: "auto", "cpu", "cuda", "triton" or "reference" (VKERN_BACKEND overrides "auto").
+
+    Returns:
+        out [B, Hq, D] in q's dtype and kind (and the indices with ``return_indices``).
+        With rank = D and topk >= seq_len this is dense attention.
+
+    Raises:
+        ValueError/TypeError naming the argument for bad shapes, dtypes, rank > D,
+        Hq not a multiple of H_kv, seq_lens outside [1, T], a budget smaller than
+        num_sink + num_recent, or an unknown gqa mode.
+
+    Example:
+        >>> import numpy as np, vkern
+        >>> q = np.ones((1, 2, 4), np.float32)
+        >>> k = np.zeros((1, 1, 3, 4), np.float32); k[0, 0, 1] = 1.0
+        >>> v = np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4)
+        >>> out, idx = vkern.loki_attention(q, k, v, rank=2, topk=1, return_indices=True)
+        >>> out[0, 0].tolist(), idx[0, 0].tolist()
+        ([4.0, 5.0, 6.0, 7.0], [1])
+    """
+    if A.is_torch(q):
+        from .. import _torch_ops
+
+        if A.torch_module().compiler.is_compiling():
+            return _torch_ops.call_loki_attention(q, k_cache, v_cache, seq_lens, rank, topk, num_sink,
+                                                  num_recent, gqa, scale, return_indices, backend)
+    return loki_attention_impl(q, k_cache, v_cache, rank=rank, topk=topk, seq_lens=seq_lens, num_sink=num_sink,
+                               num_recent=num_recent, gqa=gqa, scale=scale, return_indices=return_indices,
+                               backend=backend)
+
+
+def decode_attention(q, k_cache, v_cache, *, seq_lens=None, scale: Optional[float] = None,
+                     backend: str = "auto"):
+    """Dense decode attention: every query head over all seq_lens[b] cached tokens.
+
+    Same layout as ``loki_attention``: q [B, Hq, D], k_cache/v_cache [B, H_kv, T, D]
+    (GQA: query head h reads KV head h // (Hq / H_kv)), seq_lens int [B] in [1, T].
+    Scores, softmax and accumulation in float32; ``scale`` defaults to 1/sqrt(D).
+    Returns out [B, Hq, D] in q's dtype and kind.
+
+    Example:
+        >>> import numpy as np, vkern
+        >>> q = np.zeros((1, 1, 2), np.float32)
+        >>> v = np.array([[[[1.0, 0.0], [3.0, 2.0]]]], np.float32)
+        >>> vkern.decode_attention(q, np.zeros_like(v), v)[0, 0].tolist()
+        [2.0, 1.0]
+    """
+    if A.is_torch(q):
+        from .. import _torch_ops
+
+        if A.torch_module().compiler.is_compiling():
+            return _torch_ops.call_decode_attention(q, k_cache, v_cache, seq_lens, scale, backend)
+    return decode_attention_impl(q, k_cache, v_cache, seq_lens=seq_lens, scale=scale, backend=backend)
+
+
+__all__: List[str] = ["loki_attention", "decode_attention", "rotate_impl"]
