@@ -11,11 +11,13 @@ from . import _ext
 from .ops.maxsim import maxsim
 from .ops.loki import decode_attention, loki_attention
 from . import loki
+from .ops.vatp import vatp_prune
+from . import vatp
 
 __version__ = "0.1.0"
 
-__all__ = ["maxsim", "loki_attention", "decode_attention", "loki", "BackendUnavailable", "available_backends",
-           "set_num_threads", "get_num_threads", "set_simd_level", "info", "__version__"]
+__all__ = ["maxsim", "loki_attention", "decode_attention", "loki", "vatp", "vatp_prune", "BackendUnavailable",
+           "available_backends", "set_num_threads", "get_num_threads", "set_simd_level", "info", "__version__"]
 
 
 def set_num_threads(n: int) -> None:

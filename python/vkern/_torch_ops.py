@@ -49,3 +49,4 @@ def call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, ba
 
 from . import _torch_ops_loki  # noqa: E402,F401  (vkern::loki_attention, decode_attention, loki_rotate)
 from ._torch_ops_loki import call_decode_attention, call_loki_attention  # noqa: E402,F401
+from . import _torch_ops_vatp  # noqa: E402,F401  (vkern::attention_colsum, value_l1, vatp_prune, vatp_prune_)

@@ -1,0 +1,401 @@
+"""Value-aware KV pruning (VATP), SPEC §3: attention column sums, value L1
+norms, and per-(batch, KV head) pruning with real compaction of K and V.
+
+The wrappers validate every input before any kernel runs, pick a backend and
+hand results back as the caller's array kind. The CPU, CUDA and Triton
+kernels live in csrc/cpu/vatp.cpp, csrc/cuda/vatp.cu and kernels/vatp.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from .. import _arrays as A
+from .. import _ext
+from .._backend import Backend, op
+from ..reference import vatp as ref
+
+_COLSUM = op("attention_colsum")
+_VNORM = op("value_l1")
+_PRUNE = op("vatp_prune")
+
+
+# ----------------------------------------------------------------- validation
+
+def _check_float(x: Any, name: str) -> None:
+    if not A.is_float(x):
+        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {A.dtype_name(x)}")
+
+
+def _check_rank4(x: Any, name: str, layout: str) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected shape {layout}, got {tuple(x.shape)}")
+
+
+def _same_place(arrays: dict) -> str:
+    devices = {k: A.device_of(v) for k, v in arrays.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"mixed devices: {devices}; put every array on one device")
+    libs = {k: ("numpy" if isinstance(v, np.ndarray) else "torch") for k, v in arrays.items()}
+    if len(set(libs.values())) > 1:
+        raise TypeError(f"mixed array kinds: {libs}; pass all NumPy arrays or all torch tensors")
+    return next(iter(libs.values()))
+
+
+def _host_ints(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(np.int64, copy=False)
+    return x.detach().to("cpu").numpy().astype(np.int64, copy=False)
+
+
+def _seq_lens(seq_lens: Any, B: int, T: int, arrays: dict):
+    """Validated (native seq_lens or None, host int64 [B])."""
+    if seq_lens is None:
+        return None, np.full(B, T, dtype=np.int64)
+    sl, _ = A.to_native(seq_lens, "seq_lens")
+    if not A.is_integer(sl):
+        raise TypeError(f"seq_lens: expected an integer array, got {A.dtype_name(sl)}")
+    if sl.ndim != 1 or sl.shape[0] != B:
+        raise ValueError(f"seq_lens: expected shape ({B},) (one per sequence), got {tuple(sl.shape)}")
+    arrays["seq_lens"] = sl
+    _same_place(arrays)
+    host = np.ascontiguousarray(_host_ints(sl))
+    if B and (host.min() < 0 or host.max() > T):
+        raise ValueError(f"seq_lens: every length must be in [0, T={T}], got min={int(host.min())}, "
+                         f"max={int(host.max())}")
+    return sl, host
+
+
+def _nonneg_int(x: Any, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__}")
+    if x < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {int(x)}")
+    return int(x)
+
+
+# ------------------------------------------------------------ call records
+
+@dataclass
+class ColsumCall:
+    q: Any                  # native [B, Hq, Tq, D]
+    k: Any                  # native [B, H_kv, T, D]
+    seq_lens: Any           # native int [B] or None
+    host_lens: np.ndarray   # int64 [B]
+    causal: bool
+    scale: float
+    device: str
+    lib: str
+    origin: str
+
+    def __repr__(self) -> str:
+        return (f"q {tuple(self.q.shape)} {A.dtype_name(self.q)}, k {tuple(self.k.shape)} {A.dtype_name(self.k)}, "
+                f"causal={self.causal}, {self.lib} on {self.device}")
+
+
+@dataclass
+class VnormCall:
+    v: Any
+    device: str
+    lib: str
+    origin: str
+
+    def __repr__(self) -> str:
+        return f"v {tuple(self.v.shape)} {A.dtype_name(self.v)}, {self.lib} on {self.device}"
+
+
+@dataclass
+class PruneCall:
+    k: Any                  # native [B, H_kv, T, Dk]
+    v: Any                  # native [B, H_kv, T, Dv]
+    scores: Any             # native float [B, H_kv, T]
+    seq_lens: Any           # native int [B] or None
+    host_lens: np.ndarray   # int64 [B] valid tokens
+    kept_lens: np.ndarray   # int64 [B] resolved budget per sequence
+    kmax: int
+    num_sink: int
+    num_recent: int
+    inplace: bool
+    device: str
+    lib: str
+    origin: str
+
+    def __repr__(self) -> str:
+        return (f"k {tuple(self.k.shape)} {A.dtype_name(self.k)}, v {tuple(self.v.shape)} {A.dtype_name(self.v)}, "
+                f"scores {A.dtype_name(self.scores)}, keep {self.kmax}, inplace={self.inplace}, "
+                f"{self.lib} on {self.device}")
+
+
+def _prepare_colsum(q, k, causal, seq_lens, scale) -> ColsumCall:
+    qn, origin = A.to_native(q, "q")
+    kn, _ = A.to_native(k, "k")
+    _check_float(qn, "q")
+    _check_float(kn, "k")
+    _check_rank4(qn, "q", "[B, Hq, Tq, D]")
+    _check_rank4(kn, "k", "[B, H_kv, T, D]")
+    B, Hq, Tq, D = (int(s) for s in qn.shape)
+    H_kv, T = int(kn.shape[1]), int(kn.shape[2])
+    if int(kn.shape[0]) != B:
+        raise ValueError(f"k: expected batch B={B} (from q), got {int(kn.shape[0])}")
+    if int(kn.shape[3]) != D:
+        raise ValueError(f"k: expected head dim D={D} (from q), got {int(kn.shape[3])}")
+    if H_kv < 1 or Hq % H_kv:
+        raise ValueError(f"q: query heads Hq={Hq} must be a multiple of the KV heads H_kv={H_kv} (from k)")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    elif not math.isfinite(float(scale)):
+        raise ValueError(f"scale: expected a finite float, got {scale}")
+    arrays = {"q": qn, "k": kn}
+    lib = _same_place(arrays)
+    sl, host = _seq_lens(seq_lens, B, T, arrays)
+    return ColsumCall(qn, kn, sl, host, bool(causal), float(scale), A.device_of(qn), lib, origin)
+
+
+def _prepare_vnorm(v) -> VnormCall:
+    vn, origin = A.to_native(v, "v")
+    _check_float(vn, "v")
+    _check_rank4(vn, "v", "[B, H_kv, T, D]")
+    return VnormCall(vn, A.device_of(vn), "numpy" if isinstance(vn, np.ndarray) else "torch", origin)
+
+
+def _extent(x) -> tuple:
+    """(first byte, one past the last byte) that x's elements touch."""
+    lo = A.data_ptr(x)
+    item = x.itemsize if isinstance(x, np.ndarray) else x.element_size()
+    span = sum((int(n) - 1) * abs(int(s)) for n, s in zip(x.shape, A.elem_strides(x)))
+    return lo, lo + (span + 1) * item
+
+
+def _no_self_overlap(x, name: str) -> None:
+    """In-place compaction needs every element at its own address."""
+    dims = sorted((abs(int(s)), int(n)) for n, s in zip(x.shape, A.elem_strides(x)) if int(n) > 1)
+    reach = 1
+    for stride, n in dims:
+        if stride < reach:
+            raise ValueError(f"{name}: inplace=True needs a layout where no two elements share memory "
+                             f"(got strides {A.elem_strides(x)} for shape {tuple(x.shape)})")
+        reach = stride * n
+
+
+def _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace) -> PruneCall:
+    kn, origin = A.to_native(k, "k")
+    vn, _ = A.to_native(v, "v")
+    sn, _ = A.to_native(scores, "scores")
+    _check_float(kn, "k")
+    _check_float(vn, "v")
+    _check_float(sn, "scores")
+    _check_rank4(kn, "k", "[B, H_kv, T, D]")
+    _check_rank4(vn, "v", "[B, H_kv, T, D]")
+    B, H, T = (int(s) for s in kn.shape[:3])
+    if tuple(int(s) for s in vn.shape[:3]) != (B, H, T):
+        raise ValueError(f"v: expected leading dims [B, H_kv, T] = {(B, H, T)} (from k), got {tuple(vn.shape)}")
+    if sn.ndim != 3 or tuple(int(s) for s in sn.shape) != (B, H, T):
+        raise ValueError(f"scores: expected shape [B, H_kv, T] = {(B, H, T)} (the cache's), got {tuple(sn.shape)}")
+    num_sink = _nonneg_int(num_sink, "num_sink")
+    num_recent = _nonneg_int(num_recent, "num_recent")
+    if not isinstance(inplace, (bool, np.bool_)):
+        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise TypeError(f"budget: expected an int (tokens) or a float (fraction of seq_len), "
+                        f"got {type(budget).__name__}")
+    if isinstance(budget, (float, np.floating)):
+        budget = float(budget)
+        if not (0.0 < budget <= 1.0):
+            raise ValueError(f"budget: a float budget is a fraction of seq_len in (0, 1], got {budget}")
+    else:
+        budget = int(budget)
+        if budget < max(1, num_sink + num_recent):
+            raise ValueError(f"budget: expected >= num_sink + num_recent = {num_sink + num_recent} "
+                             f"(and >= 1) tokens, got {budget}")
+    arrays = {"k": kn, "v": vn, "scores": sn}
+    lib = _same_place(arrays)
+    sl, host = _seq_lens(seq_lens, B, T, arrays)
+    if inplace:
+        for x, name in ((kn, "k"), (vn, "v")):
+            if isinstance(x, np.ndarray) and not x.flags.writeable:
+                raise ValueError(f"{name}: inplace=True needs a writeable array")
+            _no_self_overlap(x, name)
+        if kn.numel() if not isinstance(kn, np.ndarray) else kn.size:
+            (k0, k1), (v0, v1) = _extent(kn), _extent(vn)
+            if A.data_ptr(kn) == A.data_ptr(vn) or (k0 < v1 and v0 < k1 and _really_overlap(kn, vn)):
+                raise ValueError("k, v: inplace=True needs k and v in separate memory (they overlap)")
+    kept = np.array([ref.resolve_budget(budget, int(L), num_sink, num_recent) for L in host], dtype=np.int64)
+    kmax = int(kept.max()) if B else 0
+    return PruneCall(kn, vn, sn, sl, host, kept, kmax, num_sink, num_recent, bool(inplace),
+                     A.device_of(kn), lib, origin)
+
+
+def _really_overlap(a, b) -> bool:
+    if isinstance(a, np.ndarray):
+        return bool(np.shares_memory(a, b, max_work=10**6)) if a.size * b.size < 10**12 else True
+    return True  # interleaved torch views: refuse rather than risk a wrong answer
+
+
+# ------------------------------------------------------ reference backends
+
+def _host_only(call) -> Optional[str]:
+    if call.device != "cpu":
+        return f"runs on host memory only (inputs are on {call.device}; no hidden device->host copies)"
+    return None
+
+
+def _colsum_reference(call: ColsumCall):
+    out = ref.attention_colsum(A.to_numpy(call.q), A.to_numpy(call.k), call.host_lens, call.causal, call.scale)
+    return A.as_kind(out, call.q)
+
+
+def _vnorm_reference(call: VnormCall):
+    return A.as_kind(ref.value_l1(A.to_numpy(call.v)), call.v)
+
+
+def _prune_reference(call: PruneCall):
+    idx = ref.prune_indices(A.to_numpy(call.scores, np.float32), call.host_lens, call.kept_lens,
+                            call.num_sink, call.num_recent)
+    kept_idx = A.as_kind(idx, call.k)
+    if isinstance(call.k, np.ndarray):
+        if not call.inplace:
+            return ref.gather_kept(call.k, idx), ref.gather_kept(call.v, idx), kept_idx
+        for x in (call.k, call.v):
+            x[:, :, :call.kmax] = ref.gather_kept(x, idx)   # gather_kept copies first: safe in place
+        return call.k[:, :, :call.kmax], call.v[:, :, :call.kmax], kept_idx
+    torch = A.torch_module()
+    outs = []
+    for x in (call.k, call.v):
+        g = torch.zeros((x.shape[0], x.shape[1], call.kmax, x.shape[3]), dtype=x.dtype, device=x.device)
+        for b in range(idx.shape[0]):
+            n = int(call.kept_lens[b])
+            g[b, :, :n] = torch.gather(x[b], 1, torch.from_numpy(idx[b, :, :n]).to(x.device)[:, :, None].expand(
+                -1, -1, x.shape[3]))
+        if call.inplace:
+            x[:, :, :call.kmax] = g
+            g = x[:, :, :call.kmax]
+        outs.append(g)
+    return outs[0], outs[1], kept_idx
+
+
+_COLSUM.register(Backend("reference", _host_only, _colsum_reference))
+_VNORM.register(Backend("reference", _host_only, _vnorm_reference))
+_PRUNE.register(Backend("reference", _host_only, _prune_reference))
+
+
+# --------------------------------------------------------------------- API
+
+def attention_colsum_impl(q, k, *, causal=True, seq_lens=None, scale=None, backend="auto"):
+    call = _prepare_colsum(q, k, causal, seq_lens, scale)
+    return A.from_native(_COLSUM.pick(backend, call).run(call), call.origin)
+
+
+def value_l1_impl(v, *, backend="auto"):
+    call = _prepare_vnorm(v)
+    return A.from_native(_VNORM.pick(backend, call).run(call), call.origin)
+
+
+def vatp_prune_impl(k, v, scores, *, budget, num_sink=4, num_recent=32, seq_lens=None, inplace=False,
+                    backend="auto"):
+    call = _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace)
+    k_kept, v_kept, kept_idx = _PRUNE.pick(backend, call).run(call)
+    kept_lens = A.as_kind(call.kept_lens, call.k)
+    return tuple(A.from_native(x, call.origin) for x in (k_kept, v_kept, kept_idx, kept_lens))
+
+
+def _compiling(x) -> bool:
+    torch = A.torch_module() if A.is_torch(x) else None
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def attention_colsum(q, k, *, causal: bool = True, seq_lens=None, scale: Optional[float] = None,
+                     backend: str = "auto"):
+    """Accumulated softmax attention each key receives, summed over query rows
+    and over the query heads of its GQA group.
+
+    out[b, h, j] = sum over query heads hq of group h, over query rows i, of
+    softmax_j(scale * q[b, hq, i] . k[b, h, :])  -- float32, computed flash-style
+    (two passes over the keys), never materialising the Tq x T matrix.
+
+    Args:
+        q: [B, Hq, Tq, D]; Hq a multiple of H_kv (query head hq reads KV head hq // (Hq // H_kv)).
+        k: [B, H_kv, T, D].
+        causal: query row i sits at position T - Tq + i and sees keys 0 .. T - Tq + i;
+            rows at positions >= seq_lens[b] are padding and add nothing.
+            Non-causal: every query row sees every valid key.
+        seq_lens: int [B] valid keys per sequence (default T); keys at or past it get 0.
+        scale: logit scale, default 1 / sqrt(D).
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
+
+    Returns:
+        float32 [B, H_kv, T]. A query row that sees no key adds nothing (no NaN).
+        Same array kind and device as q.
+
+    Example:
+        >>> import numpy as np, vkern
+        >>> q = np.zeros((1, 1, 2, 4), np.float32); k = np.zeros((1, 1, 2, 4), np.float32)
+        >>> vkern.vatp.attention_colsum(q, k).tolist()   # row 0 sees key 0; row 1 splits 1/2, 1/2
+        [[[1.5, 0.5]]]
+    """
+    if _compiling(q):
+        from .. import _torch_ops_vatp as T_ops
+
+        return T_ops.attention_colsum_op(q, k, seq_lens, bool(causal), scale, backend)
+    return attention_colsum_impl(q, k, causal=causal, seq_lens=seq_lens, scale=scale, backend=backend)
+
+
+def value_l1(v, *, backend: str = "auto"):
+    """L1 norm of every value vector: v [B, H_kv, T, D] -> float32 [B, H_kv, T].
+
+    Example:
+        >>> import numpy as np, vkern
+        >>> vkern.vatp.value_l1(np.array([[[[1.0, -2.0]]]], np.float32)).tolist()
+        [[[3.0]]]
+    """
+    if _compiling(v):
+        from .. import _torch_ops_vatp as T_ops
+
+        return T_ops.value_l1_op(v, backend)
+    return value_l1_impl(v, backend=backend)
+
+
+def vatp_prune(k, v, scores, *, budget: Union[int, float], num_sink: int = 4, num_recent: int = 32,
+               seq_lens=None, inplace: bool = False, backend: str = "auto"):
+    """Keep the most important tokens of a KV cache per (batch, KV head) and compact K and V.
+
+    Per (b, h): exactly n_b tokens are kept, n_b = the budget resolved for
+    sequence b (an int budget: min(budget, seq_len); a float: floor(budget *
+    seq_len), at least the protected count, at most seq_len). The first
+    ``num_sink`` and last ``num_recent`` valid tokens are always kept; the rest
+    go to the highest ``scores`` (NaN lowest, ties to the lower index).
+    Kept tokens stay in positional order.
+
+    Args:
+        k, v: [B, H_kv, T, D] caches (float32/float16/bfloat16; v's D may differ from k's).
+        scores: [B, H_kv, T] importance (any float dtype; compared as float32),
+            usually attention_colsum(q, k) * value_l1(v).
+        budget: int tokens (>= num_sink + num_recent) or float fraction of seq_len in (0, 1].
+        seq_lens: int [B] valid tokens per sequence (default T).
+        inplace: compact k and v inside their own buffers (kept rows move forward,
+            in order) and return views of them; rows past a sequence's kept_lens
+            up to Kmax are zeroed, as in the out-of-place result.
+
+    Returns:
+        (k_kept [B, H_kv, Kmax, D], v_kept [B, H_kv, Kmax, D], kept_idx int64
+        [B, H_kv, Kmax] ascending, padded with -1, kept_lens int64 [B]),
+        Kmax = max kept_lens. Padded K/V rows are zero.
+
+    Example:
+        >>> import numpy as np, vkern
+        >>> k = np.arange(6, dtype=np.float32).reshape(1, 1, 6, 1); s = np.array([[[0, 5, 1, 9, 2, 0]]], np.float32)
+        >>> vkern.vatp_prune(k, k, s, budget=3, num_sink=1, num_recent=1)[2].tolist()
+        [[[0, 3, 5]]]
+    """
+    if _compiling(k):
+        from .. import _torch_ops_vatp as T_ops
+
+        return T_ops.call_vatp_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, backend)
+    return vatp_prune_impl(k, v, scores, budget=budget, num_sink=num_sink, num_recent=num_recent,
+                           seq_lens=seq_lens, inplace=inplace, backend=backend)
