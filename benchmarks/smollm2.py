@@ -326,6 +326,28 @@ def check_hook(model, ids):
     return float((plain - hooked).abs().max()), perplexity(nll_p), perplexity(nll_h)
 
 
+def track_backends(names):
+    """{op name: set of backends that ran}: wraps each op's backend choice (vkern's registry)."""
+    seen = {n: set() for n in names}
+    try:
+        from vkern import _backend
+    except ImportError:
+        return seen
+    for n in names:
+        o = _backend.OPS.get(n)
+        if o is None:
+            continue
+        orig = o.pick
+
+        def pick(backend, call, _orig=orig, _n=n):
+            b = _orig(backend, call)
+            seen[_n].add(b.name)
+            return b
+
+        o.pick = pick
+    return seen
+
+
 def main(argv=None):
     import argparse
 
