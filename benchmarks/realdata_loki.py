@@ -102,14 +102,14 @@ def layer_metrics(q, K, V, out, dense, kept, scaling, start):
     pos = torch.arange(start, start + C)
     s.masked_fill_(torch.arange(T)[None, :] > pos[:, None], float("-inf"))
     prob = torch.softmax(s, dim=-1)
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices   # ties: lower index first
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(T).expand_as(order))
-    del order
     valid = kept >= 0
     k_c = valid.sum(-1)                                           # [Hq, C] the budget of each row
     g = kept.clamp_min(0)
-    in_top = (torch.gather(rank, -1, g) < k_c[..., None]) & valid
+    # the k-th largest exact score of each row; a kept token is in the exact top-k iff its
+    # score reaches it (an exact float tie at the threshold counts as in)
+    top = torch.topk(s, int(k_c.max()), dim=-1, sorted=True).values
+    thr = torch.gather(top, -1, (k_c - 1).clamp_min(0)[..., None])
+    in_top = (torch.gather(s, -1, g) >= thr) & valid
     recall = in_top.sum(-1).double() / k_c.double()
     mass = (torch.gather(prob, -1, g) * valid).sum(-1).double()
     err = (out - dense).double().norm(dim=-1) / dense.double().norm(dim=-1)
