@@ -206,6 +206,156 @@ _LOKI.register(Backend("reference", _host_reason, _loki_reference))
 _DENSE.register(Backend("reference", _host_reason, _dense_reference))
 
 
+# ----------------------------------------------------------------------- cpu
+
+def _cpu_reason(call) -> Optional[str]:
+    if _ext.C is None:
+        return _ext.C_ERROR
+    if call.device != "cpu":
+        return f"runs on the CPU only (inputs are on {call.device})"
+    return None
+
+
+def _kernel_view(a: Any):
+    """a itself when the CPU kernel can read it (unit last stride, non-negative
+    element strides), else one contiguous copy."""
+    if isinstance(a, np.ndarray):
+        if any(s < 0 or s % a.itemsize for s in a.strides) or not A.rows_contiguous(a):
+            return np.ascontiguousarray(a)
+        return a
+    return a if A.rows_contiguous(a) else a.contiguous()
+
+
+def _f32_result(out32: np.ndarray, like: Any):
+    """float32 host result -> like's kind, device and dtype (no copy for float32)."""
+    if isinstance(like, np.ndarray):
+        return out32 if like.dtype == np.float32 else out32.astype(like.dtype)
+    torch = A.torch_module()
+    t = torch.from_numpy(out32)
+    return t if like.dtype == torch.float32 else t.to(like.dtype)
+
+
+def _cpu_attention(call: AttnCall, sparse: bool):
+    B, Hq, H_kv, T, D = call.dims
+    q, k, v = _kernel_view(call.q), _kernel_view(call.k), _kernel_view(call.v)
+    qs, ks, vs = A.elem_strides(q), A.elem_strides(k), A.elem_strides(v)
+    out = np.empty((B, Hq, D), np.float32)
+    idx = np.empty((B, Hq, call.K), np.int64) if sparse and call.return_indices else None
+    budgets = np.ascontiguousarray(call.budgets, dtype=np.int64) if sparse else None
+    if B:
+        _ext.C.loki_cpu(
+            A.data_ptr(q), A.DTYPE_CODE[A.dtype_name(q)], B, Hq, H_kv, T, D, qs[0], qs[1], qs[2],
+            A.data_ptr(k), A.data_ptr(v), A.DTYPE_CODE[A.dtype_name(k)], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+            call.host_lens.ctypes.data, 0 if budgets is None else budgets.ctypes.data,
+            call.rank if sparse else D, call.num_sink, call.num_recent, call.gqa == "shared", call.scale,
+            out.ctypes.data, 0 if idx is None else idx.ctypes.data, call.K if idx is not None else 0)
+    res = _f32_result(out, call.q)
+    if not sparse:
+        return res
+    return res, (A.as_kind(idx, call.q) if idx is not None else None)
+
+
+_LOKI.register(Backend("cpu", _cpu_reason, lambda call: _cpu_attention(call, True)))
+_DENSE.register(Backend("cpu", _cpu_reason, lambda call: _cpu_attention(call, False)))
+
+
+# ------------------------------------------------------------- triton / cuda
+
+def _triton_reason(call) -> Optional[str]:
+    reason = _ext.triton_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch":
+        return "takes torch tensors (got NumPy arrays)"
+    if call.device == "cpu" and not _ext.triton_interpret():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    if call.device not in ("cpu", "cuda"):
+        return f"unsupported device {call.device}"
+    return None
+
+
+def _cuda_reason(call) -> Optional[str]:
+    reason = _ext.cuda_reason()
+    if reason is not None:
+        return reason
+    if not hasattr(_ext.C, "loki_cuda"):
+        return "vkern was built without the Loki CUDA kernels"
+    if call.lib != "torch" or call.device != "cuda":
+        return f"takes CUDA tensors (got {call.lib} on {call.device})"
+    return None
+
+
+def _gpu_inputs(call: AttnCall, sparse: bool):
+    """q contiguous, caches with unit last stride, int64 lengths/budgets on the device.
+    The budgets were resolved on the host while validating: one tiny copy."""
+    torch = A.torch_module()
+    dev = call.q.device
+    q = call.q.contiguous()
+    k = call.k if call.k.stride(-1) == 1 else call.k.contiguous()
+    v = call.v if call.v.stride(-1) == 1 else call.v.contiguous()
+    if call.seq_lens is not None:
+        lens = call.seq_lens.to(device=dev, dtype=torch.int64).contiguous()
+    else:
+        lens = torch.from_numpy(call.host_lens).to(dev)
+    budgets = torch.from_numpy(call.budgets).to(dev) if sparse else None
+    return q, k, v, lens, budgets
+
+
+def _expand_idx(call: AttnCall, idx32):
+    """Kernel lists [B, NL, K] int32 -> [B, Hq, K] int64."""
+    B, Hq, H_kv, T, D = call.dims
+    idx = idx32.to(A.torch_module().int64)
+    return idx.repeat_interleave(Hq // H_kv, dim=1) if call.gqa == "shared" else idx
+
+
+def _triton_loki(call: AttnCall):
+    kernels = _ext.triton_kernels("loki")
+    q, k, v, lens, budgets = _gpu_inputs(call, True)
+    out, idx = kernels.loki_attention(q, k, v, lens, budgets, call.K, call.rank, call.num_sink, call.num_recent,
+                                      call.gqa == "shared", call.scale)
+    return out.to(call.q.dtype), (_expand_idx(call, idx) if call.return_indices else None)
+
+
+def _triton_dense(call: AttnCall):
+    kernels = _ext.triton_kernels("loki")
+    q, k, v, lens, _ = _gpu_inputs(call, False)
+    return kernels.decode_attention(q, k, v, lens, call.scale).to(call.q.dtype)
+
+
+def _cuda_attention(call: AttnCall, sparse: bool):
+    torch = A.torch_module()
+    q, k, v, lens, budgets = _gpu_inputs(call, sparse)
+    B, Hq, H_kv, T, D = call.dims
+    shared = sparse and call.gqa == "shared"
+    NL = H_kv if shared else Hq
+    K = call.K if sparse else T
+    out = torch.empty((B, Hq, D), dtype=torch.float32, device=q.device)
+    idx = torch.empty((B, NL, K), dtype=torch.int32, device=q.device) if sparse else None
+    scores = torch.empty((B, NL, T), dtype=torch.float32, device=q.device) if sparse else None
+    nsplit = _ext.C.loki_cuda_splits(B, Hq, K)
+    ws = torch.empty((B * Hq * nsplit * (D + 2),), dtype=torch.float32, device=q.device)
+    count = torch.zeros((B * Hq,), dtype=torch.int32, device=q.device)
+    ks, vs = k.stride(), v.stride()
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream().cuda_stream
+        _ext.C.loki_cuda(q.data_ptr(), A.DTYPE_CODE[A.dtype_name(q)], B, Hq, H_kv, T, D,
+                         k.data_ptr(), v.data_ptr(), A.DTYPE_CODE[A.dtype_name(k)], ks[0], ks[1], ks[2],
+                         vs[0], vs[1], vs[2], lens.data_ptr(), 0 if budgets is None else budgets.data_ptr(),
+                         call.rank if sparse else D, call.num_sink, call.num_recent, shared, call.scale,
+                         0 if scores is None else scores.data_ptr(), 0 if idx is None else idx.data_ptr(), K,
+                         nsplit, ws.data_ptr(), count.data_ptr(), out.data_ptr(), stream)
+    res = out.to(call.q.dtype)
+    if not sparse:
+        return res
+    return res, (_expand_idx(call, idx) if call.return_indices else None)
+
+
+_LOKI.register(Backend("triton", _triton_reason, _triton_loki))
+_DENSE.register(Backend("triton", _triton_reason, _triton_dense))
+_LOKI.register(Backend("cuda", _cuda_reason, lambda call: _cuda_attention(call, True)))
+_DENSE.register(Backend("cuda", _cuda_reason, lambda call: _cuda_attention(call, False)))
+
+
 # ------------------------------------------------------------------- rotate
 
 @dataclass
@@ -251,6 +401,62 @@ def _rotate_reference(call: RotateCall):
 
 
 _ROTATE.register(Backend("reference", _host_reason, _rotate_reference))
+
+
+def _rows_view(x: Any):
+    """(x, rows, row_stride, head_stride): x [..., H, D] seen as rows of [H, D], without a
+    copy where the leading dims collapse into one stride; else one contiguous copy."""
+    x = _kernel_view(x)
+    shape, st = [int(s) for s in x.shape], A.elem_strides(x)
+    lead = [(n, s) for n, s in zip(shape[:-2], st[:-2]) if n != 1]
+    rows = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    if any(lead[i][1] != lead[i + 1][1] * lead[i + 1][0] for i in range(len(lead) - 1)):
+        x = A.contiguous(x)
+        st = A.elem_strides(x)
+        return x, rows, (st[-3] if len(shape) > 2 else 0), st[-2]
+    return x, rows, (lead[-1][1] if lead else 0), st[-2]
+
+
+def _rotate_cpu(call: RotateCall):
+    x, rows, sr, sh = _rows_view(call.x)
+    H, D = int(x.shape[-2]), int(x.shape[-1])
+    P = call.P
+    P32 = np.ascontiguousarray(P if isinstance(P, np.ndarray) else A.to_numpy(P), dtype=np.float32)
+    out = np.empty(tuple(int(s) for s in x.shape), np.float32)
+    _ext.C.loki_rotate_cpu(A.data_ptr(x), A.DTYPE_CODE[A.dtype_name(x)], rows, H, D, sr, sh, P32.ctypes.data,
+                           int(P32.shape[0]), out.ctypes.data)
+    return _f32_result(out, call.x)
+
+
+_ROTATE.register(Backend("cpu", _cpu_reason, _rotate_cpu))
+
+
+def _rotate_gpu_inputs(call: RotateCall):
+    torch = A.torch_module()
+    x, rows, sr, sh = _rows_view(call.x)
+    P = call.P.to(device=x.device, dtype=torch.float32).contiguous()
+    return x, rows, sr, sh, P
+
+
+def _rotate_triton(call: RotateCall):
+    x, rows, sr, sh, P = _rotate_gpu_inputs(call)
+    out = _ext.triton_kernels("loki").rotate(x, P, sr, sh, rows)
+    return out.reshape(tuple(call.x.shape)).to(call.x.dtype)
+
+
+def _rotate_cuda(call: RotateCall):
+    torch = A.torch_module()
+    x, rows, sr, sh, P = _rotate_gpu_inputs(call)
+    H, D = int(x.shape[-2]), int(x.shape[-1])
+    out = torch.empty(tuple(x.shape), dtype=torch.float32, device=x.device)
+    with torch.cuda.device(x.device):
+        _ext.C.loki_rotate_cuda(x.data_ptr(), A.DTYPE_CODE[A.dtype_name(x)], rows, H, D, sr, sh, P.data_ptr(),
+                                int(P.shape[0]), out.data_ptr(), torch.cuda.current_stream().cuda_stream)
+    return out.to(call.x.dtype)
+
+
+_ROTATE.register(Backend("triton", _triton_reason, _rotate_triton))
+_ROTATE.register(Backend("cuda", _cuda_reason, _rotate_cuda))
 
 
 # --------------------------------------------------------------------- API
