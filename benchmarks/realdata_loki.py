@@ -90,24 +90,28 @@ class Method:
         return self.rank is None
 
 
-def layer_metrics(q, K, V, out, dense, kept, scaling, start):
-    """Sums over (query head, position) of recall, mass and relative error for one layer.
-
-    q [Hq, C, D], K/V [H_kv, T, D] (unrotated), out/dense [Hq, C, D], kept [Hq, C, Kmax] (-1 padded)."""
-    Hq, C, D = q.shape
+def exact_probs(q, K, scaling, start):
+    """Exact scores and softmax of the decode rows: q [Hq, C, D], K [H_kv, T, D] -> (s, prob) [Hq, C, T]."""
+    Hq, C, _ = q.shape
     G = Hq // K.shape[0]
     T = K.shape[1]
-    Kr = K.repeat_interleave(G, dim=0)
-    s = (q @ Kr.transpose(1, 2)) * scaling                       # [Hq, C, T]
+    s = (q @ K.repeat_interleave(G, dim=0).transpose(1, 2)) * scaling
     pos = torch.arange(start, start + C)
     s.masked_fill_(torch.arange(T)[None, :] > pos[:, None], float("-inf"))
-    prob = torch.softmax(s, dim=-1)
+    return s, torch.softmax(s, dim=-1)
+
+
+def layer_metrics(s, prob, out, dense, kept):
+    """Sums over (query head, position) of recall, mass and relative error for one layer.
+
+    s/prob [Hq, C, T] exact scores and probabilities, out/dense [Hq, C, D], kept [Hq, C, Kmax] (-1 padded)."""
+    Hq, C, _ = s.shape
     valid = kept >= 0
     k_c = valid.sum(-1)                                           # [Hq, C] the budget of each row
     g = kept.clamp_min(0)
     # the k-th largest exact score of each row; a kept token is in the exact top-k iff its
     # score reaches it (an exact float tie at the threshold counts as in)
-    top = torch.topk(s, int(k_c.max()), dim=-1, sorted=True).values
+    top = torch.topk(s, int(k_c.max()), dim=-1, sorted=False).values.sort(dim=-1, descending=True).values
     thr = torch.gather(top, -1, (k_c - 1).clamp_min(0)[..., None])
     in_top = (torch.gather(s, -1, g) >= thr) & valid
     recall = in_top.sum(-1).double() / k_c.double()
@@ -117,26 +121,30 @@ def layer_metrics(q, K, V, out, dense, kept, scaling, start):
             "relerr_max": float(err.max()), "k_mean": float(k_c.double().mean())}
 
 
-def run_method(model, m, ids, start, stop, prefix_kv, P32, args):
+def run_method(model, m, ids, start, stop, prefix_kv, prefix_rot, P32, args):
     C = stop - start
 
     def attend(layer, q, k, v, scaling):
         K = torch.cat([prefix_kv[layer][0], k], dim=2)               # [1, H_kv, stop, D]
         V = torch.cat([prefix_kv[layer][1], v], dim=2)
-        dense = smollm2.dense_attention(q, K, V, scaling)             # [1, Hq, C, D]
         if m.dense:
             m.stats.append({"n": q.shape[1] * C, "recall": q.shape[1] * C, "mass": q.shape[1] * C, "relerr": 0.0,
                             "relerr_max": 0.0, "k_mean": float(start + (C + 1) / 2)})
-            return dense
+            return smollm2.dense_attention(q, K, V, scaling)
+        G = q.shape[1] // K.shape[1]
+        s, prob = exact_probs(q[0], K[0], scaling, start)
+        dense = prob @ V[0].repeat_interleave(G, dim=0)               # [Hq, C, D], exact attention
         P = P32[layer]
-        q_rot = vkern.loki.rotate(q[0].transpose(0, 1), P, backend=args.backend)          # [C, Hq, D]
-        K_rot = vkern.loki.rotate(K[0].transpose(0, 1), P, backend=args.backend).transpose(0, 1)  # [H_kv, T, D]
+        # keys are rotated once as they enter the cache: the shared prefix once per run, the rest here
+        q_rot = vkern.loki.rotate(q[0].transpose(0, 1).contiguous(), P, backend=args.backend)   # [C, Hq, D]
+        k_rot = vkern.loki.rotate(k[0].transpose(0, 1).contiguous(), P, backend=args.backend)   # [C, H_kv, D]
+        K_rot = torch.cat([prefix_rot[layer], k_rot.transpose(0, 1)], dim=1)                     # [H_kv, T, D]
         outs, kept = [], []
         for c0 in range(0, C, args.chunk):
             c1 = min(C, c0 + args.chunk)
             L = start + c1
             n = c1 - c0
-            kb = K_rot[None, :, :L].expand(n, -1, -1, -1)
+            kb = K_rot[None, :, :L].expand(n, -1, -1, -1)            # one cache, seen by n decode steps
             vb = V[:, :, :L].expand(n, -1, -1, -1)
             lens = torch.arange(start + c0 + 1, start + c1 + 1, dtype=torch.int64)
             o, idx = vkern.loki_attention(q_rot[c0:c1], kb, vb, rank=m.rank, topk=args.topk, seq_lens=lens,
@@ -146,9 +154,9 @@ def run_method(model, m, ids, start, stop, prefix_kv, P32, args):
             kept.append(idx)
         kmax = max(int(i.shape[-1]) for i in kept)
         kept = torch.cat([torch.nn.functional.pad(i, (0, kmax - i.shape[-1]), value=-1) for i in kept])
-        out = torch.cat(outs).transpose(0, 1)[None]                   # [1, Hq, C, D]
-        m.stats.append(layer_metrics(q[0], K[0], V[0], out[0], dense[0], kept.transpose(0, 1), scaling, start))
-        return out
+        out = torch.cat(outs).transpose(0, 1)                         # [Hq, C, D]
+        m.stats.append(layer_metrics(s, prob, out, dense, kept.transpose(0, 1)))
+        return out[None]
 
     t0 = time.perf_counter()
     logits = smollm2.forward(model, ids[start:stop], attend, position_ids=torch.arange(start, stop))
@@ -220,6 +228,8 @@ def main(argv=None):
 
     with torch.inference_mode(), smollm2.hooked_attention(model, keep):
         model.model(ids[:args.start].view(1, -1), use_cache=False)
+    prefix_rot = [vkern.loki.rotate(k[0].transpose(0, 1).contiguous(), P, backend=args.backend).transpose(0, 1)
+                  for (k, _), P in zip(prefix_kv, P32)]                  # [H_kv, start, D] per layer
     print(f"# prefill of {args.start} tokens: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     # 3. methods
@@ -231,7 +241,7 @@ def main(argv=None):
             methods.append(Method(f"Loki r={r}{extra}", r, sinks, recent))
     rows = []
     for m in methods:
-        row = run_method(model, m, ids, args.start, args.stop, prefix_kv, P32, args)
+        row = run_method(model, m, ids, args.start, args.stop, prefix_kv, prefix_rot, P32, args)
         rows.append(row)
         print(f"# {m.name}: ppl {row['ppl']:.3f}, recall {row['recall']:.3f}, {row['seconds']:.1f} s", file=sys.stderr)
 
