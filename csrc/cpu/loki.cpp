@@ -166,7 +166,8 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
   const void* V = vbase + (b * c.v_sb + kv * c.v_sh) * esz;
 
   grow(sc.q, G * D);
-  grow(sc.wbuf, D + 64);
+  grow(sc.wbuf, 17 * D + 64);  // a block of up to 16 widened rows, then a zero row
+  std::fill(sc.wbuf.begin() + 16 * D, sc.wbuf.begin() + 17 * D, 0.0f);
   for (int64_t g = 0; g < G; ++g) {
     const int64_t base = b * c.q_sb + (kv * G + g) * c.q_sh;
     for (int64_t d = 0; d < D; ++d) sc.q[g * D + d] = load_scalar(c.q, c.q_dtype, base + d * c.q_sd);

@@ -9,7 +9,8 @@ namespace cpu {
 
 // Inner loops of one SIMD level. Caches hold float32 (dtype 0), float16 (1) or
 // bfloat16 (2) rows whose elements are contiguous; rows are `row_stride`
-// elements apart. `wbuf` is thread-private scratch of at least D floats.
+// elements apart. `wbuf` is thread-private scratch of at least 17 * D floats
+// whose last D are zero.
 struct LokiLevel {
   const char* name;
   // scores[g * sstride + j] = qs[g, :rank] . k_row(j)[:rank] for j < n,

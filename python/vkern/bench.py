@@ -202,6 +202,7 @@ def maxsim_workloads(quick: bool, threads: int) -> List[Workload]:
 # op keeps its bench data in python/vkern/bench_<op>.py).
 WORKLOADS = {
     "maxsim": maxsim_workloads,
+    "loki": "vkern.bench_loki:loki_workloads",
 }
 
 

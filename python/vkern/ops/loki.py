@@ -282,6 +282,8 @@ def _cuda_reason(call) -> Optional[str]:
         return "vkern was built without the Loki CUDA kernels"
     if call.lib != "torch" or call.device != "cuda":
         return f"takes CUDA tensors (got {call.lib} on {call.device})"
+    if isinstance(call, AttnCall) and int(call.q.shape[-1]) > 256:
+        return f"head dim D={int(call.q.shape[-1])} > 256 (the CUDA kernels keep D/32 values per lane)"
     return None
 
 
@@ -325,6 +327,7 @@ def _triton_dense(call: AttnCall):
 def _cuda_attention(call: AttnCall, sparse: bool):
     torch = A.torch_module()
     q, k, v, lens, budgets = _gpu_inputs(call, sparse)
+    q = q.float().contiguous()  # [B, Hq, D]: tiny; the kernels read float32 queries
     B, Hq, H_kv, T, D = call.dims
     shared = sparse and call.gqa == "shared"
     NL = H_kv if shared else Hq
@@ -338,7 +341,7 @@ def _cuda_attention(call: AttnCall, sparse: bool):
     ks, vs = k.stride(), v.stride()
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream().cuda_stream
-        _ext.C.loki_cuda(q.data_ptr(), A.DTYPE_CODE[A.dtype_name(q)], B, Hq, H_kv, T, D,
+        _ext.C.loki_cuda(q.data_ptr(), 0, B, Hq, H_kv, T, D,
                          k.data_ptr(), v.data_ptr(), A.DTYPE_CODE[A.dtype_name(k)], ks[0], ks[1], ks[2],
                          vs[0], vs[1], vs[2], lens.data_ptr(), 0 if budgets is None else budgets.data_ptr(),
                          call.rank if sparse else D, call.num_sink, call.num_recent, shared, call.scale,

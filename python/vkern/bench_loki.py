@@ -1,0 +1,112 @@
+"""Loki workloads for ``python -m vkern bench --ops loki`` (and benchmarks/bench_loki.py).
+
+The issue's decode step: B = 1, Hq = 32, H_kv = 8, D = 128, T = 32,768 cached
+tokens, rank = 32, topk = T/8, float32 and bfloat16 caches. Contenders:
+torch ``scaled_dot_product_attention(enable_gqa=True)`` (the peer), vkern's
+dense ``decode_attention``, vkern ``loki_attention`` with gqa="shared" and
+"per_head", and the NumPy reference.
+
+Each workload's ``bytes`` is what its own op must read at least: dense decode
+all of K and V; Loki the rank-prefix of every key row plus the kept K and V
+rows (per_head: the union over a group's heads, counted on this data), so the
+"% copy BW" column is the bytes moved per second against the copy bandwidth
+measured in the same run. The SDPA and dense rows of a Loki workload are
+there for the speed ratios; their GB/s column counts Loki's bytes.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import numpy as np
+
+import vkern
+from vkern import _ext
+from vkern.bench import Contender, Workload
+
+B, HQ, HKV, D, RANK = 1, 32, 8, 128, 32
+
+
+def decode_data(T: int, seed: int = 0):
+    """Random (already rotated) q [1, 32, 128] and float32 caches [1, 8, T, 128]."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, HQ, D), dtype=np.float32)
+    k = rng.standard_normal((B, HKV, T, D), dtype=np.float32)
+    v = rng.standard_normal((B, HKV, T, D), dtype=np.float32)
+    return q, k, v
+
+
+def loki_bytes(idx: np.ndarray, T: int, elem: int, gqa: str) -> float:
+    """Rank-prefix of every key row + the kept K and V rows, each counted once per KV group."""
+    G = HQ // HKV
+    rows = 0
+    for b in range(idx.shape[0]):
+        for kv in range(HKV):
+            heads = idx[b, kv * G:(kv + 1) * G] if gqa == "per_head" else idx[b, kv * G:kv * G + 1]
+            rows += len(np.unique(heads[heads >= 0]))
+    return float(B * HKV * T * RANK * elem + 2 * rows * D * elem)
+
+
+def loki_workloads(quick: bool, threads: int) -> List[Workload]:
+    T = 8192 if quick else 32768
+    topk = T // 8
+    q, k, v = decode_data(T)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except Exception:  # pragma: no cover - torch is optional
+        torch = None
+    have_cpu = _ext.cpu_reason() is None
+    out: List[Workload] = []
+    for dtype in ("float32", "bfloat16"):
+        if dtype == "bfloat16" and torch is None:
+            continue
+        if torch is not None:
+            tq = torch.from_numpy(q)
+            tk, tv = torch.from_numpy(k), torch.from_numpy(v)
+            if dtype == "bfloat16":
+                tq, tk, tv = tq.bfloat16(), tk.bfloat16(), tv.bfloat16()
+            args = (tq, tk, tv)
+        else:
+            args = (q, k, v)
+        elem = 4 if dtype == "float32" else 2
+        shape = f"B={B} Hq={HQ} H_kv={HKV} D={D} T={T} {dtype}"
+        peers = []
+        if torch is not None:
+            sq = args[0][:, :, None]           # [B, Hq, 1, D]
+
+            def sdpa(sq=sq, tk=args[1], tv=args[2]):
+                return torch.nn.functional.scaled_dot_product_attention(sq, tk, tv, enable_gqa=True)
+
+            peers.append(Contender("torch SDPA enable_gqa", sdpa, "peer"))
+        dense = []
+        if have_cpu:
+            dense.append(Contender("vkern cpu decode_attention", lambda a=args: vkern.decode_attention(
+                *a, backend="cpu"), "vkern"))
+
+        w = Workload("loki", f"dense decode step, {shape}", bytes=float(2 * B * HKV * T * D * elem),
+                     flops=4.0 * B * HQ * T * D)
+        w.contenders += peers + dense
+        w.contenders.append(Contender("vkern reference decode_attention", lambda a=args: vkern.decode_attention(
+            *a, backend="reference"), "reference", note="NumPy, float64"))
+        out.append(w)
+
+        for gqa in ("shared", "per_head"):
+            kw = dict(rank=RANK, topk=topk, gqa=gqa)
+            if have_cpu:
+                _, idx = vkern.loki_attention(*args, return_indices=True, backend="cpu", **kw)
+            else:
+                _, idx = vkern.loki_attention(*args, return_indices=True, backend="reference", **kw)
+            idx = np.asarray(idx)
+            nbytes = loki_bytes(idx, T, elem, gqa)
+            w = Workload("loki", f"loki gqa={gqa} rank={RANK} topk=T/8, {shape} "
+                         f"({nbytes / 1e6:.0f} MB moved vs {2 * B * HKV * T * D * elem / 1e6:.0f} MB dense)",
+                         bytes=nbytes, flops=2.0 * B * HQ * T * RANK + 4.0 * B * HQ * topk * D)
+            w.contenders += peers + dense
+            if have_cpu:
+                w.contenders.append(Contender(f"vkern cpu loki {gqa}", lambda a=args, kw=kw: vkern.loki_attention(
+                    *a, backend="cpu", **kw), "vkern"))
+            w.contenders.append(Contender(f"vkern reference loki {gqa}", lambda a=args, kw=kw: vkern.loki_attention(
+                *a, backend="reference", **kw), "reference", note="NumPy, float64"))
+            out.append(w)
+    return out
