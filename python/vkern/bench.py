@@ -203,6 +203,7 @@ def maxsim_workloads(quick: bool, threads: int) -> List[Workload]:
 WORKLOADS = {
     "maxsim": maxsim_workloads,
     "loki": "vkern.bench_loki:loki_workloads",
+    "vatp": "vkern.bench_vatp:vatp_workloads",
 }
 
 

@@ -138,6 +138,8 @@ def _prepare_colsum(q, k, causal, seq_lens, scale) -> ColsumCall:
     _check_rank4(kn, "k", "[B, H_kv, T, D]")
     B, Hq, Tq, D = (int(s) for s in qn.shape)
     H_kv, T = int(kn.shape[1]), int(kn.shape[2])
+    if D < 1:
+        raise ValueError(f"q: expected a head dim D >= 1, got shape {tuple(qn.shape)}")
     if int(kn.shape[0]) != B:
         raise ValueError(f"k: expected batch B={B} (from q), got {int(kn.shape[0])}")
     if int(kn.shape[3]) != D:
@@ -147,7 +149,7 @@ def _prepare_colsum(q, k, causal, seq_lens, scale) -> ColsumCall:
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if scale is None:
-        scale = 1.0 / math.sqrt(D) if D else 1.0
+        scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
     elif not math.isfinite(float(scale)):
@@ -163,6 +165,10 @@ def _prepare_vnorm(v) -> VnormCall:
     _check_float(vn, "v")
     _check_rank4(vn, "v", "[B, H_kv, T, D]")
     return VnormCall(vn, A.device_of(vn), "numpy" if isinstance(vn, np.ndarray) else "torch", origin)
+
+
+def _size(x) -> int:
+    return int(x.size) if isinstance(x, np.ndarray) else int(x.numel())
 
 
 def _extent(x) -> tuple:
@@ -222,7 +228,7 @@ def _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace
             if isinstance(x, np.ndarray) and not x.flags.writeable:
                 raise ValueError(f"{name}: inplace=True needs a writeable array")
             _no_self_overlap(x, name)
-        if kn.numel() if not isinstance(kn, np.ndarray) else kn.size:
+        if _size(kn) and _size(vn):
             (k0, k1), (v0, v1) = _extent(kn), _extent(vn)
             if A.data_ptr(kn) == A.data_ptr(vn) or (k0 < v1 and v0 < k1 and _really_overlap(kn, vn)):
                 raise ValueError("k, v: inplace=True needs k and v in separate memory (they overlap)")
@@ -283,6 +289,92 @@ def _prune_reference(call: PruneCall):
 _COLSUM.register(Backend("reference", _host_only, _colsum_reference))
 _VNORM.register(Backend("reference", _host_only, _vnorm_reference))
 _PRUNE.register(Backend("reference", _host_only, _prune_reference))
+
+
+# ------------------------------------------------------------- CPU backend
+
+def _cpu_why_not(call) -> Optional[str]:
+    if _ext.C is None:
+        return _ext.C_ERROR
+    if call.device != "cpu":
+        return f"runs on the CPU only (inputs are on {call.device})"
+    return None
+
+
+def _strided_ok(x) -> bool:
+    """Element strides the C++ kernels can take as they are (numpy strides may be negative or not
+    a multiple of the item size)."""
+    if isinstance(x, np.ndarray):
+        return not any(s < 0 or s % x.itemsize for s in x.strides)
+    return True
+
+
+def _kernel_view(x):
+    return x if _strided_ok(x) else A.contiguous(x)
+
+
+def _code(x) -> int:
+    return A.DTYPE_CODE[A.dtype_name(x)]
+
+
+def _colsum_cpu(call: ColsumCall):
+    q = _kernel_view(call.q)
+    k = call.k if (_strided_ok(call.k) and A.rows_contiguous(call.k)) else A.contiguous(call.k)
+    B, Hq, Tq, D = (int(s) for s in q.shape)
+    H_kv, T = int(k.shape[1]), int(k.shape[2])
+    out = A.empty_like_kind((B, H_kv, T), "float32", call.q)
+    lens = call.host_lens
+    _ext.C.vatp_colsum_cpu(A.data_ptr(q), _code(q), B, Hq, Tq, D, list(A.elem_strides(q)), A.data_ptr(k), _code(k),
+                           H_kv, T, list(A.elem_strides(k)), lens.ctypes.data, call.causal, call.scale,
+                           A.data_ptr(out))
+    return out
+
+
+def _vnorm_cpu(call: VnormCall):
+    v = _kernel_view(call.v)
+    B, H, T, D = (int(s) for s in v.shape)
+    out = A.empty_like_kind((B, H, T), "float32", call.v)
+    _ext.C.vatp_value_l1_cpu(A.data_ptr(v), _code(v), B, H, T, D, list(A.elem_strides(v)), A.data_ptr(out))
+    return out
+
+
+def _prune_cpu_why_not(call: PruneCall) -> Optional[str]:
+    reason = _cpu_why_not(call)
+    if reason is None and call.inplace and not (_strided_ok(call.k) and _strided_ok(call.v)):
+        return "in place needs non-negative strides that are whole elements"
+    return reason
+
+
+def _prune_cpu(call: PruneCall):
+    k = call.k if call.inplace else _kernel_view(call.k)
+    v = call.v if call.inplace else _kernel_view(call.v)
+    scores = _kernel_view(call.scores)
+    B, H, T, Dk = (int(s) for s in k.shape)
+    Dv = int(v.shape[3])
+    kmax = call.kmax
+    idx = A.empty_like_kind((B, H, kmax), "int64", call.k)
+    if call.inplace:
+        k_out = v_out = None
+    else:
+        k_out = A.empty_like_kind((B, H, kmax, Dk), A.dtype_name(k), call.k)
+        v_out = A.empty_like_kind((B, H, kmax, Dv), A.dtype_name(v), call.k)
+
+    def ptr_strides(x):
+        return (0, [0, 0, 0, 0]) if x is None else (A.data_ptr(x), list(A.elem_strides(x)))
+
+    (ko, kos), (vo, vos) = ptr_strides(k_out), ptr_strides(v_out)
+    _ext.C.vatp_prune_cpu(A.data_ptr(k), _code(k), Dk, list(A.elem_strides(k)), A.data_ptr(v), _code(v), Dv,
+                          list(A.elem_strides(v)), ko, kos, vo, vos, B, H, T, A.data_ptr(scores), _code(scores),
+                          list(A.elem_strides(scores)), call.host_lens.ctypes.data, call.kept_lens.ctypes.data,
+                          call.num_sink, call.num_recent, kmax, A.data_ptr(idx), call.inplace)
+    if call.inplace:
+        return k[:, :, :kmax], v[:, :, :kmax], idx
+    return k_out, v_out, idx
+
+
+_COLSUM.register(Backend("cpu", _cpu_why_not, _colsum_cpu))
+_VNORM.register(Backend("cpu", _cpu_why_not, _vnorm_cpu))
+_PRUNE.register(Backend("cpu", _prune_cpu_why_not, _prune_cpu))
 
 
 # --------------------------------------------------------------------- API
@@ -399,3 +491,130 @@ def vatp_prune(k, v, scores, *, budget: Union[int, float], num_sink: int = 4, nu
         return T_ops.call_vatp_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, backend)
     return vatp_prune_impl(k, v, scores, budget=budget, num_sink=num_sink, num_recent=num_recent,
                            seq_lens=seq_lens, inplace=inplace, backend=backend)
+
+
+# ----------------------------------------------------- Triton and CUDA
+
+def _triton_why_not(call) -> Optional[str]:
+    reason = _ext.triton_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch":
+        return "takes torch tensors (got NumPy arrays)"
+    if call.device == "cpu" and not _ext.triton_interpret():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    if call.device not in ("cpu", "cuda"):
+        return f"unsupported device {call.device}"
+    return None
+
+
+def _gpu_lens(call):
+    torch = A.torch_module()
+    return torch.from_numpy(call.host_lens).to(call.device)
+
+
+def _same_dtype(a, b):
+    torch = A.torch_module()
+    dt = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dt).contiguous(), b.to(dt).contiguous()
+
+
+def _colsum_triton(call: ColsumCall):
+    q, k = _same_dtype(call.q, call.k)
+    return _ext.triton_kernels("vatp").attention_colsum(q, k, _gpu_lens(call), call.causal, call.scale)
+
+
+def _vnorm_triton(call: VnormCall):
+    return _ext.triton_kernels("vatp").value_l1(call.v.contiguous())
+
+
+def _prune_gpu_why_not(call: PruneCall, base) -> Optional[str]:
+    reason = base(call)
+    if reason is None and call.inplace and not (call.k.is_contiguous() and call.v.is_contiguous()):
+        return "in place needs contiguous k and v"
+    return reason
+
+
+def _prune_gpu_inputs(call: PruneCall):
+    torch = A.torch_module()
+    k = call.k if call.inplace else call.k.contiguous()
+    v = call.v if call.inplace else call.v.contiguous()
+    scores = call.scores.to(torch.float32).contiguous()
+    kept = torch.from_numpy(call.kept_lens).to(call.device)
+    return k, v, scores, _gpu_lens(call), kept
+
+
+def _prune_triton(call: PruneCall):
+    k, v, scores, lens, kept = _prune_gpu_inputs(call)
+    return _ext.triton_kernels("vatp").prune(k, v, scores, lens, kept, call.num_sink, call.num_recent, call.kmax,
+                                             call.inplace)
+
+
+_COLSUM.register(Backend("triton", _triton_why_not, _colsum_triton))
+_VNORM.register(Backend("triton", _triton_why_not, _vnorm_triton))
+_PRUNE.register(Backend("triton", lambda c: _prune_gpu_why_not(c, _triton_why_not), _prune_triton))
+
+
+def _cuda_why_not(call) -> Optional[str]:
+    reason = _ext.cuda_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch" or call.device != "cuda":
+        return f"takes CUDA tensors (got {call.lib} on {call.device})"
+    return None
+
+
+def _stream(x):
+    torch = A.torch_module()
+    return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def _colsum_cuda(call: ColsumCall):
+    torch = A.torch_module()
+    q, k = _same_dtype(call.q, call.k)
+    B, Hq, Tq, D = (int(s) for s in q.shape)
+    H, T = int(k.shape[1]), int(k.shape[2])
+    out = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    stats = torch.empty((B, Hq, max(Tq, 1), 2), dtype=torch.float32, device=q.device)
+    lens = _gpu_lens(call)
+    with torch.cuda.device(q.device):
+        _ext.C.vatp_colsum_cuda(q.data_ptr(), k.data_ptr(), _code(q), B, Hq, Tq, D, H, T, lens.data_ptr(),
+                                call.causal, call.scale, stats.data_ptr(), out.data_ptr(), _stream(q))
+    return out
+
+
+def _vnorm_cuda(call: VnormCall):
+    torch = A.torch_module()
+    v = call.v.contiguous()
+    B, H, T, D = (int(s) for s in v.shape)
+    out = torch.empty((B, H, T), dtype=torch.float32, device=v.device)
+    with torch.cuda.device(v.device):
+        _ext.C.vatp_value_l1_cuda(v.data_ptr(), _code(v), B * H * T, D, out.data_ptr(), _stream(v))
+    return out
+
+
+def _prune_cuda(call: PruneCall):
+    torch = A.torch_module()
+    k, v, scores, lens, kept = _prune_gpu_inputs(call)
+    B, H, T, Dk = (int(s) for s in k.shape)
+    Dv = int(v.shape[3])
+    kmax = call.kmax
+    idx = torch.empty((B, H, kmax), dtype=torch.int64, device=k.device)
+    if call.inplace:
+        k_out, v_out = k, v
+    else:
+        k_out = torch.empty((B, H, kmax, Dk), dtype=k.dtype, device=k.device)
+        v_out = torch.empty((B, H, kmax, Dv), dtype=v.dtype, device=v.device)
+    with torch.cuda.device(k.device):
+        _ext.C.vatp_prune_cuda(k.data_ptr(), v.data_ptr(), Dk * k.element_size(), Dv * v.element_size(),
+                               0 if call.inplace else k_out.data_ptr(), 0 if call.inplace else v_out.data_ptr(),
+                               B, H, T, scores.data_ptr(), lens.data_ptr(), kept.data_ptr(), call.num_sink,
+                               call.num_recent, kmax, idx.data_ptr(), call.inplace, _stream(k))
+    if call.inplace:
+        return k[:, :, :kmax], v[:, :, :kmax], idx
+    return k_out, v_out, idx
+
+
+_COLSUM.register(Backend("cuda", _cuda_why_not, _colsum_cuda))
+_VNORM.register(Backend("cuda", _cuda_why_not, _vnorm_cuda))
+_PRUNE.register(Backend("cuda", lambda c: _prune_gpu_why_not(c, _cuda_why_not), _prune_cuda))

@@ -1,0 +1,165 @@
+"""VATP workloads for ``python -m vkern bench --ops vatp`` (and helpers shared
+with benchmarks/bench_vatp.py).
+
+- vatp_prune, B=1, H_kv=8, T=32768, D=128, keep 50%, scores given, float32 and
+  bfloat16 caches: vkern (out of place and in place) beside the torch
+  formulation kvpress/H2O use (topk + sort + gather of K and V) and the NumPy
+  reference. bytes = what the compaction must move (kept rows of K and V, read
+  and written), so "% copy BW" compares it with a plain large copy measured
+  in the same run.
+- attention_colsum, Tq=T=4096, Hq=32, H_kv=8, D=128, causal: vkern beside
+  eager torch (softmax(QK^T) then the column sum). Peak extra memory of each
+  is measured in a fresh subprocess (ru_maxrss growth) and shown as a note.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import List
+
+import numpy as np
+
+import vkern
+from vkern.bench import Contender, Workload
+
+
+def make_cache(B: int, H: int, T: int, D: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    k = rng.standard_normal((B, H, T, D), dtype=np.float32)
+    v = rng.standard_normal((B, H, T, D), dtype=np.float32)
+    scores = rng.random((B, H, T), dtype=np.float32)
+    return k, v, scores
+
+
+def torch_prune(k, v, scores, n_keep: int):
+    """The HF-level formulation (kvpress, H2O, SnapKV): per-head top-k of the
+    scores, sorted back into positional order, then a gather of K and V."""
+    import torch
+
+    idx = scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values
+    e = idx[..., None].expand(-1, -1, -1, k.shape[-1])
+    return torch.gather(k, 2, e), torch.gather(v, 2, e), idx
+
+
+def eager_colsum(q, k, causal: bool = True):
+    """Eager torch: the full [B, Hq, Tq, T] attention matrix, softmax, column sum, GQA group sum."""
+    import torch
+
+    B, Hq, Tq, D = q.shape
+    H, T = k.shape[1], k.shape[2]
+    kk = k.repeat_interleave(Hq // H, dim=1)
+    a = torch.matmul(q, kk.transpose(-1, -2)) * (1.0 / D ** 0.5)
+    if causal:
+        mask = torch.ones(Tq, T, dtype=torch.bool).triu(T - Tq + 1)
+        a = a.masked_fill(mask, float("-inf"))
+    return a.softmax(-1).sum(-2).view(B, H, Hq // H, T).sum(2)
+
+
+_PEAK_SCRIPT = r"""
+import json, sys, torch, vkern
+which, Tq, T, Hq, H, D, threads = sys.argv[1], *map(int, sys.argv[2:8])
+torch.set_num_threads(threads); vkern.set_num_threads(threads)
+from vkern.bench_vatp import eager_colsum
+
+def status_kb(field):   # this process's own counters (ru_maxrss would carry the parent's peak across exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+g = torch.Generator().manual_seed(0)
+q = torch.randn(1, Hq, Tq, D, generator=g); k = torch.randn(1, H, T, D, generator=g)
+vkern.vatp.attention_colsum(q[:, :, :64], k[:, :, :64], backend="cpu")   # load everything first
+open("/proc/self/clear_refs", "w").write("5")   # reset the peak (VmHWM) to the current RSS
+base = status_kb("VmRSS")
+out = eager_colsum(q, k) if which == "torch" else vkern.vatp.attention_colsum(q, k, backend="cpu")
+print(json.dumps({"extra_mb": (status_kb("VmHWM") - base) / 1024.0}))
+"""
+
+
+def peak_extra_mb(which: str, Tq: int, T: int, Hq: int, H: int, D: int, threads: int) -> float:
+    """Peak resident-memory growth (MB) of one attention_colsum call ("vkern") or
+    the eager torch formulation ("torch"), each in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, which, str(Tq), str(T), str(Hq), str(H), str(D),
+                          str(threads)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-500:])
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"])
+
+
+def vatp_workloads(quick: bool, threads: int) -> List[Workload]:
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except Exception:  # pragma: no cover
+        torch = None
+    out: List[Workload] = []
+    cpu_ok = vkern.available_backends("vatp_prune")["cpu"][0]
+
+    # ---- pruning
+    B, H, T, D = 1, 8, (8192 if quick else 32768), 128
+    n = T // 2
+    k, v, scores = make_cache(B, H, T, D)
+    for dtype in ("float32", "bfloat16"):
+        if dtype == "bfloat16" and torch is None:
+            continue
+        if torch is not None:
+            tk = torch.from_numpy(k).to(getattr(torch, dtype))
+            tv = torch.from_numpy(v).to(getattr(torch, dtype))
+            ts = torch.from_numpy(scores)
+        es = 4 if dtype == "float32" else 2
+        moved = 2.0 * 2 * B * H * n * D * es           # K and V kept rows, read + written
+        # flops: one comparison per score (the selection); the work is the bytes.
+        w = Workload("vatp", f"vatp_prune B={B} H_kv={H} T={T} D={D} keep 50% {dtype}, scores given",
+                     bytes=moved, flops=float(B * H * T))
+        if dtype == "float32":
+            w.contenders.append(Contender("vkern reference", lambda: vkern.vatp_prune(
+                k, v, scores, budget=n, num_sink=4, num_recent=32, backend="reference"), "reference",
+                note="NumPy lexsort + fancy indexing"))
+        elif torch is not None:
+            w.contenders.append(Contender("vkern reference", lambda tk=tk, tv=tv: vkern.vatp_prune(
+                tk, tv, ts, budget=n, num_sink=4, num_recent=32, backend="reference"), "reference",
+                note="NumPy selection, torch gather"))
+        if torch is not None:
+            w.contenders.append(Contender("torch topk + sort + gather", lambda tk=tk, tv=tv: torch_prune(
+                tk, tv, ts, n), "peer", note="kvpress / H2O formulation"))
+        if cpu_ok and torch is not None:
+            w.contenders.append(Contender("vkern cpu", lambda tk=tk, tv=tv: vkern.vatp_prune(
+                tk, tv, ts, budget=n, num_sink=4, num_recent=32, backend="cpu"), "vkern", note="out of place"))
+            bk, bv = tk.clone(), tv.clone()
+            # Re-pruning the same buffer with the same scores makes the same moves: a fair repeat.
+            w.contenders.append(Contender("vkern cpu inplace", lambda bk=bk, bv=bv: vkern.vatp_prune(
+                bk, bv, ts, budget=n, num_sink=4, num_recent=32, inplace=True, backend="cpu"), "vkern",
+                note="compacts K and V in their own buffers"))
+        out.append(w)
+
+    # ---- attention column sums
+    Tq = Tc = 1024 if quick else 4096
+    Hq, Hk = 32, 8
+    if torch is not None:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, Hq, Tq, D, generator=g)
+        kk = torch.randn(1, Hk, Tc, D, generator=g)
+        flops = 2.0 * 2 * Hq * D * Tq * Tc / 2           # QK^T over the causal half, two passes
+        w = Workload("vatp", f"attention_colsum Tq=T={Tc} Hq={Hq} H_kv={Hk} D={D} causal float32",
+                     bytes=float(q.nbytes + kk.nbytes + 4 * Hk * Tc), flops=flops)
+        # Peak extra memory, each in a fresh process; shown in the contender names (the table has no notes).
+        mem = {}
+        for which in ("vkern", "torch"):
+            try:
+                mem[which] = f"peak +{peak_extra_mb(which, Tq, Tc, Hq, Hk, D, threads):.0f} MB"
+            except Exception as exc:  # pragma: no cover
+                mem[which] = f"peak ? ({type(exc).__name__})"
+        if cpu_ok:
+            w.contenders.append(Contender(f"vkern cpu ({mem['vkern']})", lambda: vkern.vatp.attention_colsum(
+                q, kk, backend="cpu"), "vkern", note="flash-style strips, never Tq x T"))
+        w.contenders.append(Contender(f"torch eager ({mem['torch']})", lambda: eager_colsum(q, kk), "peer",
+                                      note="softmax(QK^T).sum: materialises [Hq, Tq, T]"))
+        if quick:
+            w.contenders.append(Contender("vkern reference", lambda: vkern.vatp.attention_colsum(
+                q, kk, backend="reference"), "reference", note="NumPy float64"))
+        out.append(w)
+    return out
