@@ -16,8 +16,8 @@ Protocol (SPEC §3, issue 5):
    2,000 prefill queries and the 3 query heads of the KV group) x
    ``vkern.vatp.value_l1(V)``; attention-only (H2O-style) = the column sum
    alone; random = uniform scores (3 seeds; mean and range reported).
-3. Pruning: ``vkern.vatp_prune`` keeps, in every layer and KV head, 50% or 25%
-   of the 2,000 tokens (4 sinks + 32 recent tokens always, the rest by score)
+3. Pruning: ``vkern.vatp_prune`` keeps, in every layer and KV head, 50%, 25% or
+   12.5% of the 2,000 tokens (4 sinks + 32 recent tokens always, the rest by score)
    and compacts K and V.
 4. Decode against the pruned cache: tokens 2000..2511 run as one chunk at their
    true positions (RoPE of the kept keys is unchanged; new tokens see every kept
@@ -25,6 +25,8 @@ Protocol (SPEC §3, issue 5):
    decoding them one at a time; perplexity of tokens 2001..2512, i.e. all 512
    predictions made against the pruned cache.  The unpruned cache is the
    baseline; ``--check`` also compares it with one plain forward pass of the model.
+   The first 64 decoded tokens are also reported alone: later tokens see more and
+   more unpruned new context, which dilutes the effect of the pruned cache.
 
 The table says which vkern backend ran each op.  Heavy imports happen in
 ``main`` after the thread caps (``--threads``, default 2).
@@ -61,7 +63,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prefill", type=int, default=2000)
     ap.add_argument("--decode", type=int, default=512)
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="fractions of the prefill kept")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125],
+                    help="fractions of the prefill kept")
+    ap.add_argument("--head", type=int, default=64, help="also report the perplexity of the first HEAD decoded tokens")
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--recent", type=int, default=32)
     ap.add_argument("--seeds", type=int, default=3, help="random-score repetitions")
@@ -120,7 +124,7 @@ def main(argv=None):
     full = [(k, v) for _, k, v, _ in qkv]
     nll, logits_full = decode_nll(model, ids, P, N, full)
     rows.append({"scores": "unpruned", "budget": 1.0, "kept": P, "ppl": smollm2.perplexity(nll),
-                 "seconds": time.perf_counter() - t0})
+                 "ppl_head": smollm2.perplexity(nll[:args.head]), "seconds": time.perf_counter() - t0})
     print(f"# unpruned: ppl {rows[-1]['ppl']:.3f}", file=sys.stderr)
     check = None
     if args.check:
@@ -144,7 +148,7 @@ def main(argv=None):
             kept_sets[(name, budget)] = kept_idx
             nll, _ = decode_nll(model, ids, P, N, cache)
             rows.append({"scores": name, "budget": budget, "kept": kept_n, "ppl": smollm2.perplexity(nll),
-                         "prune_seconds": t_prune, "seconds": time.perf_counter() - t0})
+                         "ppl_head": smollm2.perplexity(nll[:args.head]), "prune_seconds": t_prune, "seconds": time.perf_counter() - t0})
             print(f"# {name} @ {budget:.0%} ({kept_n} tokens): ppl {rows[-1]['ppl']:.3f}", file=sys.stderr)
 
     # how far apart the two informed selections are (mean over layers and KV heads)
@@ -161,7 +165,7 @@ def main(argv=None):
     result = {
         "model": smollm2.MODEL_NAME, "text": smollm2.TEXTS["evaluation"][0],
         "prefill_tokens": P, "decode_tokens": N, "num_sink": args.sinks, "num_recent": args.recent,
-        "random_seeds": args.seeds, "rows": rows, "vatp_h2o_overlap": overlap, "check_max_logit_diff": check,
+        "random_seeds": args.seeds, "head_tokens": args.head, "rows": rows, "vatp_h2o_overlap": overlap, "check_max_logit_diff": check,
         "colsum_total_rel_err": colsum_err, "prefill_seconds": t_prefill, "score_seconds": t_scores,
         "vkern_backends": {k: sorted(v) for k, v in seen.items()},
         "vkern_version": getattr(vkern, "__version__", "?"), "torch": torch.__version__,
@@ -184,26 +188,29 @@ def print_table(r, budgets):
     rows = r["rows"]
     base = rows[0]
     kept = {b: next(x["kept"] for x in rows if x["budget"] == b) for b in budgets}
-    print("| scores | " + " | ".join(f"keep {b:.0%} ({kept[b]} tokens)" for b in budgets) + " |")
-    print("|---|" + "---|" * len(budgets))
-    print(f"| unpruned cache ({base['kept']} tokens) | " + " | ".join(f"{base['ppl']:.2f}" for _ in budgets) + " |")
     names = []
     for x in rows[1:]:
         if not x["scores"].startswith("random#") and x["scores"] not in names:
             names.append(x["scores"])
-    for name in names:
-        cells = [next(x["ppl"] for x in rows if x["scores"] == name and x["budget"] == b) for b in budgets]
-        print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-    cells = []
-    for b in budgets:
-        p = [x["ppl"] for x in rows if x["scores"].startswith("random#") and x["budget"] == b]
-        if p:
-            cells.append(f"{sum(p) / len(p):.2f} ({min(p):.2f}-{max(p):.2f})")
-    if cells:
-        print(f"| random, {r['random_seeds']} seeds: mean (min-max) | " + " | ".join(cells) + " |")
-    print()
+    for key, what in (("ppl", f"all {r['decode_tokens']} decoded tokens"),
+                      ("ppl_head", f"the first {r['head_tokens']} decoded tokens")):
+        print(f"Perplexity of {what}:")
+        print("| scores | " + " | ".join(f"keep {b:.1%} ({kept[b]} tokens)" for b in budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        print(f"| unpruned cache ({base['kept']} tokens) | " + " | ".join(f"{base[key]:.2f}" for _ in budgets) + " |")
+        for name in names:
+            cells = [next(x[key] for x in rows if x["scores"] == name and x["budget"] == b) for b in budgets]
+            print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        cells = []
+        for b in budgets:
+            p = [x[key] for x in rows if x["scores"].startswith("random#") and x["budget"] == b]
+            if p:
+                cells.append(f"{sum(p) / len(p):.2f} ({min(p):.2f}-{max(p):.2f})")
+        if cells:
+            print(f"| random, {r['random_seeds']} seeds: mean (min-max) | " + " | ".join(cells) + " |")
+        print()
     print("Kept-token overlap of VATP with attention-only selection (mean over layers x KV heads): "
-          + ", ".join(f"{float(b):.0%}: {o:.3f}" for b, o in r["vatp_h2o_overlap"].items()))
+          + ", ".join(f"{float(b):.1%}: {o:.3f}" for b, o in r["vatp_h2o_overlap"].items()))
     if r["check_max_logit_diff"] is not None:
         print(f"Check: unpruned cache + chunk vs one plain forward pass: max |logit diff| {r['check_max_logit_diff']:.1e}")
     print(f"\n({r['seconds']:.0f} s, {r['threads']} threads)")
