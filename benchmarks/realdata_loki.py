@@ -42,15 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import smollm2  # noqa: E402
+import smollm2
 
 torch = None
 vkern = None
@@ -267,7 +265,7 @@ def print_table(r):
     print(f"Loki on {r['model']}")
     print(f"calibration: {r['calibration_text']}, {r['calibration_tokens']} tokens; "
           f"evaluation: {r['evaluation_text']}, decode positions {r['decode_positions'][0]}-{r['decode_positions'][1]}")
-    print(f"vkern backends: " + ", ".join(f"{k}: {'/'.join(b) or '-'}" for k, b in r["vkern_backends"].items()))
+    print("vkern backends: " + ", ".join(f"{k}: {'/'.join(b) or '-'}" for k, b in r["vkern_backends"].items()))
     print()
     print("Explained variance of post-RoPE keys (mean over 30 layers x 3 KV heads):")
     print("| r=8 | r=16 | r=32 | rank for 90% (mean, min-max) |")

