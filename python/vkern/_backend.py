@@ -88,3 +88,48 @@ def available_backends(op_name: str, call: Any = None) -> Dict[str, tuple]:
 
 def order(names: List[str]) -> List[str]:
     return [n for n in BACKENDS if n in names]
+
+
+# ------------------------------------------- why a backend can't run a call
+# The device/array-kind checks every op shares; an op adds its own limits.
+
+def host_reason(call: Any) -> Optional[str]:
+    if call.device != "cpu":
+        return f"runs on host memory only (inputs are on {call.device}; no hidden device->host copies)"
+    return None
+
+
+def cpu_reason(call: Any) -> Optional[str]:
+    from . import _ext
+
+    if _ext.C is None:
+        return _ext.C_ERROR
+    if call.device != "cpu":
+        return f"runs on the CPU only (inputs are on {call.device})"
+    return None
+
+
+def triton_reason(call: Any) -> Optional[str]:
+    from . import _ext
+
+    reason = _ext.triton_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch":
+        return "takes torch tensors (got NumPy arrays)"
+    if call.device == "cpu" and not _ext.triton_interpret():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    if call.device not in ("cpu", "cuda"):
+        return f"unsupported device {call.device}"
+    return None
+
+
+def cuda_reason(call: Any) -> Optional[str]:
+    from . import _ext
+
+    reason = _ext.cuda_reason()
+    if reason is not None:
+        return reason
+    if call.lib != "torch" or call.device != "cuda":
+        return f"takes CUDA tensors (got {call.lib} on {call.device})"
+    return None

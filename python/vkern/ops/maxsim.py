@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .. import _arrays as A
 from .. import _ext
-from .._backend import Backend, op
+from .._backend import Backend, cpu_reason, cuda_reason, host_reason, op, triton_reason
 from ..reference import maxsim as ref
 
 _OP = op("maxsim")
@@ -232,10 +232,7 @@ def _topk_torch(scores, k: int):
 
 # ----------------------------------------------------------------- backends
 
-def _reference_why_not(call: MaxsimCall) -> Optional[str]:
-    if call.device != "cpu":
-        return f"runs on host memory only (inputs are on {call.device}; no hidden device->host copies)"
-    return None
+_reference_why_not = host_reason
 
 
 def _reference_run(call: MaxsimCall):
@@ -248,12 +245,7 @@ def _reference_run(call: MaxsimCall):
     return None, A.as_kind(vals, call.q), A.as_kind(idx, call.q)
 
 
-def _cpu_why_not(call: MaxsimCall) -> Optional[str]:
-    if _ext.C is None:
-        return _ext.C_ERROR
-    if call.device != "cpu":
-        return f"runs on the CPU only (inputs are on {call.device})"
-    return None
+_cpu_why_not = cpu_reason
 
 
 def _cpu_run(call: MaxsimCall):
@@ -312,17 +304,7 @@ def _finish_gpu(call: MaxsimCall, scores, topk_fn):
     return None, vals, idx
 
 
-def _triton_why_not(call: MaxsimCall) -> Optional[str]:
-    reason = _ext.triton_reason()
-    if reason is not None:
-        return reason
-    if call.lib != "torch":
-        return "takes torch tensors (got NumPy arrays)"
-    if call.device == "cpu" and not _ext.triton_interpret():
-        return "CPU tensors need TRITON_INTERPRET=1"
-    if call.device not in ("cpu", "cuda"):
-        return f"unsupported device {call.device}"
-    return None  # bf16 included: under the interpreter the kernel widens bf16 tiles itself
+_triton_why_not = triton_reason  # bf16 included: under the interpreter the kernel widens bf16 tiles itself
 
 
 def _triton_run(call: MaxsimCall):
@@ -332,13 +314,7 @@ def _triton_run(call: MaxsimCall):
     return _finish_gpu(call, scores, _topk_torch)
 
 
-def _cuda_why_not(call: MaxsimCall) -> Optional[str]:
-    reason = _ext.cuda_reason()
-    if reason is not None:
-        return reason
-    if call.lib != "torch" or call.device != "cuda":
-        return f"takes CUDA tensors (got {call.lib} on {call.device})"
-    return None
+_cuda_why_not = cuda_reason
 
 
 def _cuda_run(call: MaxsimCall):

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import _arrays as A
 from .. import _ext
-from .._backend import Backend, op
+from .._backend import Backend, cpu_reason, cuda_reason, host_reason, op, triton_reason
 from ..reference import taskvec as ref
 from ..taskvec import QTaskVector, _validate
 
@@ -207,10 +207,7 @@ def _prepare_delta(x, base, qtvs, coeffs, task_ids) -> DeltaCall:
 
 # --------------------------------------------------------------- reference
 
-def _host_only(call) -> Optional[str]:
-    if call.device != "cpu":
-        return f"runs on host memory only (inputs are on {call.device}; no hidden device->host copies)"
-    return None
+_host_only = host_reason
 
 
 def _host_qtv(q: QTaskVector) -> QTaskVector:
@@ -343,12 +340,7 @@ def _thresholds(qtvs, density: float, deq_fn):
 
 # ---------------------------------------------------------------------- cpu
 
-def _cpu_why_not(call) -> Optional[str]:
-    if _ext.C is None:
-        return _ext.C_ERROR
-    if call.device != "cpu":
-        return f"runs on the CPU only (inputs are on {call.device})"
-    return None
+_cpu_why_not = cpu_reason
 
 
 def _cpu_deq_host(q: QTaskVector) -> np.ndarray:
@@ -474,17 +466,7 @@ def _gpu_out(call: ApplyCall, base):
     return A.torch_module().empty_like(base, memory_format=A.torch_module().contiguous_format), False
 
 
-def _triton_why_not(call) -> Optional[str]:
-    reason = _ext.triton_reason()
-    if reason is not None:
-        return reason
-    if call.lib != "torch":
-        return "takes torch tensors (got NumPy arrays)"
-    if call.device == "cpu" and not _ext.triton_interpret():
-        return "CPU tensors need TRITON_INTERPRET=1"
-    if call.device not in ("cpu", "cuda"):
-        return f"unsupported device {call.device}"
-    return None
+_triton_why_not = triton_reason
 
 
 def _triton_deq_why_not(call: DeqCall) -> Optional[str]:
@@ -538,11 +520,9 @@ _DEQ.register(Backend("triton", _triton_deq_why_not, _deq_triton))
 
 
 def _cuda_why_not(call) -> Optional[str]:
-    reason = _ext.cuda_reason()
+    reason = cuda_reason(call)
     if reason is not None:
         return reason
-    if call.lib != "torch" or call.device != "cuda":
-        return f"takes CUDA tensors (got {call.lib} on {call.device})"
     qtvs = call.qtvs if hasattr(call, "qtvs") else [call.qtv]
     n = sum(2 if q.base is not None else 1 for q in qtvs)
     if n > 32 or len(qtvs) > 32:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _arrays as A
 from .. import _ext
-from .._backend import Backend, op
+from .._backend import Backend, cpu_reason, cuda_reason, host_reason, op, triton_reason
 from ..reference import vatp as ref
 
 _COLSUM = op("attention_colsum")
@@ -246,10 +246,7 @@ def _really_overlap(a, b) -> bool:
 
 # ------------------------------------------------------ reference backends
 
-def _host_only(call) -> Optional[str]:
-    if call.device != "cpu":
-        return f"runs on host memory only (inputs are on {call.device}; no hidden device->host copies)"
-    return None
+_host_only = host_reason
 
 
 def _colsum_reference(call: ColsumCall):
@@ -293,12 +290,7 @@ _PRUNE.register(Backend("reference", _host_only, _prune_reference))
 
 # ------------------------------------------------------------- CPU backend
 
-def _cpu_why_not(call) -> Optional[str]:
-    if _ext.C is None:
-        return _ext.C_ERROR
-    if call.device != "cpu":
-        return f"runs on the CPU only (inputs are on {call.device})"
-    return None
+_cpu_why_not = cpu_reason
 
 
 def _strided_ok(x) -> bool:
@@ -495,17 +487,7 @@ def vatp_prune(k, v, scores, *, budget: Union[int, float], num_sink: int = 4, nu
 
 # ----------------------------------------------------- Triton and CUDA
 
-def _triton_why_not(call) -> Optional[str]:
-    reason = _ext.triton_reason()
-    if reason is not None:
-        return reason
-    if call.lib != "torch":
-        return "takes torch tensors (got NumPy arrays)"
-    if call.device == "cpu" and not _ext.triton_interpret():
-        return "CPU tensors need TRITON_INTERPRET=1"
-    if call.device not in ("cpu", "cuda"):
-        return f"unsupported device {call.device}"
-    return None
+_triton_why_not = triton_reason
 
 
 def _gpu_lens(call):
@@ -555,13 +537,7 @@ _VNORM.register(Backend("triton", _triton_why_not, _vnorm_triton))
 _PRUNE.register(Backend("triton", lambda c: _prune_gpu_why_not(c, _triton_why_not), _prune_triton))
 
 
-def _cuda_why_not(call) -> Optional[str]:
-    reason = _ext.cuda_reason()
-    if reason is not None:
-        return reason
-    if call.lib != "torch" or call.device != "cuda":
-        return f"takes CUDA tensors (got {call.lib} on {call.device})"
-    return None
+_cuda_why_not = cuda_reason
 
 
 def _stream(x):
