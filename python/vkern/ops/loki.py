@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import _arrays as A
 from .. import _ext
-from .._backend import Backend, op
+from .._backend import Backend, cpu_reason, cuda_reason, host_reason, op, triton_reason
 from ..reference import loki as ref
 
 _LOKI = op("loki_attention")
@@ -182,10 +182,7 @@ def _result(x64: np.ndarray, like: Any):
     return torch.from_numpy(np.ascontiguousarray(x64, dtype=np.float32)).to(device=like.device, dtype=like.dtype)
 
 
-def _host_reason(call) -> Optional[str]:
-    if call.device != "cpu":
-        return f"runs on host memory only (inputs are on {call.device}; no hidden device->host copies)"
-    return None
+_host_reason = host_reason
 
 
 # ----------------------------------------------------------------- reference
@@ -208,12 +205,7 @@ _DENSE.register(Backend("reference", _host_reason, _dense_reference))
 
 # ----------------------------------------------------------------------- cpu
 
-def _cpu_reason(call) -> Optional[str]:
-    if _ext.C is None:
-        return _ext.C_ERROR
-    if call.device != "cpu":
-        return f"runs on the CPU only (inputs are on {call.device})"
-    return None
+_cpu_reason = cpu_reason
 
 
 def _kernel_view(a: Any):
@@ -261,27 +253,15 @@ _DENSE.register(Backend("cpu", _cpu_reason, lambda call: _cpu_attention(call, Fa
 
 # ------------------------------------------------------------- triton / cuda
 
-def _triton_reason(call) -> Optional[str]:
-    reason = _ext.triton_reason()
-    if reason is not None:
-        return reason
-    if call.lib != "torch":
-        return "takes torch tensors (got NumPy arrays)"
-    if call.device == "cpu" and not _ext.triton_interpret():
-        return "CPU tensors need TRITON_INTERPRET=1"
-    if call.device not in ("cpu", "cuda"):
-        return f"unsupported device {call.device}"
-    return None
+_triton_reason = triton_reason
 
 
 def _cuda_reason(call) -> Optional[str]:
-    reason = _ext.cuda_reason()
+    reason = cuda_reason(call)
     if reason is not None:
         return reason
     if not hasattr(_ext.C, "loki_cuda"):
         return "vkern was built without the Loki CUDA kernels"
-    if call.lib != "torch" or call.device != "cuda":
-        return f"takes CUDA tensors (got {call.lib} on {call.device})"
     if isinstance(call, AttnCall) and int(call.q.shape[-1]) > 256:
         return f"head dim D={int(call.q.shape[-1])} > 256 (the CUDA kernels keep D/32 values per lane)"
     return None
