@@ -61,6 +61,14 @@ void taskvec_apply(const TvApplyCall& call) {
   const int nthreads = num_threads();
   const int64_t bufs = 1 + (per_task ? T : 0);
   std::vector<float> scratch(static_cast<size_t>(nthreads) * bufs * kChunk);
+  // All components affine 4-bit with one group size (a multiple of 32): one fused pass
+  // per chunk, the base read and out written once (chunks start at multiples of 32).
+  bool q4 = !per_task && call.dtype == 0 && call.C >= 1 && call.C <= 8 && call.comps[0].group_size % 32 == 0;
+  for (int64_t c = 0; c < call.C && q4; ++c)
+    q4 = call.comps[c].scheme == 0 && call.comps[c].bits == 4 && call.comps[c].group_size == call.comps[0].group_size;
+  // In place the written lines are read back soon by nobody, but the base lines are
+  // already in cache: plain stores. A separate out: streaming stores (no read for ownership).
+  const int stream_out = call.out != call.base;
   const int64_t rows = rows_per_task(N, K);
   const int64_t ntasks = (N + rows - 1) / rows;
   parallel_for(ntasks, [&](int64_t task, int worker) {
@@ -86,6 +94,10 @@ void taskvec_apply(const TvApplyCall& call) {
           const float* src = reinterpret_cast<const float*>(src_row);
           if (call.C == 0) {
             std::memmove(out_row, src, static_cast<size_t>(len) * 4);
+            continue;
+          }
+          if (q4) {
+            lv.apply_q4(call.comps, call.C, n, k0, len, src, out_row, stream_out);
             continue;
           }
           for (int64_t c = 0; c < call.C; ++c) {

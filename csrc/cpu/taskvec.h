@@ -34,6 +34,11 @@ struct TaskvecLevel {
   // dst is a final output, written with streaming stores (call store_fence after).
   void (*decode_axpy)(const TvComp& c, int64_t n, int64_t k0, int64_t len, float coef, const float* src,
                       float* dst, int stream);
+  // dst[0:len] = src[0:len] + sum_c comps[c].coef * dequant_c (C <= 8 components, all
+  // affine 4-bit with one group_size that is a multiple of 32; k0 a multiple of 32).
+  // Sums need not be exact (zero points folded per group). stream: as decode_axpy.
+  void (*apply_q4)(const TvComp* comps, int64_t C, int64_t n, int64_t k0, int64_t len, const float* src,
+                   float* dst, int stream);
   void (*store_fence)();
   void (*load_row)(const void* src, int dtype, int64_t len, float* out);     // widen to float32
   void (*store_row)(const float* src, void* dst, int dtype, int64_t len);    // round to nearest even
