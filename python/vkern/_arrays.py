@@ -75,6 +75,18 @@ def device_of(a: Any) -> str:
     return a.device.type
 
 
+def same_place(arrays: dict) -> str:
+    """Checks that the named arrays share one device and one library; returns the library
+    ("numpy" or "torch")."""
+    devices = {k: device_of(v) for k, v in arrays.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"mixed devices: {devices}; put every array on one device")
+    libs = {k: ("numpy" if isinstance(v, np.ndarray) else "torch") for k, v in arrays.items()}
+    if len(set(libs.values())) > 1:
+        raise TypeError(f"mixed array kinds: {libs}; pass all NumPy arrays or all torch tensors")
+    return next(iter(libs.values()))
+
+
 def is_float(a: Any) -> bool:
     return dtype_name(a) in FLOAT_DTYPES
 

@@ -118,12 +118,7 @@ def _prepare_attn(q, k_cache, v_cache, seq_lens, scale) -> AttnCall:
         if lens.ndim != 1 or int(lens.shape[0]) != B:
             raise ValueError(f"seq_lens: expected shape ({B},) (one per sequence), got {tuple(lens.shape)}")
         arrays["seq_lens"] = lens
-    devices = {k: A.device_of(v) for k, v in arrays.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"mixed devices: {devices}; put every array on one device")
-    libs = {k: ("numpy" if isinstance(v, np.ndarray) else "torch") for k, v in arrays.items()}
-    if len(set(libs.values())) > 1:
-        raise TypeError(f"mixed array kinds: {libs}; pass all NumPy arrays or all torch tensors")
+    lib = A.same_place(arrays)
     host = _host_ints(lens) if lens is not None else np.full(B, T, dtype=np.int64)
     if B and (np.any(host < 1) or np.any(host > T)):
         raise ValueError(f"seq_lens: every length must be in [1, T={T}], got min={int(host.min())}, "
@@ -136,7 +131,7 @@ def _prepare_attn(q, k_cache, v_cache, seq_lens, scale) -> AttnCall:
         scale = float(scale)
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale: expected a finite float > 0, got {scale}")
-    return AttnCall(qn, kn, vn, lens, np.ascontiguousarray(host), scale, devices["q"], libs["q"], origin)
+    return AttnCall(qn, kn, vn, lens, np.ascontiguousarray(host), scale, A.device_of(qn), lib, origin)
 
 
 def _prepare_loki(q, k_cache, v_cache, seq_lens, rank, topk, num_sink, num_recent, gqa, scale,

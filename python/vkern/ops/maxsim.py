@@ -154,12 +154,7 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, query_lengths, topk) -> Ma
         qlens, _ = A.to_native(query_lengths, "query_lengths")
         _check_index(qlens, "query_lengths", B, "one per query")
         arrays["query_lengths"] = qlens
-    devices = {k: A.device_of(v) for k, v in arrays.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"mixed devices: {devices}; put every array on one device")
-    libs = {k: ("numpy" if isinstance(v, np.ndarray) else "torch") for k, v in arrays.items()}
-    if len(set(libs.values())) > 1:
-        raise TypeError(f"mixed array kinds: {libs}; pass all NumPy arrays or all torch tensors")
+    lib = A.same_place(arrays)
 
     # Value checks on the small index arrays, before any kernel runs.
     off = ln = None
@@ -185,7 +180,7 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, query_lengths, topk) -> Ma
         if topk < 1:
             raise ValueError(f"topk: expected k >= 1, got {int(topk)}")
         topk = int(topk)
-    return MaxsimCall(q, single, qlens, d, packed, offsets, lengths, N, topk, device, libs["queries"], origin,
+    return MaxsimCall(q, single, qlens, d, packed, offsets, lengths, N, topk, device, lib, origin,
                       host_offsets=off, host_doc_lengths=ln, host_q_lengths=np.ascontiguousarray(ql))
 
 

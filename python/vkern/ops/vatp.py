@@ -35,14 +35,7 @@ def _check_rank4(x: Any, name: str, layout: str) -> None:
         raise ValueError(f"{name}: expected shape {layout}, got {tuple(x.shape)}")
 
 
-def _same_place(arrays: dict) -> str:
-    devices = {k: A.device_of(v) for k, v in arrays.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"mixed devices: {devices}; put every array on one device")
-    libs = {k: ("numpy" if isinstance(v, np.ndarray) else "torch") for k, v in arrays.items()}
-    if len(set(libs.values())) > 1:
-        raise TypeError(f"mixed array kinds: {libs}; pass all NumPy arrays or all torch tensors")
-    return next(iter(libs.values()))
+_same_place = A.same_place
 
 
 def _host_ints(x: Any) -> np.ndarray:
