@@ -92,12 +92,15 @@ def test_vkern_decode_attention(benchmark, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gqa", ["shared", "per_head"])
-def test_vkern_loki(benchmark, dtype, gqa):
+@pytest.mark.parametrize("prefix", [False, True], ids=["k_rows", "k_prefix"])
+def test_vkern_loki(benchmark, dtype, gqa, prefix):
     if not vkern.available_backends("loki_attention")["cpu"][0]:
         pytest.skip("cpu backend unavailable")
     benchmark.group = f"loki decode {dtype}"
     args = data(dtype)
     kw = dict(rank=RANK, topk=TOPK, gqa=gqa, backend="cpu")
+    if prefix:  # the approximate pass reads a separate contiguous copy of the first RANK key dims
+        kw["k_prefix"] = vkern.loki.key_prefix(args[1], RANK)
     _, idx = vkern.loki_attention(*args, return_indices=True, **kw)
     benchmark.extra_info.update(kind="vkern", bytes=loki_bytes(np.asarray(idx), T, elem(dtype), gqa))
     benchmark(vkern.loki_attention, *args, **kw)

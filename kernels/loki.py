@@ -256,9 +256,10 @@ def _attend(q, k, v, lens, budgets, idx, heads_per_list, K, scale, dense):
 
 
 def loki_attention(q, k, v, lens, budgets, K: int, rank: int, num_sink: int, num_recent: int, shared: bool,
-                   scale: float):
+                   scale: float, kp=None):
     """q [B, Hq, D] contiguous; k, v [B, H_kv, T, D] with unit last stride; lens, budgets int64 [B]
-    (budgets already resolved, each >= the forced tokens). Returns (out float32 [B, Hq, D],
+    (budgets already resolved, each >= the forced tokens); kp: optional [B, H_kv, T, >= rank] key
+    prefix with unit last stride, read by the approximate pass instead of k. Returns (out float32 [B, Hq, D],
     kept int32 [B, NL, K]) with NL = H_kv (shared) or Hq (per_head), ascending, -1 padded."""
     B, Hq, D = (int(s) for s in q.shape)
     H_kv, T = int(k.shape[1]), int(k.shape[2])
@@ -267,10 +268,11 @@ def loki_attention(q, k, v, lens, budgets, K: int, rank: int, num_sink: int, num
     NL = Hq // hpl
     scores = torch.empty((B, NL, T), dtype=torch.float32, device=q.device)
     idx = torch.empty((B, NL, K), dtype=torch.int32, device=q.device)
-    ks = k.stride()
+    ka = k if kp is None else kp
+    ks = ka.stride()
     with _device_ctx(q):
         _approx_kernel[(B * NL, triton.cdiv(T, _BLOCK_T))](
-            q, k, lens, scores, T, NL, G, rank, D, ks[0], ks[1], ks[2],
+            q, ka, lens, scores, T, NL, G, rank, D, ks[0], ks[1], ks[2],
             HEADS_PER_LIST=hpl, G_PAD=_pow2(hpl), R_PAD=_pow2(max(rank, 16)), BLOCK_T=_BLOCK_T)
         _select_kernel[(B * NL,)](scores, lens, budgets, idx, T, NL, K, num_sink, num_recent, BLOCK=_SELECT_BLOCK)
         out = _attend(q, k, v, lens, budgets, idx, hpl, K, scale, dense=False)

@@ -297,6 +297,72 @@ def test_gqa_equals_repeated_kv(backend, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gqa", ["per_head", "shared"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_k_prefix_gives_the_same_step(backend, gqa, dtype, rng):
+    """A separate key-prefix array (contiguous, wider than rank, or a strided view
+    into a bigger buffer) changes where the approximate pass reads, not the result."""
+    needs(backend)
+    if dtype == "bfloat16" and backend == "triton" and not HAVE_CUDA:
+        pytest.skip("the Triton interpreter has no bfloat16")
+    if dtype == "bfloat16" and not HAVE_TORCH:
+        pytest.skip("bfloat16 needs torch")
+    B, Hq, H_kv, T, D = 2, 6, 3, 83, 24
+    q, k, v = make(rng, B, Hq, H_kv, T, D)
+    lens = np.array([83, 40])
+    kw = dict(rank=7, topk=0.3, num_sink=2, num_recent=3, gqa=gqa, return_indices=True, backend=backend)
+    qq, kk, vv = (kind(backend, a, dtype) for a in (q, k, v))
+    ll = kind(backend, lens, dtype)
+    want, want_idx = vkern.loki_attention(qq, kk, vv, seq_lens=ll, **kw)
+    kf = host(kk)  # the cache values as stored (bf16-rounded for bf16)
+    wide = np.zeros((B, H_kv, T, 16), np.float32)
+    wide[..., :10] = kf[..., :10]
+    padded = np.zeros((B, H_kv, T, 32), np.float32)
+    padded[..., 3:3 + 7] = kf[..., :7]
+    for pre in (kf[..., :7], wide, padded[..., 3:10]):
+        if backend in ("reference", "cpu") and dtype == "float32":
+            kp = pre  # NumPy: a strided view stays strided
+        else:
+            kp = kind(backend, np.ascontiguousarray(pre), dtype)
+            if pre.base is padded:
+                kp = kind(backend, padded, dtype)[..., 3:10]
+        got, got_idx = vkern.loki_attention(qq, kk, vv, seq_lens=ll, k_prefix=kp, **kw)
+        np.testing.assert_array_equal(host(got_idx), host(want_idx))
+        close(got, host(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_prefix_is_what_the_approximate_pass_reads(backend, rng):
+    """A prefix that differs from k's own columns must steer the selection (so the
+    kernels really read it), exactly as the reference does with the same prefix."""
+    needs(backend)
+    B, Hq, H_kv, T, D = 1, 4, 2, 64, 16
+    q, k, v = make(rng, B, Hq, H_kv, T, D)
+    kp = np.zeros((B, H_kv, T, 4), np.float32)
+    qsum = q[..., :4].reshape(B, H_kv, Hq // H_kv, 4).sum(axis=2)      # the group's summed query prefix
+    kp[:, :, 40:48] = np.sign(qsum)[:, :, None, :] * 10  # rows 40..47 score highest by the prefix
+    kw = dict(rank=4, topk=8, gqa="shared", return_indices=True)
+    _, idx = vkern.loki_attention(kind(backend, q), kind(backend, k), kind(backend, v), k_prefix=kind(backend, kp),
+                                  backend=backend, **kw)
+    out, want_idx = vkern.loki_attention(q, k, v, k_prefix=kp, backend="reference", **kw)
+    np.testing.assert_array_equal(host(idx), want_idx)
+    assert np.all(host(idx) == np.arange(40, 48))
+    _, plain = vkern.loki_attention(q, k, v, backend="reference", **kw)
+    assert not np.array_equal(plain, want_idx)
+
+
+def test_key_prefix_helper(rng):
+    k = rng.standard_normal((2, 3, 5, 8)).astype(np.float32)
+    kp = vkern.loki.key_prefix(k, 3)
+    assert kp.flags.c_contiguous and kp.shape == (2, 3, 5, 3)
+    np.testing.assert_array_equal(kp, k[..., :3])
+    with pytest.raises(ValueError, match="rank"):
+        vkern.loki.key_prefix(k, 9)
+    with pytest.raises(TypeError, match="rank"):
+        vkern.loki.key_prefix(k, 2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_shared_selection_is_one_set_per_group(backend, rng):
     needs(backend)
     q, k, v = make(rng, 1, 8, 2, 50, 16)
@@ -515,6 +581,11 @@ def test_bad_inputs_raise_before_any_kernel(rng):
         vkern.loki.pca_basis(rng.standard_normal((20, 8)))
     with pytest.raises(ValueError, match="frac"):
         vkern.loki.rank_for_variance(vkern.loki.pca_basis(rng.standard_normal((20, 2, 8))), 1.5)
+    kp = np.ascontiguousarray(k[..., :4])
+    for exc, bad in [(ValueError, kp[..., :3]), (ValueError, kp[:, :1]), (ValueError, kp[..., :5, :]),
+                     (ValueError, kp[0]), (TypeError, kp.astype(np.float16)), (TypeError, kp.astype(np.int32))]:
+        with pytest.raises(exc, match="k_prefix"):
+            vkern.loki_attention(q, k, v, rank=4, topk=5, k_prefix=bad)
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
@@ -552,6 +623,9 @@ def test_torch_custom_ops_opcheck(rng):
                           (q, k, v, None, 3, 0, 0.5, 0, 0, "shared", 0.35, "auto"), test_utils=fast)
     torch.library.opcheck(torch.ops.vkern.loki_attention_indices.default,
                           (q, k, v, lens, 3, 4, 0.0, 1, 1, "per_head", 0.35, "auto"), test_utils=fast)
+    torch.library.opcheck(torch.ops.vkern.loki_attention_indices.default,
+                          (q, k, v, lens, 3, 4, 0.0, 1, 1, "shared", 0.35, "auto", k[..., :3].contiguous()),
+                          test_utils=fast)
     torch.library.opcheck(torch.ops.vkern.decode_attention.default, (q, k, v, lens, 0.35, "auto"), test_utils=fast)
     P = torch.from_numpy(vkern.loki.pca_basis(rng.standard_normal((20, 2, 8))).P).float()
     torch.library.opcheck(torch.ops.vkern.loki_rotate.default, (q, P, "auto"), test_utils=fast)

@@ -204,7 +204,12 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
     const int64_t ns = c.num_sink, nr = c.num_recent, r = c.rank;
     const int64_t lo = std::min(ns, L), hi = std::max(lo, L - nr), M = hi - lo;
     const int64_t rest = budget - lo - (L - hi);
-    const char* kmid = static_cast<const char*>(K) + lo * c.k_st * esz;
+    // The approximate pass reads the separate prefix array when there is one:
+    // in k's own rows the hardware prefetchers pull whole rows, not the prefix.
+    const bool pre = c.kp != nullptr;
+    const int64_t a_st = pre ? c.kp_st : c.k_st;
+    const char* kmid = pre ? static_cast<const char*>(c.kp) + (b * c.kp_sb + kv * c.kp_sh + lo * c.kp_st) * esz
+                           : static_cast<const char*>(K) + lo * c.k_st * esz;
     if (c.shared) {
       grow(sc.qs, r);
       for (int64_t d = 0; d < r; ++d) {
@@ -213,7 +218,7 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
         sc.qs[d] = s;
       }
       grow(sc.approx, M);
-      if (rest > 0 && rest < M) lv.approx_scores(sc.qs.data(), 1, r, kmid, c.kv_dtype, c.k_st, M, sc.approx.data(), M,
+      if (rest > 0 && rest < M) lv.approx_scores(sc.qs.data(), 1, r, kmid, c.kv_dtype, a_st, M, sc.approx.data(), M,
                                                  sc.wbuf.data());
       sc.list_len[0] = build_list(sc.approx.data(), L, budget, ns, nr, sc.lists.data(), sc);
     } else {
@@ -222,7 +227,7 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
         grow(sc.qs, gc * r);
         for (int64_t g = 0; g < gc; ++g) std::memcpy(&sc.qs[g * r], &sc.q[(g0 + g) * D], r * sizeof(float));
         grow(sc.approx, gc * M);
-        if (rest > 0 && rest < M) lv.approx_scores(sc.qs.data(), gc, r, kmid, c.kv_dtype, c.k_st, M, sc.approx.data(),
+        if (rest > 0 && rest < M) lv.approx_scores(sc.qs.data(), gc, r, kmid, c.kv_dtype, a_st, M, sc.approx.data(),
                                                    M, sc.wbuf.data());
         for (int64_t g = 0; g < gc; ++g)
           sc.list_len[g0 + g] = build_list(sc.approx.data() + g * M, L, budget, ns, nr,

@@ -46,6 +46,10 @@ struct LokiCall {
   int kv_dtype;
   int64_t k_sb, k_sh, k_st;
   int64_t v_sb, v_sh, v_st;
+  // Optional [B, H_kv, T, >= rank] copy of the key prefix (same dtype, unit last
+  // stride) for the approximate pass; nullptr: that pass reads k's rows.
+  const void* kp;
+  int64_t kp_sb, kp_sh, kp_st;
   const int64_t* seq_lens;      // [B], each in [1, T]
   const int64_t* budgets;       // [B] tokens kept (nullptr: dense, every token)
   int64_t rank;                 // 1..D

@@ -290,8 +290,11 @@ cudaError_t launch(const Args& a, cudaStream_t stream) {
   if (a.budgets) {
     const int threads = 256;
     dim3 grid(static_cast<unsigned>((a.T + threads - 1) / threads), static_cast<unsigned>(a.B * NL));
-    approx_kernel<T><<<grid, threads, a.rank * sizeof(float), stream>>>(a.q, k, a.lens, a.scores, a.T, a.Hq, G, NL,
-                                                                        hpl, a.D, a.rank, a.k_sb, a.k_sh, a.k_st);
+    const bool pre = a.kp != nullptr;
+    const T* ka = pre ? static_cast<const T*>(a.kp) : k;
+    approx_kernel<T><<<grid, threads, a.rank * sizeof(float), stream>>>(
+        a.q, ka, a.lens, a.scores, a.T, a.Hq, G, NL, hpl, a.D, a.rank, pre ? a.kp_sb : a.k_sb,
+        pre ? a.kp_sh : a.k_sh, pre ? a.kp_st : a.k_st);
     select_kernel<<<static_cast<unsigned>(a.B * NL), kSelectThreads, 0, stream>>>(
         a.scores, a.lens, a.budgets, a.idx, a.T, NL, a.K, a.num_sink, a.num_recent);
   }

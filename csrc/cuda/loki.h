@@ -29,6 +29,8 @@ struct Args {
   const void* v;
   int kv_dtype;
   int64_t k_sb, k_sh, k_st, v_sb, v_sh, v_st;
+  const void* kp;  // optional key prefix [B, H_kv, T, >= rank] for the approximate pass (nullptr: k)
+  int64_t kp_sb, kp_sh, kp_st;
   const int64_t* lens;
   const int64_t* budgets;
   int64_t rank, num_sink, num_recent;

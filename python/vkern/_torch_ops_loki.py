@@ -16,14 +16,16 @@ def _topk_value(topk_count: int, topk_frac: float):
 @torch.library.custom_op("vkern::loki_attention", mutates_args=())
 def loki_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       seq_lens: Optional[torch.Tensor], rank: int, topk_count: int, topk_frac: float,
-                      num_sink: int, num_recent: int, gqa: str, scale: float, backend: str) -> torch.Tensor:
+                      num_sink: int, num_recent: int, gqa: str, scale: float, backend: str,
+                      k_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
     return _loki.loki_attention_impl(q, k_cache, v_cache, rank=rank, topk=_topk_value(topk_count, topk_frac),
                                      seq_lens=seq_lens, num_sink=num_sink, num_recent=num_recent, gqa=gqa,
-                                     scale=scale, backend=backend)
+                                     scale=scale, k_prefix=k_prefix, backend=backend)
 
 
 @loki_attention_op.register_fake
-def _(q, k_cache, v_cache, seq_lens, rank, topk_count, topk_frac, num_sink, num_recent, gqa, scale, backend):
+def _(q, k_cache, v_cache, seq_lens, rank, topk_count, topk_frac, num_sink, num_recent, gqa, scale, backend,
+      k_prefix=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -31,15 +33,17 @@ def _(q, k_cache, v_cache, seq_lens, rank, topk_count, topk_frac, num_sink, num_
 def loki_attention_indices_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               seq_lens: Optional[torch.Tensor], rank: int, topk_count: int, topk_frac: float,
                               num_sink: int, num_recent: int, gqa: str, scale: float,
-                              backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                              backend: str, k_prefix: Optional[torch.Tensor] = None
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
     out, idx = _loki.loki_attention_impl(q, k_cache, v_cache, rank=rank, topk=_topk_value(topk_count, topk_frac),
                                          seq_lens=seq_lens, num_sink=num_sink, num_recent=num_recent, gqa=gqa,
-                                         scale=scale, return_indices=True, backend=backend)
+                                         scale=scale, return_indices=True, k_prefix=k_prefix, backend=backend)
     return out, idx
 
 
 @loki_attention_indices_op.register_fake
-def _(q, k_cache, v_cache, seq_lens, rank, topk_count, topk_frac, num_sink, num_recent, gqa, scale, backend):
+def _(q, k_cache, v_cache, seq_lens, rank, topk_count, topk_frac, num_sink, num_recent, gqa, scale, backend,
+      k_prefix=None):
     # The index width is the largest resolved budget: it depends on seq_lens' values.
     K = torch.library.get_ctx().new_dynamic_size()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -72,10 +76,10 @@ def _scale(q, scale):
 
 
 def call_loki_attention(q, k_cache, v_cache, seq_lens, rank, topk, num_sink, num_recent, gqa, scale,
-                        return_indices, backend):
+                        return_indices, backend, k_prefix=None):
     is_frac = isinstance(topk, float)
     args = (q, k_cache, v_cache, seq_lens, int(rank), 0 if is_frac else int(topk), float(topk) if is_frac else 0.0,
-            int(num_sink), int(num_recent), gqa, _scale(q, scale), backend)
+            int(num_sink), int(num_recent), gqa, _scale(q, scale), backend, k_prefix)
     if return_indices:
         return loki_attention_indices_op(*args)
     return loki_attention_op(*args)

@@ -4,7 +4,8 @@ The issue's decode step: B = 1, Hq = 32, H_kv = 8, D = 128, T = 32,768 cached
 tokens, rank = 32, topk = T/8, float32 and bfloat16 caches. Contenders:
 torch ``scaled_dot_product_attention(enable_gqa=True)`` (the peer), vkern's
 dense ``decode_attention``, vkern ``loki_attention`` with gqa="shared" and
-"per_head", and the NumPy reference.
+"per_head" (each with k's own rows and with a separate rank-prefix copy of
+the keys, ``k_prefix``), and the NumPy reference.
 
 Each workload's ``bytes`` is what its own op must read at least: dense decode
 all of K and V; Loki the rank-prefix of every key row plus the kept K and V
@@ -91,6 +92,7 @@ def loki_workloads(quick: bool, threads: int) -> List[Workload]:
             *a, backend="reference"), "reference", note="NumPy, float64"))
         out.append(w)
 
+        kp = vkern.loki.key_prefix(args[1], RANK)  # kept next to the cache by a serving loop (+25% of K here)
         for gqa in ("shared", "per_head"):
             kw = dict(rank=RANK, topk=topk, gqa=gqa)
             if have_cpu:
@@ -106,6 +108,9 @@ def loki_workloads(quick: bool, threads: int) -> List[Workload]:
             if have_cpu:
                 w.contenders.append(Contender(f"vkern cpu loki {gqa}", lambda a=args, kw=kw: vkern.loki_attention(
                     *a, backend="cpu", **kw), "vkern"))
+                w.contenders.append(Contender(f"vkern cpu loki {gqa} +k_prefix", lambda a=args, kw=kw, kp=kp:
+                                              vkern.loki_attention(*a, backend="cpu", k_prefix=kp, **kw), "vkern",
+                                              note="approximate pass reads a separate [.., T, rank] key prefix"))
             w.contenders.append(Contender(f"vkern reference loki {gqa}", lambda a=args, kw=kw: vkern.loki_attention(
                 *a, backend="reference", **kw), "reference", note="NumPy, float64"))
             out.append(w)

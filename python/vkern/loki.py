@@ -29,7 +29,8 @@ from ._backend import BACKENDS
 from .ops.loki import decode_attention, loki_attention, rotate_impl
 from .reference import loki as _ref
 
-__all__ = ["LokiBasis", "pca_basis", "rank_for_variance", "rotate", "loki_attention", "decode_attention"]
+__all__ = ["LokiBasis", "pca_basis", "rank_for_variance", "rotate", "key_prefix", "loki_attention",
+           "decode_attention"]
 
 
 @dataclass
@@ -134,3 +135,28 @@ def rotate(x, basis: Union[LokiBasis, Any], *, backend: str = "auto"):
     """
     P = basis.P if isinstance(basis, LokiBasis) else basis
     return rotate_impl(x, P, backend=backend)
+
+
+def key_prefix(k_cache, rank: int):
+    """A separate, contiguous copy of the first ``rank`` dimensions of rotated keys.
+
+    ``k_cache [..., D]`` -> ``[..., rank]`` (same dtype, kind and device). Pass it as
+    ``loki_attention(..., k_prefix=...)``: the approximate pass then streams only
+    these ``rank`` columns. Inside full key rows it cannot: once a row's first cache
+    lines are read, the CPU's hardware prefetchers fetch the rest of the row too, so
+    the approximate pass costs nearly a full read of K. A serving loop keeps the
+    prefix next to the cache and writes ``k_rot[..., :rank]`` into both when tokens
+    are appended (memory: rank/D of the key cache).
+
+    >>> import numpy as np
+    >>> k = np.arange(24, dtype=np.float32).reshape(1, 1, 3, 8)
+    >>> key_prefix(k, 2)[0, 0].tolist()
+    [[0.0, 1.0], [8.0, 9.0], [16.0, 17.0]]
+    """
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise TypeError(f"rank: expected an int, got {type(rank).__name__}")
+    D = int(k_cache.shape[-1])
+    if not 1 <= int(rank) <= D:
+        raise ValueError(f"rank: expected 1 <= rank <= D={D}, got {int(rank)}")
+    part = k_cache[..., : int(rank)]
+    return np.ascontiguousarray(part) if isinstance(part, np.ndarray) else part.contiguous()

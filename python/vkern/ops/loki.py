@@ -44,6 +44,7 @@ class AttnCall:
     num_recent: int = 0
     gqa: str = "per_head"
     return_indices: bool = False
+    kp: Any = None              # native [B, H_kv, T, >= rank] key prefix, or None (read k's rows)
 
     @property
     def dims(self):
@@ -135,10 +136,21 @@ def _prepare_attn(q, k_cache, v_cache, seq_lens, scale) -> AttnCall:
 
 
 def _prepare_loki(q, k_cache, v_cache, seq_lens, rank, topk, num_sink, num_recent, gqa, scale,
-                  return_indices) -> AttnCall:
+                  return_indices, k_prefix=None) -> AttnCall:
     call = _prepare_attn(q, k_cache, v_cache, seq_lens, scale)
-    B, D = call.dims[0], call.dims[-1]
+    B, _, H_kv, T, D = call.dims
     call.rank = _int_arg(rank, "rank", 1, D, f" (1 <= rank <= D={D})")
+    if k_prefix is not None:
+        kp, _ = A.to_native(k_prefix, "k_prefix")
+        _check_float(kp, "k_prefix")
+        if kp.ndim != 4 or tuple(int(s) for s in kp.shape[:3]) != (B, H_kv, T) or int(kp.shape[3]) < call.rank:
+            raise ValueError(f"k_prefix: expected shape [B, H_kv, T, >= rank] = [{B}, {H_kv}, {T}, >= {call.rank}], "
+                             f"got {tuple(kp.shape)}")
+        if A.dtype_name(kp) != A.dtype_name(call.k):
+            raise TypeError(f"k_prefix: expected the dtype of k_cache ({A.dtype_name(call.k)}), "
+                            f"got {A.dtype_name(kp)}")
+        A.same_place({"q": call.q, "k_prefix": kp})
+        call.kp = kp
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer, float, np.floating)):
         raise TypeError(f"topk: expected an int (tokens) or a float (fraction of seq_len), got {type(topk).__name__}")
     if isinstance(topk, (float, np.floating)):
@@ -183,8 +195,10 @@ _host_reason = host_reason
 # ----------------------------------------------------------------- reference
 
 def _loki_reference(call: AttnCall):
+    kp = None if call.kp is None else A.to_numpy(call.kp)
     out, kept = ref.loki_attention(A.to_numpy(call.q), A.to_numpy(call.k), A.to_numpy(call.v), call.host_lens,
-                                   call.rank, call.topk, call.num_sink, call.num_recent, call.gqa, call.scale)
+                                   call.rank, call.topk, call.num_sink, call.num_recent, call.gqa, call.scale,
+                                   k_prefix=kp)
     return _result(out, call.q), A.as_kind(kept, call.q)
 
 
@@ -226,6 +240,8 @@ def _cpu_attention(call: AttnCall, sparse: bool):
     B, Hq, H_kv, T, D = call.dims
     q, k, v = _kernel_view(call.q), _kernel_view(call.k), _kernel_view(call.v)
     qs, ks, vs = A.elem_strides(q), A.elem_strides(k), A.elem_strides(v)
+    kp = _kernel_view(call.kp) if sparse and call.kp is not None else None
+    kps = A.elem_strides(kp) if kp is not None else (0, 0, 0, 1)
     out = np.empty((B, Hq, D), np.float32)
     idx = np.empty((B, Hq, call.K), np.int64) if sparse and call.return_indices else None
     budgets = np.ascontiguousarray(call.budgets, dtype=np.int64) if sparse else None
@@ -233,7 +249,7 @@ def _cpu_attention(call: AttnCall, sparse: bool):
         _ext.C.loki_cpu(
             A.data_ptr(q), A.DTYPE_CODE[A.dtype_name(q)], B, Hq, H_kv, T, D, qs[0], qs[1], qs[2],
             A.data_ptr(k), A.data_ptr(v), A.DTYPE_CODE[A.dtype_name(k)], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
-            call.host_lens.ctypes.data, 0 if budgets is None else budgets.ctypes.data,
+            0 if kp is None else A.data_ptr(kp), kps[0], kps[1], kps[2], call.host_lens.ctypes.data, 0 if budgets is None else budgets.ctypes.data,
             call.rank if sparse else D, call.num_sink, call.num_recent, call.gqa == "shared", call.scale,
             out.ctypes.data, 0 if idx is None else idx.ctypes.data, call.K if idx is not None else 0)
     res = _f32_result(out, call.q)
@@ -288,8 +304,11 @@ def _expand_idx(call: AttnCall, idx32):
 def _triton_loki(call: AttnCall):
     kernels = _ext.triton_kernels("loki")
     q, k, v, lens, budgets = _gpu_inputs(call, True)
+    kp = None
+    if call.kp is not None:
+        kp = call.kp if call.kp.stride(-1) == 1 else call.kp.contiguous()
     out, idx = kernels.loki_attention(q, k, v, lens, budgets, call.K, call.rank, call.num_sink, call.num_recent,
-                                      call.gqa == "shared", call.scale)
+                                      call.gqa == "shared", call.scale, kp=kp)
     return out.to(call.q.dtype), (_expand_idx(call, idx) if call.return_indices else None)
 
 
@@ -314,11 +333,16 @@ def _cuda_attention(call: AttnCall, sparse: bool):
     ws = torch.empty((B * Hq * nsplit * (D + 2),), dtype=torch.float32, device=q.device)
     count = torch.zeros((B * Hq,), dtype=torch.int32, device=q.device)
     ks, vs = k.stride(), v.stride()
+    kp = None
+    if sparse and call.kp is not None:
+        kp = call.kp if call.kp.stride(-1) == 1 else call.kp.contiguous()
+    kps = kp.stride() if kp is not None else (0, 0, 0, 1)
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream().cuda_stream
         _ext.C.loki_cuda(q.data_ptr(), 0, B, Hq, H_kv, T, D,
                          k.data_ptr(), v.data_ptr(), A.DTYPE_CODE[A.dtype_name(k)], ks[0], ks[1], ks[2],
-                         vs[0], vs[1], vs[2], lens.data_ptr(), 0 if budgets is None else budgets.data_ptr(),
+                         vs[0], vs[1], vs[2], 0 if kp is None else kp.data_ptr(), kps[0], kps[1], kps[2],
+                         lens.data_ptr(), 0 if budgets is None else budgets.data_ptr(),
                          call.rank if sparse else D, call.num_sink, call.num_recent, shared, call.scale,
                          0 if scores is None else scores.data_ptr(), 0 if idx is None else idx.data_ptr(), K,
                          nsplit, ws.data_ptr(), count.data_ptr(), out.data_ptr(), stream)
@@ -440,9 +464,9 @@ _ROTATE.register(Backend("cuda", _cuda_reason, _rotate_cuda))
 # --------------------------------------------------------------------- API
 
 def loki_attention_impl(q, k_cache, v_cache, *, rank, topk, seq_lens=None, num_sink=0, num_recent=0,
-                        gqa="per_head", scale=None, return_indices=False, backend="auto"):
+                        gqa="per_head", scale=None, return_indices=False, k_prefix=None, backend="auto"):
     call = _prepare_loki(q, k_cache, v_cache, seq_lens, rank, topk, num_sink, num_recent, gqa, scale,
-                         return_indices)
+                         return_indices, k_prefix)
     out, idx = _LOKI.pick(backend, call).run(call)
     if call.return_indices:
         return A.from_native(out, call.origin), A.from_native(idx, call.origin)
@@ -461,7 +485,7 @@ def rotate_impl(x, P, *, backend="auto"):
 
 def loki_attention(q, k_cache, v_cache, *, rank: int, topk, seq_lens=None, num_sink: int = 0,
                    num_recent: int = 0, gqa: str = "per_head", scale: Optional[float] = None,
-                   return_indices: bool = False, backend: str = "auto"):
+                   return_indices: bool = False, k_prefix=None, backend: str = "auto"):
     """One Loki decode step: sparse attention over the tokens that low-rank keys select.
 
     Approximate scores q[:rank] . k[:rank] (q and the keys already rotated by
@@ -483,6 +507,13 @@ def loki_attention(q, k_cache, v_cache, *, rank: int, topk, seq_lens=None, num_s
             (a KV group selects once from the sum of its heads' approximate scores, as SparQ).
         return_indices: also return the kept positions [B, Hq, K] (int64, ascending,
             -1 padded), K = the largest budget over the batch.
+        k_prefix: optional [B, H_kv, T, R] (R >= rank, k_cache's dtype and device):
+            a separate copy of the first R rotated key dimensions, e.g. written
+            next to k_cache when tokens are appended (``vkern.loki.key_prefix``).
+            When given, the approximate scores read it instead of k_cache, so that
+            pass moves only T * rank elements per head instead of pulling whole key
+            rows through the cache (costs R/D of the key cache in memory). Its first
+            ``rank`` columns are taken to equal k_cache's.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (VKERN_BACKEND overrides "auto").
 
     Returns:
@@ -508,10 +539,10 @@ def loki_attention(q, k_cache, v_cache, *, rank: int, topk, seq_lens=None, num_s
 
         if A.torch_module().compiler.is_compiling():
             return _torch_ops.call_loki_attention(q, k_cache, v_cache, seq_lens, rank, topk, num_sink,
-                                                  num_recent, gqa, scale, return_indices, backend)
+                                                  num_recent, gqa, scale, return_indices, backend, k_prefix)
     return loki_attention_impl(q, k_cache, v_cache, rank=rank, topk=topk, seq_lens=seq_lens, num_sink=num_sink,
                                num_recent=num_recent, gqa=gqa, scale=scale, return_indices=return_indices,
-                               backend=backend)
+                               k_prefix=k_prefix, backend=backend)
 
 
 def decode_attention(q, k_cache, v_cache, *, seq_lens=None, scale: Optional[float] = None,

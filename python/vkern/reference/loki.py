@@ -85,8 +85,9 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndar
 
 
 def loki_attention(q, k_cache, v_cache, seq_lens, rank: int, topk, num_sink: int, num_recent: int,
-                   gqa: str, scale: float):
+                   gqa: str, scale: float, k_prefix=None):
     """q [B, Hq, D], k_cache/v_cache [B, H_kv, T, D], seq_lens int [B] (each in [1, T]).
+    k_prefix: optional [B, H_kv, T, >= rank]; the approximate scores read it instead of k_cache.
 
     Returns (out float64 [B, Hq, D], kept int64 [B, Hq, K] ascending, -1 padded),
     K = the largest resolved budget over the batch.
@@ -106,7 +107,8 @@ def loki_attention(q, k_cache, v_cache, seq_lens, rank: int, topk, num_sink: int
         for kv in range(H_kv):
             keys, vals = k_cache[b, kv, :L], v_cache[b, kv, :L]
             heads = range(kv * G, (kv + 1) * G)
-            approx = {h: keys[:, :rank] @ q[b, h, :rank] for h in heads}   # [L] each
+            pre = keys if k_prefix is None else np.asarray(k_prefix[b, kv, :L], dtype=np.float64)
+            approx = {h: pre[:, :rank] @ q[b, h, :rank] for h in heads}   # [L] each
             if gqa == "shared":
                 total = sum(approx[h] for h in heads)
                 approx = {h: total for h in heads}
