@@ -114,4 +114,42 @@ def loki_workloads(quick: bool, threads: int) -> List[Workload]:
             w.contenders.append(Contender(f"vkern reference loki {gqa}", lambda a=args, kw=kw: vkern.loki_attention(
                 *a, backend="reference", **kw), "reference", note="NumPy, float64"))
             out.append(w)
+        if torch is not None and torch.cuda.is_available():
+            out += _gpu_workloads(torch, q, k, v, dtype, topk, shape)
+    return out
+
+
+def _gpu_workloads(torch, q, k, v, dtype: str, topk: int, shape: str, device: str = "cuda") -> List[Workload]:
+    """The same steps on the GPU: vkern's CUDA and Triton kernels against torch SDPA on the
+    GPU (their own workloads, so the CPU rows keep their CPU peer)."""
+    T = k.shape[2]
+    dt = getattr(torch, dtype)
+    tq, tk, tv = (torch.from_numpy(a).to(device, dt) for a in (q, k, v))
+    kp = vkern.loki.key_prefix(tk, RANK)
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    elem = 4 if dtype == "float32" else 2
+    sdpa = Contender("torch cuda SDPA enable_gqa", lambda: torch.nn.functional.scaled_dot_product_attention(
+        tq[:, :, None], tk, tv, enable_gqa=True), "peer", sync=sync)
+    backends = [b for b in ("cuda", "triton") if vkern.available_backends("loki_attention")[b][0]]
+    out: List[Workload] = []
+    w = Workload("loki", f"dense decode step [GPU], {shape}", bytes=float(2 * B * HKV * T * D * elem),
+                 flops=4.0 * B * HQ * T * D)
+    w.contenders.append(sdpa)
+    for b in backends:
+        w.contenders.append(Contender(f"vkern {b} decode_attention", lambda b=b: vkern.decode_attention(
+            tq, tk, tv, backend=b), "vkern", sync=sync))
+    out.append(w)
+    for gqa in ("shared", "per_head") if backends else ():
+        kw = dict(rank=RANK, topk=topk, gqa=gqa)
+        _, idx = vkern.loki_attention(tq, tk, tv, return_indices=True, backend=backends[0], **kw)
+        nbytes = loki_bytes(idx.cpu().numpy(), T, elem, gqa)
+        w = Workload("loki", f"loki gqa={gqa} rank={RANK} topk=T/8 [GPU], {shape}", bytes=nbytes,
+                     flops=2.0 * B * HQ * T * RANK + 4.0 * B * HQ * topk * D)
+        w.contenders.append(sdpa)
+        for b in backends:
+            w.contenders.append(Contender(f"vkern {b} loki {gqa}", lambda b=b, kw=kw: vkern.loki_attention(
+                tq, tk, tv, backend=b, **kw), "vkern", sync=sync))
+            w.contenders.append(Contender(f"vkern {b} loki {gqa} +k_prefix", lambda b=b, kw=kw: vkern.loki_attention(
+                tq, tk, tv, backend=b, k_prefix=kp, **kw), "vkern", sync=sync))
+        out.append(w)
     return out
