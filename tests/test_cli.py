@@ -26,8 +26,32 @@ def test_bench_quick_writes_ratios(tmp_path):
     assert "x best peer" in out.stdout and "% copy BW" in out.stdout
     report = json.loads(path.read_text())
     assert report["machine"]["copy_bytes_per_s"] > 0 and report["machine"]["gemm_flops"] > 0
+    assert report["machine"]["gather_read_bytes_per_s"] > 0 and "gathered-row reads" in out.stdout
     names = {name for r in report["results"] for name in r["timings"]}
     assert {"vkern reference", "vkern cpu f32", "numpy flat GEMM + reduceat"} <= names
     for r in report["results"]:
         for name, t in r["timings"].items():
             assert "error" not in t, (name, t)
+
+
+def test_gather_limit_reads_exactly_the_listed_rows():
+    """The bench's gathered-row read limit touches every listed row, whole, and nothing else:
+    its checksum equals NumPy's sum over the same rows (any thread count, prefetch distance)."""
+    import numpy as np
+
+    import vkern
+    from vkern import _ext
+
+    rng = np.random.default_rng(0)
+    buf = rng.integers(0, 2**40, size=(3001, 64), dtype=np.uint64)  # 3001 rows of 512 B
+    idx = np.sort(rng.choice(3001, size=377, replace=False)).astype(np.int32)
+    want = int(buf[idx].sum(dtype=np.uint64))
+    before = vkern.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            vkern.set_num_threads(threads)
+            for ahead in (0, 1, 8):
+                assert _ext.C.read_rows(buf.ctypes.data, 512, idx.ctypes.data, len(idx), ahead) == want
+        assert _ext.C.read_rows(buf.ctypes.data, 512, idx.ctypes.data, 0, 8) == 0
+    finally:
+        vkern.set_num_threads(before)

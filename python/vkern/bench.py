@@ -72,6 +72,26 @@ def copy_bandwidth(threads: int, mbytes: int = 256, repeat: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
+def gather_bandwidth(mbytes: int = 256, row_bytes: int = 512, keep_one_in: int = 8, repeat: int = 5,
+                     seed: int = 0) -> Optional[float]:
+    """Bytes/s read from rows gathered in ascending order, 1 in `keep_one_in` at random, with
+    vkern's threads and software prefetch: the access pattern of Loki's exact pass (kept K/V
+    rows of 512 B = 128 float32) and of cache compaction. No write, no arithmetic: a floor for
+    kernels that gather. None without the compiled extension."""
+    if not hasattr(_ext.C, "read_rows"):
+        return None
+    rows = mbytes * 2**20 // row_bytes
+    buf = np.ones(rows * row_bytes // 8, np.uint64)
+    rng = np.random.default_rng(seed)
+    idx = np.flatnonzero(rng.random(rows) < 1.0 / keep_one_in).astype(np.int32)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        _ext.C.read_rows(buf.ctypes.data, row_bytes, idx.ctypes.data, len(idx), 8)
+        best = min(best, time.perf_counter() - t0)
+    return len(idx) * row_bytes / best
+
+
 def gemm_flops(threads: int, n: int = 2048, repeat: int = 4) -> float:
     """float32 GEMM throughput of the installed BLAS with `threads` threads."""
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
@@ -269,8 +289,10 @@ def run(args) -> int:
     _progress(f"[limits] copy bandwidth and BLAS GEMM with {threads} threads ...")
     bw = copy_bandwidth(threads, 128 if args.quick else 256)
     gemm = gemm_flops(threads, 1024 if args.quick else 2048)
+    gather = gather_bandwidth(128 if args.quick else 256)
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "threads": threads, "copy_bytes_per_s": bw, "gemm_flops": gemm,
+                          "gather_read_bytes_per_s": gather,
                           "simd_level": info.get("simd_level"), "cuda_devices": info.get("cuda_devices")},
               "vkern": info.get("vkern"), "results": []}
     for op_name in ops:
@@ -287,6 +309,9 @@ def run(args) -> int:
     m = report["machine"]
     m["copy_bytes_per_s"] = max(m["copy_bytes_per_s"], copy_bandwidth(threads, 128 if args.quick else 256))
     m["gemm_flops"] = max(m["gemm_flops"], gemm_flops(threads, 1024 if args.quick else 2048))
+    if m.get("gather_read_bytes_per_s"):
+        m["gather_read_bytes_per_s"] = max(m["gather_read_bytes_per_s"],
+                                           gather_bandwidth(128 if args.quick else 256) or 0.0)
     _progress("done")
     text = render(report)
     print(text)
@@ -302,7 +327,10 @@ def render(report: dict) -> str:
     m = report["machine"]
     lines = [f"vkern {report['vkern']} bench: {m['processor']}, {m['threads']} threads, SIMD {m['simd_level']}; "
              f"limits measured in this run (best of start and end): copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
-             f"BLAS sgemm {m['gemm_flops'] / 1e9:.0f} GFLOP/s", ""]
+             f"BLAS sgemm {m['gemm_flops'] / 1e9:.0f} GFLOP/s"
+             + (f", gathered-row reads {m['gather_read_bytes_per_s'] / 1e9:.1f} GB/s "
+                f"({100 * m['gather_read_bytes_per_s'] / m['copy_bytes_per_s']:.0f}% of copy: random 512 B rows, "
+                f"1 in 8, ascending)" if m.get("gather_read_bytes_per_s") else ""), ""]
     for r in report["results"]:
         t = r["timings"]
         ok = {k: v for k, v in t.items() if "error" not in v}
