@@ -29,7 +29,7 @@ from vkern import _ext
 class Contender:
     name: str
     fn: Callable[[], object]
-    kind: str                   # "vkern", "reference" or "peer"
+    kind: str                   # "vkern", "reference", "peer" or "limit" (only the memory traffic, no work)
     sync: Optional[Callable[[], None]] = None   # for GPU work
     note: str = ""
 
@@ -379,7 +379,7 @@ def plot(report: dict, path: str) -> None:
     for ax, r in zip(axes[:, 0], results):
         items = [(k, v["median_s"] * 1e3, v["kind"]) for k, v in r["timings"].items() if "error" not in v]
         items.sort(key=lambda x: x[1])
-        colors = {"vkern": "tab:blue", "peer": "tab:orange", "reference": "tab:gray"}
+        colors = {"vkern": "tab:blue", "peer": "tab:orange", "reference": "tab:gray", "limit": "tab:green"}
         ax.barh([i[0] for i in items], [i[1] for i in items], color=[colors[i[2]] for i in items])
         ax.set_xscale("log")
         ax.set_xlim(left=min(i[1] for i in items) / 2)

@@ -21,6 +21,7 @@ from typing import List
 import numpy as np
 
 import vkern
+from vkern import _arrays as A
 from vkern import _ext
 from vkern.bench import Contender, Workload
 
@@ -45,6 +46,35 @@ def loki_bytes(idx: np.ndarray, T: int, elem: int, gqa: str) -> float:
             heads = idx[b, kv * G:(kv + 1) * G] if gqa == "per_head" else idx[b, kv * G:kv * G + 1]
             rows += len(np.unique(heads[heads >= 0]))
     return float(B * HKV * T * RANK * elem + 2 * rows * D * elem)
+
+
+def memory_floor(k, v, kp, idx: np.ndarray, gqa: str):
+    """A callable that only reads Loki's bytes, with no arithmetic: every row of the key
+    prefix kp [B, H_kv, T, RANK] in order, then the kept K and V rows (each once per KV
+    group), gathered in ascending order with vkern's threads and prefetch. Its time is the
+    machine's floor for this step's memory traffic. None without the compiled extension.
+    k, v, kp: contiguous NumPy arrays or CPU torch tensors."""
+    if not hasattr(_ext.C, "read_rows"):
+        return None
+    G = HQ // HKV
+    T, Dk = int(k.shape[2]), int(k.shape[3])
+    rows = []
+    for b in range(idx.shape[0]):
+        for kv in range(HKV):
+            heads = idx[b, kv * G:(kv + 1) * G] if gqa == "per_head" else idx[b, kv * G:kv * G + 1]
+            rows.append((b * HKV + kv) * T + np.unique(heads[heads >= 0]))
+    kept = np.ascontiguousarray(np.concatenate(rows), dtype=np.int32)
+    pre_rows = np.arange(int(np.prod(kp.shape[:3])), dtype=np.int32)
+    elem = k.itemsize if isinstance(k, np.ndarray) else k.element_size()
+    row_k, row_p = Dk * elem, int(kp.shape[3]) * elem
+    pk, pv, pp = A.data_ptr(k), A.data_ptr(v), A.data_ptr(kp)
+
+    def read(keep=(k, v, kp)):  # keep the arrays alive with the closure
+        _ext.C.read_rows(pp, row_p, pre_rows.ctypes.data, len(pre_rows), 0)
+        _ext.C.read_rows(pk, row_k, kept.ctypes.data, len(kept), 8)
+        _ext.C.read_rows(pv, row_k, kept.ctypes.data, len(kept), 8)
+
+    return read
 
 
 def loki_workloads(quick: bool, threads: int) -> List[Workload]:
@@ -105,6 +135,10 @@ def loki_workloads(quick: bool, threads: int) -> List[Workload]:
                          f"({nbytes / 1e6:.0f} MB moved vs {2 * B * HKV * T * D * elem / 1e6:.0f} MB dense)",
                          bytes=nbytes, flops=2.0 * B * HQ * T * RANK + 4.0 * B * HQ * topk * D)
             w.contenders += peers + dense
+            floor = memory_floor(args[1], args[2], kp, idx, gqa) if have_cpu else None
+            if floor is not None:
+                w.contenders.append(Contender("memory floor: read these bytes only", floor, "limit",
+                                              note="prefix streamed + kept K/V rows gathered, no arithmetic"))
             if have_cpu:
                 w.contenders.append(Contender(f"vkern cpu loki {gqa}", lambda a=args, kw=kw: vkern.loki_attention(
                     *a, backend="cpu", **kw), "vkern"))
