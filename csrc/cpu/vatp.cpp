@@ -229,7 +229,7 @@ void fill_rows(const VatpLevel& lv, const Cache& src, const Cache& dst, int64_t 
   char* d = dst.data + (b * dst.sb + h * dst.sh) * es;
   const int64_t rc = std::min(r1, n);
   if (r0 < rc) {
-    if (src.sd == 1 || D == 1) {
+    if ((src.sd == 1 && dst.sd == 1) || D == 1) {
       lv.copy_rows(d + r0 * dst.st * es, dst.st * es, s, src.st * es, idx + r0, rc - r0, D * es, stream);
     } else {
       for (int64_t r = r0; r < rc; ++r)
@@ -403,14 +403,24 @@ void prune(const PruneCall& c) {
     if (sc.keys.size() > (size_t(1) << 22)) sc = SelectScratch();
   };
 
-  if (c.inplace && BH >= 2 * num_threads()) {
-    // One task per (batch, KV head): select, then compact its K and V. While
-    // one thread selects, the others copy.
+  const bool per_head = BH >= 2 * num_threads();
+  if (!c.inplace && c.fresh_out)
+    for (const Cache* out : {&c.k_out, &c.v_out})
+      if (out->sb == c.H * out->sh && out->sh == c.kmax * out->st && out->st == out->D && out->sd == 1)
+        advise_huge(out->data, c.B * out->sb * elem_size(out->dtype));
+  if (per_head) {
+    // One task per (batch, KV head): select, then move its K and V rows.
+    // While one thread selects, the others copy.
     parallel_for(BH, [&](int64_t bh, int) {
       select(bh);
       const int64_t b = bh / c.H, h = bh % c.H;
-      for (const Cache* x : {&c.k, &c.v})
-        compact_rows(lv, *x, b, h, c.kept_idx + bh * c.kmax, c.kept_lens[b], c.kmax, stream);
+      const int64_t* idx = c.kept_idx + bh * c.kmax;
+      if (c.inplace) {
+        for (const Cache* x : {&c.k, &c.v}) compact_rows(lv, *x, b, h, idx, c.kept_lens[b], c.kmax, stream);
+      } else {
+        fill_rows(lv, c.k, c.k_out, b, h, idx, c.kept_lens[b], 0, c.kmax, stream);
+        fill_rows(lv, c.v, c.v_out, b, h, idx, c.kept_lens[b], 0, c.kmax, stream);
+      }
     });
     return;
   }
@@ -422,14 +432,11 @@ void prune(const PruneCall& c) {
     });
     return;
   }
-  for (const Cache* out : {&c.k_out, &c.v_out})
-    if (out->sb == c.H * out->sh && out->sh == c.kmax * out->st && out->st == out->D && out->sd == 1)
-      advise_huge(out->data, c.B * out->sb * elem_size(out->dtype));
   const int64_t chunk = 1024;
-  const int64_t per_head = (c.kmax + chunk - 1) / chunk;
-  parallel_for(BH * per_head * 2, [&](int64_t task, int) {
+  const int64_t chunks = (c.kmax + chunk - 1) / chunk;
+  parallel_for(BH * chunks * 2, [&](int64_t task, int) {
     const int64_t which = task % 2, rest = task / 2;
-    const int64_t bh = rest / per_head, r0 = (rest % per_head) * chunk, r1 = std::min(c.kmax, r0 + chunk);
+    const int64_t bh = rest / chunks, r0 = (rest % chunks) * chunk, r1 = std::min(c.kmax, r0 + chunk);
     const int64_t b = bh / c.H, h = bh % c.H;
     fill_rows(lv, which ? c.v : c.k, which ? c.v_out : c.k_out, b, h, c.kept_idx + bh * c.kmax, c.kept_lens[b], r0,
               r1, stream);
