@@ -207,10 +207,9 @@ def _prepare_out(out, kn, vn, sn, kmax: int, inplace: bool, lib: str) -> tuple:
     dsts = []
     for i, (buf, src, name) in enumerate(zip(out, (kn, vn), ("k", "v"))):
         label = f"out[{i}]"
-        try:
-            bn, _ = A.to_native(buf, label)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{label}: expected an array for {name}_out, got {type(buf).__name__}") from exc
+        if not (isinstance(buf, np.ndarray) or A.is_torch(buf) or hasattr(buf, "__dlpack__")):
+            raise TypeError(f"{label}: expected an array for {name}_out, got {type(buf).__name__}")
+        bn, _ = A.to_native(buf, label)
         if A.dtype_name(bn) != A.dtype_name(src):
             raise TypeError(f"{label}: expected dtype {A.dtype_name(src)} (that of {name}), got {A.dtype_name(bn)}")
         B, H, D = int(src.shape[0]), int(src.shape[1]), int(src.shape[3])
