@@ -4,10 +4,16 @@
 // attention_colsum: one task per (strip of query rows, query head); each
 //   worker owns one strip buffer (T x qblock floats) and one double
 //   accumulator [B, H_kv, T]; extra memory is O(threads * B * H_kv * T).
-// prune: per (batch, KV head) a radix select of the free budget (no sort; the
-//   kept set is emitted by one ascending scan), then the kept rows are copied
-//   with large forward copies: chunks of rows in parallel out of place, one
-//   (batch, KV head) per task in place (destinations never pass sources).
+// prune: per (batch, KV head) a radix select of the free budget (no sort: one
+//   histogram pass over all keys, later passes only over the chosen bucket;
+//   the kept set is emitted by one branch-free ascending scan), then the kept
+//   rows are moved with forward copies (runs of consecutive rows at once,
+//   kept rows prefetched ahead). With at least 2 (batch, KV head) pairs per
+//   thread, one task selects and moves one pair (K and V), so selection
+//   overlaps the other threads' copies; otherwise all pairs are selected
+//   first and the moves are split finer (chunks of rows out of place, K and
+//   V apart in place). In place, destinations never pass sources. Outputs
+//   (fresh or out=) may have any strides.
 #include "cpu/vatp.h"
 
 #include <algorithm>
