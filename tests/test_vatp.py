@@ -508,6 +508,19 @@ def test_prune_selection_edge_cases_cpu(sdtype, rng):
     _check_prune(got, k, k, s, [T], 600, 0, 0)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    _ext.C is None, reason="no cpu"))])
+def test_prune_empty_head_dim(backend, rng):
+    """D = 0 caches (nothing to move) still select, in place and into out= too."""
+    k = np.zeros((1, 2, 10, 0), np.float32)
+    s = rng.random((1, 2, 10)).astype(np.float32)
+    want = ref.prune_indices(s, np.array([10]), np.array([5]), 1, 1)
+    for kw in (dict(inplace=True), dict(out=(np.zeros((1, 2, 5, 0), np.float32), np.zeros((1, 2, 6, 0), np.float32)))):
+        got = vkern.vatp_prune(k.copy(), k.copy(), s, budget=5, num_sink=1, num_recent=1, backend=backend, **kw)
+        np.testing.assert_array_equal(got[2], want)
+        assert got[0].shape == (1, 2, 5, 0)
+
+
 def test_prune_bad_out(rng):
     k, v, s = _prune_inputs(rng)
     prune = vkern.vatp_prune

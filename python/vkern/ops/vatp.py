@@ -196,7 +196,7 @@ def _no_self_overlap(x, name: str, what: str = "inplace=True") -> None:
         reach = stride * n
 
 
-def _prepare_out(out, kn, vn, sn, kmax: int, inplace: bool, lib: str) -> tuple:
+def _prepare_out(out, kn, vn, sn, kmax: int, inplace: bool) -> tuple:
     """Validated out=(k_out, v_out): native arrays [B, H_kv, >= kmax, D] of the caches' dtypes, writeable,
     on the caches' device, overlapping neither each other nor k, v, scores. Returns their [:, :, :kmax] views."""
     if inplace:
@@ -275,7 +275,7 @@ def _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace
                 raise ValueError("k, v: inplace=True needs k and v in separate memory (they overlap)")
     kept = np.array([ref.resolve_budget(budget, int(L), num_sink, num_recent) for L in host], dtype=np.int64)
     kmax = int(kept.max()) if B else 0
-    dst = None if out is None else _prepare_out(out, kn, vn, sn, kmax, bool(inplace), lib)
+    dst = None if out is None else _prepare_out(out, kn, vn, sn, kmax, bool(inplace))
     return PruneCall(kn, vn, sn, sl, host, kept, kmax, num_sink, num_recent, bool(inplace),
                      A.device_of(kn), lib, origin, dst)
 
