@@ -57,22 +57,30 @@ def test_prune_reference(benchmark, dtype):
                        rounds=2, iterations=1)
 
 
+def _bufs(k):
+    return torch.empty((B, H, N_KEEP, D), dtype=k.dtype), torch.empty((B, H, N_KEEP, D), dtype=k.dtype)
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["fresh", "out"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_prune_torch_topk_sort_gather(benchmark, dtype):
+def test_prune_torch_topk_sort_gather(benchmark, dtype, reuse):
     _prune_info(benchmark, "peer", dtype)
     k, v, s = _cache(dtype)
-    benchmark(torch_prune, k, v, s, N_KEEP)
+    benchmark(torch_prune, k, v, s, N_KEEP, out=_bufs(k) if reuse else None)
 
 
 @pytest.mark.skipif(not CPU_OK, reason="cpu backend unavailable")
-@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+@pytest.mark.parametrize("mode", ["out_of_place_fresh", "inplace", "out"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_prune_vkern_cpu(benchmark, dtype, inplace):
+def test_prune_vkern_cpu(benchmark, dtype, mode):
+    """fresh: new outputs per call (first-touch page faults inside the call); out: caller-provided
+    buffers reused across calls; inplace: compaction inside K and V."""
     _prune_info(benchmark, "vkern", dtype)
     k, v, s = _cache(dtype)
-    if inplace:   # re-pruning the same buffer with the same scores repeats the same moves
+    if mode == "inplace":   # re-pruning the same buffer with the same scores repeats the same moves
         k, v = k.clone(), v.clone()
-    benchmark(vkern.vatp_prune, k, v, s, budget=N_KEEP, inplace=inplace, backend="cpu")
+    benchmark(vkern.vatp_prune, k, v, s, budget=N_KEEP, inplace=mode == "inplace",
+              out=_bufs(k) if mode == "out" else None, backend="cpu")
 
 
 def _colsum_inputs():

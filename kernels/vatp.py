@@ -297,19 +297,22 @@ def value_l1(v: torch.Tensor) -> torch.Tensor:
 
 
 def prune(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, seq_lens: torch.Tensor, kept_lens: torch.Tensor,
-          num_sink: int, num_recent: int, kmax: int, inplace: bool):
+          num_sink: int, num_recent: int, kmax: int, inplace: bool, out_bufs=None):
     """k [B, H, T, Dk], v [B, H, T, Dv] contiguous; scores float32 [B, H, T] contiguous; seq_lens,
-    kept_lens int64 [B] -> (k_kept, v_kept, kept_idx) as SPEC §3 (views of k and v when inplace)."""
+    kept_lens int64 [B] -> (k_kept, v_kept, kept_idx) as SPEC §3 (views of k and v when inplace).
+    out_bufs: optional contiguous (k_out, v_out) [B, H, kmax, D] written instead of fresh tensors."""
     B, H, T = scores.shape
     idx = torch.empty((B, H, kmax), dtype=torch.int64, device=k.device)
     if B * H == 0 or kmax == 0:
         if inplace:
             return k[:, :, :kmax], v[:, :, :kmax], idx
+        if out_bufs is not None:
+            return out_bufs[0], out_bufs[1], idx
         return k.new_zeros((B, H, kmax, k.shape[3])), v.new_zeros((B, H, kmax, v.shape[3])), idx
     _select_kernel[(B * H,)](scores, seq_lens, kept_lens, idx, H, T, kmax, num_sink, num_recent,
                              BLOCK=_BLOCK_SEL)
     outs = []
-    for x in (k, v):
+    for i, x in enumerate((k, v)):
         D = x.shape[3]
         BD = min(_pow2(D), 128)
         if inplace:
@@ -317,7 +320,7 @@ def prune(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, seq_lens: torc
                 _compact_kernel[(B * H, triton.cdiv(D, BD))](x, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS, BLOCK_D=BD)
             outs.append(x[:, :, :kmax])
         else:
-            y = torch.empty((B, H, kmax, D), dtype=x.dtype, device=x.device)
+            y = torch.empty((B, H, kmax, D), dtype=x.dtype, device=x.device) if out_bufs is None else out_bufs[i]
             if D:
                 _gather_kernel[(B * H, triton.cdiv(kmax, _BLOCK_ROWS))](x, y, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS,
                                                                         BLOCK_D=BD)

@@ -371,6 +371,196 @@ def test_prune_large_rows_cpu_equals_reference(rng):
         np.testing.assert_array_equal(x, y)
 
 
+# ------------------------------------------------- out= and the selection
+
+def _fresh_buf(x, rows, fill=7.0):
+    """A caller-provided buffer like x ([B, H, rows, D]) pre-filled, so untouched rows can be checked."""
+    if isinstance(x, np.ndarray):
+        return np.full(x.shape[:2] + (rows,) + x.shape[3:], fill, dtype=x.dtype)
+    return torch.full(tuple(x.shape[:2]) + (rows,) + tuple(x.shape[3:]), fill, dtype=x.dtype, device=x.device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("extra_rows", [0, 5])
+def test_prune_out_equals_out_of_place(backend, dtype, extra_rows, rng):
+    if dtype == "bfloat16" and torch is None:
+        pytest.skip("needs torch")
+    k, v, s = _prune_inputs(rng, H=1 if backend == "triton" else 3)
+    lens = np.array([100, 60])
+    kin, vin = _as(k, backend, dtype), _as(v, backend, dtype)
+    sin = _as(s, backend, as_torch=not isinstance(kin, np.ndarray))
+    slin = lens if isinstance(kin, np.ndarray) else _as(lens, backend, "int64", as_torch=True)
+    want = vkern.vatp_prune(kin, vin, sin, budget=0.5, num_sink=2, num_recent=5, seq_lens=slin, backend=backend)
+    kmax = int(_np(want[3]).max())
+    ko, vo = _fresh_buf(kin, kmax + extra_rows), _fresh_buf(vin, kmax + extra_rows)
+    got = vkern.vatp_prune(kin, vin, sin, budget=0.5, num_sink=2, num_recent=5, seq_lens=slin, out=(ko, vo),
+                           backend=backend)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(_np(a), _np(b))
+    _check_prune(got, _np(kin), _np(vin), s, lens, 0.5, 2, 5)
+    if isinstance(ko, np.ndarray):     # views of the caller's buffers
+        assert np.shares_memory(got[0], ko) and np.shares_memory(got[1], vo)
+    else:
+        assert got[0].data_ptr() == ko.data_ptr() and got[1].data_ptr() == vo.data_ptr()
+    np.testing.assert_array_equal(_np(ko)[:, :, :kmax], _np(got[0]))
+    assert np.all(_np(ko)[:, :, kmax:] == 7) and np.all(_np(vo)[:, :, kmax:] == 7)   # rows past kmax untouched
+    np.testing.assert_array_equal(_np(kin), _np(_as(k, backend, dtype)))             # inputs untouched
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    _ext.C is None, reason="no cpu"))])
+def test_prune_out_strided_buffers(backend, rng):
+    """out= buffers that are views with odd strides: sliced along D, heads interleaved, rows reversed."""
+    k, v, s = _prune_inputs(rng)
+    want = vkern.vatp_prune(k, v, s, budget=30, num_sink=2, num_recent=3, backend="reference")
+    kbig = np.zeros((2, 3, 40, 32), np.float32)
+    vbig = np.zeros((2, 6, 30, 8), np.float32)
+    ko = kbig[:, :, :, ::2]                          # D stride 2
+    vo = vbig[:, ::2]                                # heads interleaved
+    got = vkern.vatp_prune(k, v, s, budget=30, num_sink=2, num_recent=3, out=(ko, vo), backend=backend)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert np.all(kbig[:, :, :, 1::2] == 0) and np.all(vbig[:, 1::2] == 0)   # the gaps stay untouched
+    # negative strides: NumPy views the CPU kernel cannot take (auto falls back, cpu says why)
+    vr = np.zeros((2, 3, 30, 8), np.float32)[:, :, ::-1]
+    got = vkern.vatp_prune(k, v, s, budget=30, num_sink=2, num_recent=3, out=(np.zeros_like(ko), vr))
+    np.testing.assert_array_equal(got[1], want[1])
+    if backend == "cpu":
+        with pytest.raises(vkern.BackendUnavailable, match="out= needs non-negative strides"):
+            vkern.vatp_prune(k, v, s, budget=30, num_sink=2, num_recent=3, out=(np.zeros_like(ko), vr),
+                             backend="cpu")
+
+
+@pytest.mark.skipif(_ext.C is None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("level", ["generic", "avx2", "avx512shape"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_prune_every_simd_level_and_mode(level, dtype, rng):
+    """Selection + row moves at every SIMD level: out of place == in place == out= == reference, for
+    long rows with many ties (the radix select's later passes and the tie cut), seq_lens, and
+    both schedules (one task per head when B*H >= 2 threads, else select then move)."""
+    if dtype == "bfloat16" and torch is None:
+        pytest.skip("needs torch")
+    if level not in _ext.C.simd_supported() and level != "avx512shape":
+        pytest.skip(f"{level} not supported here")
+    T = 3000
+    for B, H, D in ((2, 3, 24), (1, 1, 40)):
+        k, v, s = _prune_inputs(rng, B=B, H=H, T=T, Dk=D, Dv=8, ties=False)
+        s = np.round(s * 50).astype(np.float32) - 20.0      # ~50 distinct values around 0, +-0.0 included
+        s[..., ::7] = -0.0
+        s[..., 5::97] = np.nan
+        lens = np.array([T, 1234][:B])
+        kin, vin = _as(k, "cpu", dtype), _as(v, "cpu", dtype)
+        if not isinstance(kin, np.ndarray):
+            s, lens = torch.from_numpy(s), torch.from_numpy(lens)
+        copy = (lambda x: x.copy()) if isinstance(kin, np.ndarray) else (lambda x: x.clone())
+        try:
+            vkern.set_simd_level(level)
+            res = {}
+            for threads in (1, 2):
+                vkern.set_num_threads(threads)
+                res[f"oop{threads}"] = vkern.vatp_prune(kin, vin, s, budget=0.37, num_sink=3, num_recent=9,
+                                                        seq_lens=lens, backend="cpu")
+                kmax = int(_np(res[f"oop{threads}"][3]).max())
+                bufs = (_fresh_buf(kin, kmax + 2), _fresh_buf(vin, kmax))
+                res[f"out{threads}"] = vkern.vatp_prune(kin, vin, s, budget=0.37, num_sink=3, num_recent=9,
+                                                        seq_lens=lens, out=bufs, backend="cpu")
+                kc, vc = copy(kin), copy(vin)
+                res[f"inplace{threads}"] = vkern.vatp_prune(kc, vc, s, budget=0.37, num_sink=3, num_recent=9,
+                                                            seq_lens=lens, inplace=True, backend="cpu")
+        except ValueError:
+            pytest.skip(f"{level} not runnable here")
+        finally:
+            vkern.set_simd_level("auto")
+            vkern.set_num_threads(2)
+        want = vkern.vatp_prune(kin, vin, s, budget=0.37, num_sink=3, num_recent=9, seq_lens=lens,
+                                backend="reference")
+        _check_prune(want, _np(kin), _np(vin), _np(s), _np(lens), 0.37, 3, 9)
+        for name, got in res.items():
+            for a, b in zip(got, want):
+                np.testing.assert_array_equal(_np(a), _np(b), err_msg=name)
+
+
+@pytest.mark.skipif(_ext.C is None, reason="cpu backend unavailable")
+@pytest.mark.parametrize("sdtype", ["float32", "float16", "bfloat16"])
+def test_prune_selection_edge_cases_cpu(sdtype, rng):
+    """Ties at the threshold cut in the middle of a run of equal scores, all scores equal, -inf/+inf,
+    huge and tiny magnitudes, strided scores in every dtype, against the reference selection."""
+    if sdtype == "bfloat16" and torch is None:
+        pytest.skip("needs torch")
+    T = 2048
+    cases = [np.full(T, 3.0), np.zeros(T), rng.standard_normal(T) * 1e30,
+             np.where(rng.random(T) < 0.5, np.inf, -np.inf), rng.standard_normal(T) * 1e-30,
+             np.repeat(rng.integers(0, 3, T // 64), 64).astype(np.float64)]
+    s = np.stack(cases)[None].astype(np.float32)                 # [1, 6, T]
+    k = rng.standard_normal((1, 6, T, 8)).astype(np.float32)
+    with np.errstate(over="ignore"):                             # 1e30 -> inf in float16, on purpose
+        sd = _as(s, "cpu", sdtype, as_torch=sdtype == "bfloat16")
+    if sdtype == "bfloat16":
+        k = torch.from_numpy(k)
+    s_exact = _np(sd).astype(np.float32)                         # what the kernel compares
+    for budget in (37, 1000, 2047):
+        got = vkern.vatp_prune(k, k, sd, budget=budget, num_sink=1, num_recent=4, backend="cpu")
+        _check_prune(got, _np(k), _np(k), s_exact, [T], budget, 1, 4)
+    k = _np(k)
+    ss = np.ascontiguousarray(np.stack([s, s], -1))[..., 0]      # strided scores
+    got = vkern.vatp_prune(k, k, ss, budget=600, num_sink=0, num_recent=0, backend="cpu")
+    _check_prune(got, k, k, s, [T], 600, 0, 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    _ext.C is None, reason="no cpu"))])
+def test_prune_empty_head_dim(backend, rng):
+    """D = 0 caches (nothing to move) still select, in place and into out= too."""
+    k = np.zeros((1, 2, 10, 0), np.float32)
+    s = rng.random((1, 2, 10)).astype(np.float32)
+    want = ref.prune_indices(s, np.array([10]), np.array([5]), 1, 1)
+    for kw in (dict(inplace=True), dict(out=(np.zeros((1, 2, 5, 0), np.float32), np.zeros((1, 2, 6, 0), np.float32)))):
+        got = vkern.vatp_prune(k.copy(), k.copy(), s, budget=5, num_sink=1, num_recent=1, backend=backend, **kw)
+        np.testing.assert_array_equal(got[2], want)
+        assert got[0].shape == (1, 2, 5, 0)
+
+
+def test_prune_bad_out(rng):
+    k, v, s = _prune_inputs(rng)
+    prune = vkern.vatp_prune
+    ko, vo = np.zeros((2, 3, 40, 16), np.float32), np.zeros((2, 3, 40, 8), np.float32)
+    with pytest.raises(TypeError, match=r"out: expected a pair \(k_out, v_out\).*length 1"):
+        prune(k, v, s, budget=40, out=(ko,))
+    with pytest.raises(TypeError, match="out: expected a pair"):
+        prune(k, v, s, budget=40, out=ko)
+    with pytest.raises(TypeError, match=r"out\[1\]: expected an array for v_out, got str"):
+        prune(k, v, s, budget=40, out=(ko, "buffer"))
+    with pytest.raises(TypeError, match=r"out\[0\]: expected dtype float32 \(that of k\), got float16"):
+        prune(k, v, s, budget=40, out=(ko.astype(np.float16), vo))
+    with pytest.raises(ValueError, match=r"out\[0\]: expected shape \[B, H_kv, >= 40, D\] = "
+                                         r"\(2, 3, >= 40, 16\) for k, got \(2, 3, 39, 16\)"):
+        prune(k, v, s, budget=40, out=(ko[:, :, :39], vo))
+    with pytest.raises(ValueError, match=r"out\[1\]: expected shape .* got \(2, 3, 40, 16\)"):
+        prune(k, v, s, budget=40, out=(ko, ko.copy()))
+    with pytest.raises(ValueError, match=r"out\[1\]: expected shape"):
+        prune(k, v, s, budget=40, out=(ko, vo[None]))
+    ro = vo.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"out\[1\]: expected a writeable array"):
+        prune(k, v, s, budget=40, out=(ko, ro))
+    with pytest.raises(ValueError, match=r"out\[0\]: out= needs a layout where no two elements share memory"):
+        prune(k, v, s, budget=40, out=(np.lib.stride_tricks.as_strided(ko, ko.shape, (0,) + ko.strides[1:]), vo))
+    with pytest.raises(ValueError, match=r"out\[0\]: expected memory separate from k"):
+        prune(k, v, s, budget=40, out=(k, vo))
+    with pytest.raises(ValueError, match=r"out\[1\]: expected memory separate from v"):
+        prune(k, v, s, budget=40, out=(ko, v[:, :, 10:]))
+    both = np.zeros((2, 3, 40, 16), np.float32)
+    with pytest.raises(ValueError, match=r"out\[0\], out\[1\]: expected separate buffers"):
+        prune(k, v, s, budget=40, out=(both, both[..., 4:12]))
+    with pytest.raises(ValueError, match="out: cannot be combined with inplace=True"):
+        prune(k.copy(), v.copy(), s, budget=40, inplace=True, out=(ko, vo))
+    if torch is not None:
+        with pytest.raises(TypeError, match="mixed array kinds"):
+            prune(k, v, s, budget=40, out=(torch.from_numpy(ko), vo))
+    np.testing.assert_array_equal(ko, 0)   # nothing ran
+
+
 # ---------------------------------------------------------- bad inputs
 
 def test_bad_inputs(rng):
@@ -464,6 +654,27 @@ def test_torch_custom_ops_opcheck(rng):
     torch.library.opcheck(ops.vatp_prune.default, (k, v, s, sl, -1, 0.5, 1, 2, be))
     torch.library.opcheck(ops.vatp_prune_.default, (k.clone(), v.clone(), s, sl, -1, 0.5, 1, 2, be))
     torch.library.opcheck(ops.vatp_prune_.default, (k.clone(), v.clone(), s, None, 5, 0.0, 1, 2, be))
+    torch.library.opcheck(ops.vatp_prune_out.default, (k, v, s, sl, -1, 0.5, 1, 2, be, torch.zeros(2, 2, 6, 8),
+                                                       torch.zeros(2, 2, 5, 4)))
+    torch.library.opcheck(ops.vatp_prune_out.default, (k, v, s, None, 5, 0.0, 1, 2, be, torch.zeros(2, 2, 5, 8),
+                                                       torch.zeros(2, 2, 5, 4)))
+
+
+@pytest.mark.skipif(torch is None, reason="needs torch")
+def test_torch_compile_out(rng):
+    """vatp_prune(out=...) under torch.compile goes through vkern::vatp_prune_out and writes the buffers."""
+    k, v, s = (torch.from_numpy(x) for x in _prune_inputs(rng, ties=False))
+    ko, vo = torch.zeros(2, 3, 40, 16), torch.zeros(2, 3, 40, 8)
+
+    def f(k, v, s, ko, vo):
+        return vkern.vatp_prune(k, v, s, budget=40, num_sink=2, num_recent=3, out=(ko, vo), backend="cpu"
+                                if _ext.C is not None else "reference")
+
+    got = torch.compile(f, backend="eager", fullgraph=True)(k, v, s, ko, vo)
+    want = vkern.vatp_prune(k, v, s, budget=40, num_sink=2, num_recent=3, backend="reference")
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(ko.numpy(), want[0].numpy())
 
 
 @pytest.mark.skipif(torch is None, reason="needs torch")

@@ -58,7 +58,8 @@ cpu::vatp::Cache cache(uintptr_t data, int dtype, int64_t D, const Strides4& s, 
 void prune_cpu(uintptr_t k, int k_dtype, int64_t Dk, Strides4 ks, uintptr_t v, int v_dtype, int64_t Dv, Strides4 vs,
                uintptr_t k_out, Strides4 kos, uintptr_t v_out, Strides4 vos, int64_t B, int64_t H, int64_t T,
                uintptr_t scores, int s_dtype, std::vector<int64_t> ss, uintptr_t seq_lens, uintptr_t kept_lens,
-               int64_t num_sink, int64_t num_recent, int64_t kmax, uintptr_t kept_idx, bool inplace) {
+               int64_t num_sink, int64_t num_recent, int64_t kmax, uintptr_t kept_idx, bool inplace,
+               bool fresh_out) {
   check_dtype(s_dtype, "scores");
   require(ss.size() == 3, "scores: expected 3 strides");
   require(B >= 0 && H >= 0 && T >= 0 && Dk >= 0 && Dv >= 0 && num_sink >= 0 && num_recent >= 0 && kmax >= 0,
@@ -80,7 +81,7 @@ void prune_cpu(uintptr_t k, int k_dtype, int64_t Dk, Strides4 ks, uintptr_t v, i
                             inplace ? cpu::vatp::Cache{} : cache(k_out, k_dtype, Dk, kos, "k_out"),
                             inplace ? cpu::vatp::Cache{} : cache(v_out, v_dtype, Dv, vos, "v_out"),
                             B, H, T, ptr<const void>(scores), s_dtype, ss[0], ss[1], ss[2], lens, kept,
-                            num_sink, num_recent, kmax, ptr<int64_t>(kept_idx), inplace};
+                            num_sink, num_recent, kmax, ptr<int64_t>(kept_idx), inplace, fresh_out && !inplace};
   py::gil_scoped_release release;
   cpu::vatp::prune(call);
 }

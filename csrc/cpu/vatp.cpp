@@ -4,10 +4,16 @@
 // attention_colsum: one task per (strip of query rows, query head); each
 //   worker owns one strip buffer (T x qblock floats) and one double
 //   accumulator [B, H_kv, T]; extra memory is O(threads * B * H_kv * T).
-// prune: per (batch, KV head) a radix select of the free budget (no sort; the
-//   kept set is emitted by one ascending scan), then the kept rows are copied
-//   with large forward copies: chunks of rows in parallel out of place, one
-//   (batch, KV head) per task in place (destinations never pass sources).
+// prune: per (batch, KV head) a radix select of the free budget (no sort: one
+//   histogram pass over all keys, later passes only over the chosen bucket;
+//   the kept set is emitted by one branch-free ascending scan), then the kept
+//   rows are moved with forward copies (runs of consecutive rows at once,
+//   kept rows prefetched ahead). With at least 2 (batch, KV head) pairs per
+//   thread, one task selects and moves one pair (K and V), so selection
+//   overlaps the other threads' copies; otherwise all pairs are selected
+//   first and the moves are split finer (chunks of rows out of place, K and
+//   V apart in place). In place, destinations never pass sources. Outputs
+//   (fresh or out=) may have any strides.
 #include "cpu/vatp.h"
 
 #include <algorithm>
@@ -47,43 +53,119 @@ inline float load_scalar(const void* p, int dtype, int64_t i) {
 }
 
 // Order-preserving uint32 key of a float score: higher score, higher key;
-// NaN lowest (0, below -inf); -0.0 and +0.0 equal.
-inline uint32_t sort_key(float f) {
-  if (std::isnan(f)) return 0u;
-  if (f == 0.0f) f = 0.0f;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+// NaN lowest (0, below -inf); -0.0 and +0.0 equal. Branch-free, so that the
+// loops over a row of scores vectorise.
+inline uint32_t key_of_bits(uint32_t u) {
+  u = u == 0x80000000u ? 0u : u;                                    // -0.0 -> +0.0
+  const uint32_t key = u ^ ((u & 0x80000000u) ? 0xffffffffu : 0x80000000u);
+  return (u & 0x7fffffffu) > 0x7f800000u ? 0u : key;                // NaN -> 0
 }
 
-// The k-th largest key of keys[0, n) (1 <= k <= n) by an 11/11/10-bit radix
-// select; *take_equal = how many keys equal to it belong to the top k.
-uint32_t radix_select(const uint32_t* keys, int64_t n, int64_t k, int64_t* take_equal, int64_t* hist) {
-  static const int shifts[3] = {21, 10, 0};
-  static const int widths[3] = {11, 11, 10};
-  uint32_t prefix = 0, prefix_mask = 0;
-  int64_t remaining = k;
-  for (int pass = 0; pass < 3; ++pass) {
-    const int shift = shifts[pass];
-    const uint32_t bmask = (1u << widths[pass]) - 1u;
-    std::fill(hist, hist + (bmask + 1), int64_t(0));
-    for (int64_t i = 0; i < n; ++i)
-      if ((keys[i] & prefix_mask) == prefix) ++hist[(keys[i] >> shift) & bmask];
-    int64_t bucket = bmask;
-    for (; bucket > 0; --bucket) {
-      if (hist[bucket] >= remaining) break;
-      remaining -= hist[bucket];
+inline uint32_t sort_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return key_of_bits(u);
+}
+
+// Per-worker scratch of the selection.
+struct SelectScratch {
+  std::vector<uint32_t> keys;   // [mid] keys of the unprotected tokens
+  std::vector<uint32_t> cand;   // candidates left after each radix pass
+  std::vector<int64_t> pos;     // [mid + 1] kept positions when idx has no slack for the branch-free emission
+  std::vector<uint32_t> hist;   // 4 interleaved 2048-bucket histograms
+};
+
+constexpr int kDigitBits[3] = {11, 11, 10};
+constexpr int kDigitShift[3] = {21, 10, 0};
+
+// The bucket of a 2048-bucket histogram (summed over `copies` interleaved
+// copies) that holds the `remaining`-th largest key; `remaining` becomes the
+// rank inside that bucket and *count its size.
+inline int64_t top_bucket(const uint32_t* hist, int copies, int64_t buckets, int64_t* remaining, int64_t* count) {
+  for (int64_t b = buckets - 1; b >= 0; --b) {
+    int64_t c = 0;
+    for (int k = 0; k < copies; ++k) c += hist[k * 2048 + b];
+    if (c >= *remaining || b == 0) {
+      *count = c;
+      return b;
     }
-    prefix |= static_cast<uint32_t>(bucket) << shift;
-    prefix_mask |= bmask << shift;
+    *remaining -= c;
+  }
+  return 0;
+}
+
+// The k-th largest key of keys[0, n) (1 <= k <= n): a radix select over
+// 11/11/10-bit digits. The first pass histograms every key (4 interleaved
+// histograms, so runs of equal digits do not serialise on one counter); each
+// later pass works only on the keys of the chosen bucket, copied out by the
+// pass before. *take_equal = how many keys equal to it belong to the top k,
+// *n_equal = how many keys equal it.
+uint32_t radix_select(const uint32_t* keys, int64_t n, int64_t k, int64_t* take_equal, int64_t* n_equal,
+                      SelectScratch& sc) {
+  uint32_t* hist = sc.hist.data();
+  std::fill(hist, hist + 4 * 2048, 0u);
+  {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      ++hist[0 * 2048 + (keys[i] >> 21)];
+      ++hist[1 * 2048 + (keys[i + 1] >> 21)];
+      ++hist[2 * 2048 + (keys[i + 2] >> 21)];
+      ++hist[3 * 2048 + (keys[i + 3] >> 21)];
+    }
+    for (; i < n; ++i) ++hist[keys[i] >> 21];
+  }
+  int64_t remaining = k, count = 0;
+  uint32_t prefix = static_cast<uint32_t>(top_bucket(hist, 4, 2048, &remaining, &count)) << 21;
+  // Candidates: the keys of that bucket (branch-free compaction).
+  uint32_t* cand = sc.cand.data();
+  int64_t nc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = keys[i];
+    cand[nc] = key;
+    nc += (key >> 21) == (prefix >> 21);
+  }
+  for (int pass = 1; pass < 3; ++pass) {
+    const int shift = kDigitShift[pass];
+    const uint32_t bmask = (1u << kDigitBits[pass]) - 1u;
+    std::fill(hist, hist + (bmask + 1), 0u);
+    for (int64_t i = 0; i < nc; ++i) ++hist[(cand[i] >> shift) & bmask];
+    const uint32_t bucket = static_cast<uint32_t>(top_bucket(hist, 1, bmask + 1, &remaining, &count));
+    prefix |= bucket << shift;
+    if (pass == 2) break;
+    int64_t m = 0;
+    for (int64_t i = 0; i < nc; ++i) {
+      const uint32_t key = cand[i];
+      cand[m] = key;
+      m += ((key >> shift) & bmask) == bucket;
+    }
+    nc = m;
   }
   *take_equal = remaining;
+  *n_equal = count;
   return prefix;
 }
 
-// Kept positions of one (batch, KV head), ascending, into idx[0, n).
+// Keys of `count` scores (element stride st) into keys[0, count).
+void make_keys(const void* scores, int dtype, int64_t st, int64_t count, uint32_t* keys) {
+  if (dtype == kF32 && st == 1) {
+    const uint32_t* u = static_cast<const uint32_t*>(scores);
+    for (int64_t i = 0; i < count; ++i) keys[i] = key_of_bits(u[i]);
+  } else if (dtype == kF32) {
+    const uint32_t* u = static_cast<const uint32_t*>(scores);
+    for (int64_t i = 0; i < count; ++i) keys[i] = key_of_bits(u[i * st]);
+  } else if (dtype == kBF16) {
+    const uint16_t* h = static_cast<const uint16_t*>(scores);
+    for (int64_t i = 0; i < count; ++i) keys[i] = key_of_bits(uint32_t(h[i * st]) << 16);
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(scores);
+    for (int64_t i = 0; i < count; ++i) keys[i] = sort_key(half_to_float(h[i * st]));
+  }
+}
+
+// Kept positions of one (batch, KV head), ascending, into idx[0, n); idx
+// has room for cap >= n entries.
 void select_row(const void* scores, int dtype, int64_t st, int64_t L, int64_t n, int64_t num_sink,
-                int64_t num_recent, int64_t* idx, std::vector<uint32_t>& keys, std::vector<int64_t>& hist) {
+                int64_t num_recent, int64_t* idx, int64_t cap, SelectScratch& sc) {
   const int64_t sink_end = std::min(num_sink, L);
   const int64_t recent_start = std::max(sink_end, L - num_recent);
   const int64_t mid = recent_start - sink_end;
@@ -93,14 +175,42 @@ void select_row(const void* scores, int dtype, int64_t st, int64_t L, int64_t n,
   if (n_free >= mid) {
     for (int64_t t = sink_end; t < recent_start; ++t) idx[out++] = t;
   } else if (n_free > 0) {
-    keys.resize(static_cast<size_t>(mid));
-    for (int64_t i = 0; i < mid; ++i) keys[i] = sort_key(load_scalar(scores, dtype, (sink_end + i) * st));
-    int64_t take_equal = 0;
-    const uint32_t thr = radix_select(keys.data(), mid, n_free, &take_equal, hist.data());
-    for (int64_t i = 0; i < mid; ++i) {
-      const uint32_t key = keys[i];
-      if (key > thr || (key == thr && take_equal-- > 0)) idx[out++] = sink_end + i;
+    if (static_cast<int64_t>(sc.keys.size()) < mid) {
+      sc.keys.resize(static_cast<size_t>(mid));
+      sc.cand.resize(static_cast<size_t>(mid));
+      sc.pos.resize(static_cast<size_t>(mid + 1));
     }
+    if (sc.hist.empty()) sc.hist.resize(4 * 2048);
+    const int64_t es = elem_size(dtype);
+    make_keys(static_cast<const char*>(scores) + sink_end * st * es, dtype, st, mid, sc.keys.data());
+    int64_t take_equal = 0, n_thr = 0;
+    const uint32_t thr = radix_select(sc.keys.data(), mid, n_free, &take_equal, &n_thr, sc);
+    // Emit ascending, branch-free: every position is written, the count
+    // advances only for kept ones. The last write lands one past the kept
+    // ones: straight into idx when that slot is still ours. Keys equal to
+    // the threshold are taken lowest index first: when only some of them
+    // are, the ones after the take_equal-th (at `cut`) are left out.
+    const uint32_t* keys = sc.keys.data();
+    int64_t cut = mid;
+    if (take_equal < n_thr) {
+      int64_t seen = 0;
+      for (cut = 0; cut < mid; ++cut)
+        if (keys[cut] == thr && ++seen == take_equal) break;
+      ++cut;
+    }
+    const bool direct = out + n_free < cap;
+    int64_t* pos = direct ? idx + out : sc.pos.data();
+    int64_t m = 0;
+    for (int64_t i = 0; i < cut; ++i) {
+      pos[m] = sink_end + i;
+      m += keys[i] >= thr;
+    }
+    for (int64_t i = cut; i < mid; ++i) {
+      pos[m] = sink_end + i;
+      m += keys[i] > thr;
+    }
+    if (!direct) std::memcpy(idx + out, pos, static_cast<size_t>(m) * sizeof(int64_t));
+    out += m;
   }
   for (int64_t t = recent_start; t < L; ++t) idx[out++] = t;
 }
@@ -125,7 +235,7 @@ void fill_rows(const VatpLevel& lv, const Cache& src, const Cache& dst, int64_t 
   char* d = dst.data + (b * dst.sb + h * dst.sh) * es;
   const int64_t rc = std::min(r1, n);
   if (r0 < rc) {
-    if (src.sd == 1 || D == 1) {
+    if ((src.sd == 1 && dst.sd == 1) || D == 1) {
       lv.copy_rows(d + r0 * dst.st * es, dst.st * es, s, src.st * es, idx + r0, rc - r0, D * es, stream);
     } else {
       for (int64_t r = r0; r < rc; ++r)
@@ -279,29 +389,48 @@ void prune(const PruneCall& c) {
   const int64_t BH = c.B * c.H;
   if (BH == 0 || c.kmax == 0) return;
 
-  // 1. selection
-  struct Scratch {
-    std::vector<uint32_t> keys;
-    std::vector<int64_t> hist;
-  };
-  std::vector<Scratch> scratch(num_threads());
-  parallel_for(BH, [&](int64_t bh, int worker) {
-    Scratch& sc = scratch[worker];
-    if (sc.hist.empty()) sc.hist.resize(2048);
-    const int64_t b = bh / c.H, h = bh % c.H, n = c.kept_lens[b];
-    int64_t* idx = c.kept_idx + bh * c.kmax;
-    const int64_t es = elem_size(c.s_dtype);
-    const void* s = static_cast<const char*>(c.scores) + (b * c.s_sb + h * c.s_sh) * es;
-    select_row(s, c.s_dtype, c.s_st, c.seq_lens[b], n, c.num_sink, c.num_recent, idx, sc.keys, sc.hist);
-    std::fill(idx + n, idx + c.kmax, int64_t(-1));
-  });
-
-  // 2. compaction. Non-temporal stores once the moved bytes clearly exceed the caches.
+  // Non-temporal stores once the moved bytes clearly exceed the caches.
   double moved = 0.0;
   for (int64_t b = 0; b < c.B; ++b)
     moved += double(c.kept_lens[b]) * c.H * double(c.k.D * elem_size(c.k.dtype) + c.v.D * elem_size(c.v.dtype));
   bool stream = moved > 32.0 * (1 << 20);
   if (stream_mode() >= 0) stream = stream_mode() == 1;
+
+  auto select = [&](int64_t bh) {
+    // Scratch lives with the (persistent) pool thread, so that repeated calls
+    // do not map and fault fresh pages; very long rows give it back.
+    static thread_local SelectScratch sc;
+    const int64_t b = bh / c.H, h = bh % c.H, n = c.kept_lens[b];
+    int64_t* idx = c.kept_idx + bh * c.kmax;
+    const int64_t es = elem_size(c.s_dtype);
+    const void* s = static_cast<const char*>(c.scores) + (b * c.s_sb + h * c.s_sh) * es;
+    select_row(s, c.s_dtype, c.s_st, c.seq_lens[b], n, c.num_sink, c.num_recent, idx, c.kmax, sc);
+    std::fill(idx + n, idx + c.kmax, int64_t(-1));
+    if (sc.keys.size() > (size_t(1) << 22)) sc = SelectScratch();
+  };
+
+  const bool per_head = BH >= 2 * num_threads();
+  if (!c.inplace && c.fresh_out)
+    for (const Cache* out : {&c.k_out, &c.v_out})
+      if (out->sb == c.H * out->sh && out->sh == c.kmax * out->st && out->st == out->D && out->sd == 1)
+        advise_huge(out->data, c.B * out->sb * elem_size(out->dtype));
+  if (per_head) {
+    // One task per (batch, KV head): select, then move its K and V rows.
+    // While one thread selects, the others copy.
+    parallel_for(BH, [&](int64_t bh, int) {
+      select(bh);
+      const int64_t b = bh / c.H, h = bh % c.H;
+      const int64_t* idx = c.kept_idx + bh * c.kmax;
+      if (c.inplace) {
+        for (const Cache* x : {&c.k, &c.v}) compact_rows(lv, *x, b, h, idx, c.kept_lens[b], c.kmax, stream);
+      } else {
+        fill_rows(lv, c.k, c.k_out, b, h, idx, c.kept_lens[b], 0, c.kmax, stream);
+        fill_rows(lv, c.v, c.v_out, b, h, idx, c.kept_lens[b], 0, c.kmax, stream);
+      }
+    });
+    return;
+  }
+  parallel_for(BH, [&](int64_t bh, int) { select(bh); });
   if (c.inplace) {
     parallel_for(BH * 2, [&](int64_t task, int) {
       const int64_t bh = task / 2, b = bh / c.H, h = bh % c.H;
@@ -309,14 +438,11 @@ void prune(const PruneCall& c) {
     });
     return;
   }
-  for (const Cache* out : {&c.k_out, &c.v_out})
-    if (out->sb == c.H * out->sh && out->sh == c.kmax * out->st && out->st == out->D && out->sd == 1)
-      advise_huge(out->data, c.B * out->sb * elem_size(out->dtype));
   const int64_t chunk = 1024;
-  const int64_t per_head = (c.kmax + chunk - 1) / chunk;
-  parallel_for(BH * per_head * 2, [&](int64_t task, int) {
+  const int64_t chunks = (c.kmax + chunk - 1) / chunk;
+  parallel_for(BH * chunks * 2, [&](int64_t task, int) {
     const int64_t which = task % 2, rest = task / 2;
-    const int64_t bh = rest / per_head, r0 = (rest % per_head) * chunk, r1 = std::min(c.kmax, r0 + chunk);
+    const int64_t bh = rest / chunks, r0 = (rest % chunks) * chunk, r1 = std::min(c.kmax, r0 + chunk);
     const int64_t b = bh / c.H, h = bh % c.H;
     fill_rows(lv, which ? c.v : c.k, which ? c.v_out : c.k_out, b, h, c.kept_idx + bh * c.kmax, c.kept_lens[b], r0,
               r1, stream);

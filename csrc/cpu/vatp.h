@@ -78,7 +78,7 @@ struct Cache {
 
 struct PruneCall {
   Cache k, v;                 // inputs (written when in place)
-  Cache k_out, v_out;         // outputs [B, H, kmax, D] (ignored in place)
+  Cache k_out, v_out;         // outputs [B, H, kmax, D], any strides (ignored in place)
   int64_t B, H, T;
   const void* scores;         // [B, H, T], element strides below
   int s_dtype;
@@ -88,6 +88,7 @@ struct PruneCall {
   int64_t num_sink, num_recent, kmax;
   int64_t* kept_idx;          // [B, H, kmax] contiguous, -1 padded
   bool inplace;
+  bool fresh_out;             // k_out/v_out were just allocated for this call (never touched yet)
 };
 
 void attention_colsum(const ColsumCall& call);

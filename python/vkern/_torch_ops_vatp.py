@@ -79,9 +79,35 @@ def _(k, v, scores, seq_lens, budget_tokens, budget_frac, num_sink, num_recent, 
                                                                                         dtype=torch.int64)
 
 
-def call_vatp_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, backend):
+@torch.library.custom_op("vkern::vatp_prune_out", mutates_args=("k_out", "v_out"))
+def vatp_prune_out_op(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, seq_lens: Optional[torch.Tensor],
+                      budget_tokens: int, budget_frac: float, num_sink: int, num_recent: int, backend: str,
+                      k_out: torch.Tensor, v_out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    _, _, idx, lens = _vatp.vatp_prune_impl(k, v, scores, budget=_budget(budget_tokens, budget_frac),
+                                            num_sink=num_sink, num_recent=num_recent, seq_lens=seq_lens,
+                                            out=(k_out, v_out), backend=backend)
+    return idx, lens
+
+
+@vatp_prune_out_op.register_fake
+def _(k, v, scores, seq_lens, budget_tokens, budget_frac, num_sink, num_recent, backend, k_out, v_out):
+    kmax = _fake_kmax(k, seq_lens, budget_tokens, budget_frac, num_sink, num_recent)
+    return k.new_empty((k.shape[0], k.shape[1], kmax), dtype=torch.int64), k.new_empty((k.shape[0],),
+                                                                                        dtype=torch.int64)
+
+
+def call_vatp_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, backend, out=None):
     frac = isinstance(budget, float)
     bt, bf = (-1, float(budget)) if frac else (int(budget), 0.0)
+    if out is not None and not inplace:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"out: expected a pair (k_out, v_out) of tensors, got {type(out).__name__}")
+        idx, lens = vatp_prune_out_op(k, v, scores, seq_lens, bt, bf, int(num_sink), int(num_recent), backend,
+                                      out[0], out[1])
+        kmax = idx.shape[2]
+        return out[0][:, :, :kmax], out[1][:, :, :kmax], idx, lens
+    if out is not None:
+        raise ValueError("out: cannot be combined with inplace=True (in place the results are views of k and v)")
     if not inplace:
         return vatp_prune_op(k, v, scores, seq_lens, bt, bf, int(num_sink), int(num_recent), backend)
     idx, lens = vatp_prune_inplace_op(k, v, scores, seq_lens, bt, bf, int(num_sink), int(num_recent), backend)

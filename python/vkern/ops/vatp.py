@@ -115,11 +115,12 @@ class PruneCall:
     device: str
     lib: str
     origin: str
+    out: Optional[tuple] = None   # (k_dst, v_dst): the caller's out= buffers cut to [B, H_kv, kmax, D]
 
     def __repr__(self) -> str:
         return (f"k {tuple(self.k.shape)} {A.dtype_name(self.k)}, v {tuple(self.v.shape)} {A.dtype_name(self.v)}, "
                 f"scores {A.dtype_name(self.scores)}, keep {self.kmax}, inplace={self.inplace}, "
-                f"{self.lib} on {self.device}")
+                f"out={'given' if self.out is not None else None}, {self.lib} on {self.device}")
 
 
 def _prepare_colsum(q, k, causal, seq_lens, scale) -> ColsumCall:
@@ -165,25 +166,72 @@ def _size(x) -> int:
 
 
 def _extent(x) -> tuple:
-    """(first byte, one past the last byte) that x's elements touch."""
-    lo = A.data_ptr(x)
+    """(first byte, one past the last byte) that x's elements touch (negative strides included)."""
+    base = A.data_ptr(x)
     item = x.itemsize if isinstance(x, np.ndarray) else x.element_size()
-    span = sum((int(n) - 1) * abs(int(s)) for n, s in zip(x.shape, A.elem_strides(x)))
-    return lo, lo + (span + 1) * item
+    strides = x.strides if isinstance(x, np.ndarray) else tuple(s * item for s in x.stride())
+    lo = base + sum(min(0, (int(n) - 1) * int(s)) for n, s in zip(x.shape, strides))
+    hi = base + sum(max(0, (int(n) - 1) * int(s)) for n, s in zip(x.shape, strides)) + item
+    return lo, hi
 
 
-def _no_self_overlap(x, name: str) -> None:
-    """In-place compaction needs every element at its own address."""
+def _overlap(a, b) -> bool:
+    """Whether a and b may share memory (exact for NumPy, conservative for interleaved torch views)."""
+    if not (_size(a) and _size(b)):
+        return False
+    (a0, a1), (b0, b1) = _extent(a), _extent(b)
+    return a0 < b1 and b0 < a1 and _really_overlap(a, b)
+
+
+def _no_self_overlap(x, name: str, what: str = "inplace=True") -> None:
+    """In-place compaction (and an out= buffer) needs every element at its own address."""
+    if not _size(x):
+        return
     dims = sorted((abs(int(s)), int(n)) for n, s in zip(x.shape, A.elem_strides(x)) if int(n) > 1)
     reach = 1
     for stride, n in dims:
         if stride < reach:
-            raise ValueError(f"{name}: inplace=True needs a layout where no two elements share memory "
+            raise ValueError(f"{name}: {what} needs a layout where no two elements share memory "
                              f"(got strides {A.elem_strides(x)} for shape {tuple(x.shape)})")
         reach = stride * n
 
 
-def _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace) -> PruneCall:
+def _prepare_out(out, kn, vn, sn, kmax: int, inplace: bool) -> tuple:
+    """Validated out=(k_out, v_out): native arrays [B, H_kv, >= kmax, D] of the caches' dtypes, writeable,
+    on the caches' device, overlapping neither each other nor k, v, scores. Returns their [:, :, :kmax] views."""
+    if inplace:
+        raise ValueError("out: cannot be combined with inplace=True (in place the results are views of k and v)")
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"out: expected a pair (k_out, v_out) of arrays, got {type(out).__name__}"
+                        + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    dsts = []
+    for i, (buf, src, name) in enumerate(zip(out, (kn, vn), ("k", "v"))):
+        label = f"out[{i}]"
+        if not (isinstance(buf, np.ndarray) or A.is_torch(buf) or hasattr(buf, "__dlpack__")):
+            raise TypeError(f"{label}: expected an array for {name}_out, got {type(buf).__name__}")
+        bn, _ = A.to_native(buf, label)
+        if A.dtype_name(bn) != A.dtype_name(src):
+            raise TypeError(f"{label}: expected dtype {A.dtype_name(src)} (that of {name}), got {A.dtype_name(bn)}")
+        B, H, D = int(src.shape[0]), int(src.shape[1]), int(src.shape[3])
+        shape = tuple(int(x) for x in bn.shape)
+        if bn.ndim != 4 or shape[0] != B or shape[1] != H or shape[3] != D or shape[2] < kmax:
+            raise ValueError(f"{label}: expected shape [B, H_kv, >= {kmax}, D] = ({B}, {H}, >= {kmax}, {D}) "
+                             f"for {name}, got {shape}")
+        if isinstance(bn, np.ndarray) and not bn.flags.writeable:
+            raise ValueError(f"{label}: expected a writeable array, got a read-only one")
+        dsts.append(bn[:, :, :kmax])
+    _same_place({"k": kn, "out[0]": dsts[0], "out[1]": dsts[1]})
+    for i, d in enumerate(dsts):
+        _no_self_overlap(d, f"out[{i}]", "out=")
+        for other, oname in ((kn, "k"), (vn, "v"), (sn, "scores")):
+            if _overlap(d, other):
+                raise ValueError(f"out[{i}]: expected memory separate from {oname}, got an overlapping buffer")
+    if _overlap(dsts[0], dsts[1]):
+        raise ValueError("out[0], out[1]: expected separate buffers for k_out and v_out, got overlapping ones")
+    return dsts[0], dsts[1]
+
+
+def _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, out=None) -> PruneCall:
     kn, origin = A.to_native(k, "k")
     vn, _ = A.to_native(v, "v")
     sn, _ = A.to_native(scores, "scores")
@@ -227,8 +275,9 @@ def _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace
                 raise ValueError("k, v: inplace=True needs k and v in separate memory (they overlap)")
     kept = np.array([ref.resolve_budget(budget, int(L), num_sink, num_recent) for L in host], dtype=np.int64)
     kmax = int(kept.max()) if B else 0
+    dst = None if out is None else _prepare_out(out, kn, vn, sn, kmax, bool(inplace))
     return PruneCall(kn, vn, sn, sl, host, kept, kmax, num_sink, num_recent, bool(inplace),
-                     A.device_of(kn), lib, origin)
+                     A.device_of(kn), lib, origin, dst)
 
 
 def _really_overlap(a, b) -> bool:
@@ -251,13 +300,25 @@ def _vnorm_reference(call: VnormCall):
     return A.as_kind(ref.value_l1(A.to_numpy(call.v)), call.v)
 
 
+def _into_out(call: PruneCall, k_kept, v_kept, kept_idx):
+    """Out-of-place results copied into the caller's out= buffers (backends without a direct path)."""
+    if call.out is None:
+        return k_kept, v_kept, kept_idx
+    for dst, src in zip(call.out, (k_kept, v_kept)):
+        if isinstance(dst, np.ndarray):
+            dst[...] = src
+        else:
+            dst.copy_(src)
+    return call.out[0], call.out[1], kept_idx
+
+
 def _prune_reference(call: PruneCall):
     idx = ref.prune_indices(A.to_numpy(call.scores, np.float32), call.host_lens, call.kept_lens,
                             call.num_sink, call.num_recent)
     kept_idx = A.as_kind(idx, call.k)
     if isinstance(call.k, np.ndarray):
         if not call.inplace:
-            return ref.gather_kept(call.k, idx), ref.gather_kept(call.v, idx), kept_idx
+            return _into_out(call, ref.gather_kept(call.k, idx), ref.gather_kept(call.v, idx), kept_idx)
         for x in (call.k, call.v):
             x[:, :, :call.kmax] = ref.gather_kept(x, idx)   # gather_kept copies first: safe in place
         return call.k[:, :, :call.kmax], call.v[:, :, :call.kmax], kept_idx
@@ -273,7 +334,7 @@ def _prune_reference(call: PruneCall):
             x[:, :, :call.kmax] = g
             g = x[:, :, :call.kmax]
         outs.append(g)
-    return outs[0], outs[1], kept_idx
+    return _into_out(call, outs[0], outs[1], kept_idx)
 
 
 _COLSUM.register(Backend("reference", _host_only, _colsum_reference))
@@ -327,6 +388,8 @@ def _prune_cpu_why_not(call: PruneCall) -> Optional[str]:
     reason = _cpu_why_not(call)
     if reason is None and call.inplace and not (_strided_ok(call.k) and _strided_ok(call.v)):
         return "in place needs non-negative strides that are whole elements"
+    if reason is None and call.out is not None and not all(_strided_ok(x) for x in call.out):
+        return "out= needs non-negative strides that are whole elements"
     return reason
 
 
@@ -340,6 +403,8 @@ def _prune_cpu(call: PruneCall):
     idx = A.empty_like_kind((B, H, kmax), "int64", call.k)
     if call.inplace:
         k_out = v_out = None
+    elif call.out is not None:
+        k_out, v_out = call.out
     else:
         k_out = A.empty_like_kind((B, H, kmax, Dk), A.dtype_name(k), call.k)
         v_out = A.empty_like_kind((B, H, kmax, Dv), A.dtype_name(v), call.k)
@@ -351,7 +416,8 @@ def _prune_cpu(call: PruneCall):
     _ext.C.vatp_prune_cpu(A.data_ptr(k), _code(k), Dk, list(A.elem_strides(k)), A.data_ptr(v), _code(v), Dv,
                           list(A.elem_strides(v)), ko, kos, vo, vos, B, H, T, A.data_ptr(scores), _code(scores),
                           list(A.elem_strides(scores)), call.host_lens.ctypes.data, call.kept_lens.ctypes.data,
-                          call.num_sink, call.num_recent, kmax, A.data_ptr(idx), call.inplace)
+                          call.num_sink, call.num_recent, kmax, A.data_ptr(idx), call.inplace,
+                          call.out is None and not call.inplace)
     if call.inplace:
         return k[:, :, :kmax], v[:, :, :kmax], idx
     return k_out, v_out, idx
@@ -374,9 +440,9 @@ def value_l1_impl(v, *, backend="auto"):
     return A.from_native(_VNORM.pick(backend, call).run(call), call.origin)
 
 
-def vatp_prune_impl(k, v, scores, *, budget, num_sink=4, num_recent=32, seq_lens=None, inplace=False,
+def vatp_prune_impl(k, v, scores, *, budget, num_sink=4, num_recent=32, seq_lens=None, inplace=False, out=None,
                     backend="auto"):
-    call = _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace)
+    call = _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, out)
     k_kept, v_kept, kept_idx = _PRUNE.pick(backend, call).run(call)
     kept_lens = A.as_kind(call.kept_lens, call.k)
     return tuple(A.from_native(x, call.origin) for x in (k_kept, v_kept, kept_idx, kept_lens))
@@ -439,7 +505,7 @@ def value_l1(v, *, backend: str = "auto"):
 
 
 def vatp_prune(k, v, scores, *, budget: Union[int, float], num_sink: int = 4, num_recent: int = 32,
-               seq_lens=None, inplace: bool = False, backend: str = "auto"):
+               seq_lens=None, inplace: bool = False, out=None, backend: str = "auto"):
     """Keep the most important tokens of a KV cache per (batch, KV head) and compact K and V.
 
     Per (b, h): exactly n_b tokens are kept, n_b = the budget resolved for
@@ -458,6 +524,11 @@ def vatp_prune(k, v, scores, *, budget: Union[int, float], num_sink: int = 4, nu
         inplace: compact k and v inside their own buffers (kept rows move forward,
             in order) and return views of them; rows past a sequence's kept_lens
             up to Kmax are zeroed, as in the out-of-place result.
+        out: optional pair (k_out, v_out) of caller-provided buffers [B, H_kv, >= Kmax, D]
+            with the dtypes of k and v (e.g. a preallocated pool, reused across calls);
+            the result is written to their first Kmax rows and k_kept / v_kept are
+            views of them. Not with inplace=True; must not overlap k, v, scores or
+            each other.
 
     Returns:
         (k_kept [B, H_kv, Kmax, D], v_kept [B, H_kv, Kmax, D], kept_idx int64
@@ -473,9 +544,9 @@ def vatp_prune(k, v, scores, *, budget: Union[int, float], num_sink: int = 4, nu
     if _compiling(k):
         from .. import _torch_ops_vatp as T_ops
 
-        return T_ops.call_vatp_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, backend)
+        return T_ops.call_vatp_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, backend, out)
     return vatp_prune_impl(k, v, scores, budget=budget, num_sink=num_sink, num_recent=num_recent,
-                           seq_lens=seq_lens, inplace=inplace, backend=backend)
+                           seq_lens=seq_lens, inplace=inplace, out=out, backend=backend)
 
 
 # ----------------------------------------------------- Triton and CUDA
@@ -519,10 +590,19 @@ def _prune_gpu_inputs(call: PruneCall):
     return k, v, scores, _gpu_lens(call), kept
 
 
+def _direct_out(call: PruneCall):
+    """The out= buffers when a GPU kernel can write them as they are (contiguous [B, H, kmax, D]), else None."""
+    if call.out is not None and all(x.is_contiguous() for x in call.out):
+        return call.out
+    return None
+
+
 def _prune_triton(call: PruneCall):
     k, v, scores, lens, kept = _prune_gpu_inputs(call)
-    return _ext.triton_kernels("vatp").prune(k, v, scores, lens, kept, call.num_sink, call.num_recent, call.kmax,
-                                             call.inplace)
+    direct = _direct_out(call)
+    res = _ext.triton_kernels("vatp").prune(k, v, scores, lens, kept, call.num_sink, call.num_recent, call.kmax,
+                                            call.inplace, out_bufs=direct)
+    return res if direct is not None else _into_out(call, *res)
 
 
 _COLSUM.register(Backend("triton", _triton_why_not, _colsum_triton))
@@ -569,8 +649,11 @@ def _prune_cuda(call: PruneCall):
     Dv = int(v.shape[3])
     kmax = call.kmax
     idx = torch.empty((B, H, kmax), dtype=torch.int64, device=k.device)
+    direct = _direct_out(call)
     if call.inplace:
         k_out, v_out = k, v
+    elif direct is not None:
+        k_out, v_out = direct
     else:
         k_out = torch.empty((B, H, kmax, Dk), dtype=k.dtype, device=k.device)
         v_out = torch.empty((B, H, kmax, Dv), dtype=v.dtype, device=v.device)
@@ -581,7 +664,9 @@ def _prune_cuda(call: PruneCall):
                                call.num_recent, kmax, idx.data_ptr(), call.inplace, _stream(k))
     if call.inplace:
         return k[:, :, :kmax], v[:, :, :kmax], idx
-    return k_out, v_out, idx
+    if direct is not None:
+        return k_out, v_out, idx
+    return _into_out(call, k_out, v_out, idx)
 
 
 _COLSUM.register(Backend("cuda", _cuda_why_not, _colsum_cuda))
