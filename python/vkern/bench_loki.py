@@ -137,7 +137,7 @@ def loki_workloads(quick: bool, threads: int) -> List[Workload]:
             w.contenders += peers + dense
             floor = memory_floor(args[1], args[2], kp, idx, gqa) if have_cpu else None
             if floor is not None:
-                w.contenders.append(Contender("memory floor: read these bytes only", floor, "limit",
+                w.contenders.append(Contender("read these bytes only (no math)", floor, "limit",
                                               note="prefix streamed + kept K/V rows gathered, no arithmetic"))
             if have_cpu:
                 w.contenders.append(Contender(f"vkern cpu loki {gqa}", lambda a=args, kw=kw: vkern.loki_attention(
