@@ -51,8 +51,9 @@ def loki_bytes(idx: np.ndarray, T: int, elem: int, gqa: str) -> float:
 def memory_floor(k, v, kp, idx: np.ndarray, gqa: str):
     """A callable that only reads Loki's bytes, with no arithmetic: every row of the key
     prefix kp [B, H_kv, T, RANK] in order, then the kept K and V rows (each once per KV
-    group), gathered in ascending order with vkern's threads and prefetch. Its time is the
-    machine's floor for this step's memory traffic. None without the compiled extension.
+    group), gathered in ascending order with vkern's threads and prefetch. Its time shows
+    what this step's memory traffic alone costs on this machine (a kernel that schedules
+    its reads better can still beat it). None without the compiled extension.
     k, v, kp: contiguous NumPy arrays or CPU torch tensors."""
     if not hasattr(_ext.C, "read_rows"):
         return None
