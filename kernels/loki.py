@@ -22,15 +22,7 @@ import contextlib
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR = ""
-except Exception as exc:  # pragma: no cover - the wrapper guards on availability
-    triton = None
-    tl = None
-    _IMPORT_ERROR = f"triton is not importable: {exc!r}"
+from ._common import order_key, tl, triton
 
 __all__ = ["rotate", "loki_attention", "decode_attention"]
 
@@ -71,14 +63,6 @@ if triton is not None:
         tl.store(scores_ptr + (b * NL + lst).to(tl.int64) * T + t, s, mask=rmask)
 
     @triton.jit
-    def _sort_key(s):
-        # Larger float -> larger key in [0, 2**32); -0 == +0; NaN -> 0 (ranks last).
-        s = tl.where(s == 0.0, 0.0, s)
-        bits = s.to(tl.int32, bitcast=True).to(tl.int64)
-        key = tl.where(bits < 0, -bits - 1, bits + 2147483648)
-        return tl.where(s != s, 0, key)
-
-    @triton.jit
     def _select_kernel(scores_ptr, lens_ptr, budgets_ptr, idx_ptr, T, NL, K, NUM_SINK, NUM_RECENT,
                        BLOCK: tl.constexpr):
         pid = tl.program_id(0)
@@ -106,14 +90,14 @@ if triton is not None:
             cnt = tl.zeros((), dtype=tl.int64)
             for c in range(lo, hi, BLOCK):
                 p = c + offs
-                key = _sort_key(tl.load(row + p, mask=p < hi, other=0.0))
+                key = order_key(tl.load(row + p, mask=p < hi, other=0.0))
                 cnt += tl.sum(((key >= cand) & (p < hi)).to(tl.int64), axis=0)
             t = tl.where(cnt >= need, cand, t)
             step = step >> 1
         gt = tl.zeros((), dtype=tl.int64)
         for c in range(lo, hi, BLOCK):
             p = c + offs
-            key = _sort_key(tl.load(row + p, mask=p < hi, other=0.0))
+            key = order_key(tl.load(row + p, mask=p < hi, other=0.0))
             gt += tl.sum(((key > t) & (p < hi)).to(tl.int64), axis=0)
         # positions equal to t to take (need == 0 drives t to 2**32 - 1, above every key: none)
         ties = need - gt
@@ -122,7 +106,7 @@ if triton is not None:
         for c in range(lo, hi, BLOCK):
             p = c + offs
             ok = p < hi
-            key = _sort_key(tl.load(row + p, mask=ok, other=0.0))
+            key = order_key(tl.load(row + p, mask=ok, other=0.0))
             eq = (key == t) & ok
             eq_rank = eq_seen + tl.cumsum(eq.to(tl.int64), axis=0) - 1
             take = ((key > t) & ok) | (eq & (eq_rank < ties))

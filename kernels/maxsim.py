@@ -20,15 +20,8 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR = ""
-except Exception as exc:  # pragma: no cover - the wrapper guards on is_available()
-    triton = None
-    tl = None
-    _IMPORT_ERROR = f"triton is not importable: {exc!r}"
+from ._common import IMPORT_ERROR as _IMPORT_ERROR
+from ._common import tl, triton
 
 __all__ = ["maxsim_scores", "is_available"]
 

@@ -19,15 +19,8 @@ from typing import List, Sequence
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR = ""
-except Exception as exc:  # pragma: no cover
-    triton = None
-    tl = None
-    _IMPORT_ERROR = f"triton is not importable: {exc!r}"
+from ._common import IMPORT_ERROR as _IMPORT_ERROR
+from ._common import tl, triton
 
 __all__ = ["Pools", "pools", "dequantize", "apply", "delta_linear", "is_available"]
 

@@ -29,15 +29,8 @@ import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR = ""
-except Exception as exc:  # pragma: no cover - the wrapper guards on is_available()
-    triton = None
-    tl = None
-    _IMPORT_ERROR = f"triton is not importable: {exc!r}"
+from ._common import IMPORT_ERROR as _IMPORT_ERROR
+from ._common import order_key, tl, triton
 
 __all__ = ["attention_colsum", "value_l1", "prune", "is_available"]
 
@@ -169,14 +162,6 @@ if triton is not None:
         tl.store(out_ptr + rows, acc, mask=rows < rows_total)
 
     @triton.jit
-    def _order_key(x):
-        # float32 -> int64 in [0, 2^32), order-preserving; NaN lowest (0), -0.0 == +0.0
-        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key64 = key.to(tl.int64) + 2147483648
-        return tl.where(x != x, 0, key64)
-
-    @triton.jit
     def _select_kernel(scores_ptr, lens_ptr, kept_ptr, idx_ptr, H, T, kmax, num_sink, num_recent,
                        BLOCK: tl.constexpr):
         bh = tl.program_id(0)
@@ -196,7 +181,7 @@ if triton is not None:
             for t0 in range(0, mid, BLOCK):
                 offs = t0 + tl.arange(0, BLOCK)
                 x = tl.load(row + sink_end + offs, mask=offs < mid, other=0.0)
-                cnt += tl.sum(((_order_key(x) >= cand) & (offs < mid)).to(tl.int64), axis=0)
+                cnt += tl.sum(((order_key(x) >= cand) & (offs < mid)).to(tl.int64), axis=0)
             thr = tl.where(cnt >= n_free, cand, thr)
         thr = tl.where(n_free >= mid, -1, thr)                  # the whole middle is kept
         thr = tl.where(n_free <= 0, 4294967296, thr)            # nothing from the middle
@@ -204,7 +189,7 @@ if triton is not None:
         for t0 in range(0, mid, BLOCK):
             offs = t0 + tl.arange(0, BLOCK)
             x = tl.load(row + sink_end + offs, mask=offs < mid, other=0.0)
-            gt += tl.sum(((_order_key(x) > thr) & (offs < mid)).to(tl.int64), axis=0)
+            gt += tl.sum(((order_key(x) > thr) & (offs < mid)).to(tl.int64), axis=0)
         take_equal = n_free - gt
         out = idx_ptr + bh * kmax
         written = tl.zeros([], tl.int64)
@@ -212,7 +197,7 @@ if triton is not None:
         for t0 in range(0, L, BLOCK):
             t = t0 + tl.arange(0, BLOCK)
             x = tl.load(row + t, mask=t < L, other=0.0)
-            key = _order_key(x)
+            key = order_key(x)
             in_mid = (t >= sink_end) & (t < recent_start)
             eq = in_mid & (key == thr)
             eq_rank = equal_seen + tl.cumsum(eq.to(tl.int64), axis=0) - 1

@@ -1,0 +1,23 @@
+"""Shared by the Triton kernel modules (vkern.kernels.*): the optional triton
+import, and the order-preserving float key the selection kernels rank by."""
+try:
+    import triton
+    import triton.language as tl
+
+    IMPORT_ERROR = ""
+except Exception as exc:  # pragma: no cover - the wrappers check availability first
+    triton = None
+    tl = None
+    IMPORT_ERROR = f"triton is not importable: {exc!r}"
+
+__all__ = ["triton", "tl", "IMPORT_ERROR", "order_key"]
+
+if triton is not None:
+
+    @triton.jit
+    def order_key(x):
+        # float32 -> int64 key in [0, 2**32): a larger float gets a larger key,
+        # -0.0 == +0.0, NaN -> 0 (ranks last).
+        bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True).to(tl.int64)
+        key = tl.where(bits < 0, -bits - 1, bits + 2147483648)
+        return tl.where(x != x, 0, key)
