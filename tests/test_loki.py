@@ -6,7 +6,9 @@ import pytest
 import vkern
 from vkern.reference import loki as ref
 
-from conftest import HAVE_CUDA, HAVE_TORCH
+from conftest import HAVE_CUDA, HAVE_TORCH, host
+from conftest import needs as shared_needs
+from conftest import to_kind as kind
 
 if HAVE_TORCH:
     import torch
@@ -15,32 +17,7 @@ BACKENDS = ["reference", "cpu", "triton", "cuda"]
 
 
 def needs(name, op="loki_attention"):
-    ok, reason = vkern.available_backends(op)[name]
-    if not ok:
-        pytest.skip(f"{name}: {reason}")
-    if name in ("triton", "cuda") and not HAVE_TORCH:
-        pytest.skip("needs torch")
-
-
-def kind(backend, a, dtype=None):
-    """NumPy for reference/cpu (torch for bf16), torch on the right device otherwise."""
-    if a is None:
-        return None
-    a = np.asarray(a)
-    if backend in ("reference", "cpu") and dtype in (None, "float32", "float16"):
-        return a.astype(dtype) if dtype and a.dtype.kind == "f" else a
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if dtype is not None and t.is_floating_point():
-        t = t.to(getattr(torch, dtype))
-    if backend == "cuda" or (backend == "triton" and HAVE_CUDA):
-        t = t.cuda()
-    return t
-
-
-def host(x):
-    if HAVE_TORCH and isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.cpu().numpy()
-    return np.asarray(x)
+    shared_needs(name, op)
 
 
 def brute_attention(q, k, v, idx_lists, scale):

@@ -10,7 +10,8 @@ import pytest
 import vkern
 from vkern.reference import maxsim as ref
 
-from conftest import HAVE_CUDA, HAVE_TORCH
+from conftest import HAVE_CUDA, HAVE_TORCH, host, to_kind
+from conftest import needs as shared_needs
 
 if HAVE_TORCH:
     import torch
@@ -24,32 +25,7 @@ def backend_ok(name):
 
 
 def needs(name):
-    ok, reason = backend_ok(name)
-    if not ok:
-        pytest.skip(f"{name}: {reason}")
-    if name in ("triton", "cuda") and not HAVE_TORCH:
-        pytest.skip("needs torch")
-
-
-def to_kind(backend, a, dtype=None):
-    """Array for a backend: NumPy for reference/cpu, torch on the right device otherwise."""
-    if a is None:
-        return None
-    if backend in ("reference", "cpu") and dtype in (None, "float32", "float16"):
-        out = np.asarray(a)
-        return out.astype(dtype) if dtype and out.dtype.kind == "f" else out
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if dtype is not None and t.is_floating_point():
-        t = t.to(getattr(torch, dtype))
-    if backend == "cuda" or (backend == "triton" and HAVE_CUDA):
-        t = t.cuda()
-    return t
-
-
-def host(x):
-    if HAVE_TORCH and isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.cpu().numpy()
-    return np.asarray(x)
+    shared_needs(name, "maxsim")
 
 
 def brute(q, docs_list, qlens=None):

@@ -12,6 +12,7 @@ from vkern import taskvec as tv
 from vkern.reference import taskvec as ref
 
 from conftest import HAVE_CUDA, HAVE_TORCH
+from conftest import needs as shared_needs
 
 if HAVE_TORCH:
     import torch
@@ -24,11 +25,7 @@ EPS = {"float32": 2.0 ** -23, "float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 
 
 def needs(name, op="apply_task_vectors"):
-    ok, reason = vkern.available_backends(op)[name]
-    if not ok:
-        pytest.skip(f"{name}: {reason}")
-    if name in ("triton", "cuda") and not HAVE_TORCH:
-        pytest.skip("needs torch")
+    shared_needs(name, op)
 
 
 def device_for(backend):
