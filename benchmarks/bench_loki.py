@@ -22,17 +22,8 @@ from vkern.bench_loki import B, D, HKV, RANK, decode_data, loki_bytes
 
 torch = pytest.importorskip("torch")
 
-THREADS = int(os.environ.get("VKERN_BENCH_THREADS", "2"))
 T = int(os.environ.get("VKERN_BENCH_LOKI_T", "32768"))
 TOPK = T // 8
-vkern.set_num_threads(THREADS)
-torch.set_num_threads(THREADS)
-try:
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(THREADS)
-except Exception:  # pragma: no cover
-    pass
 
 _Q, _K, _V = decode_data(T)
 _DATA = {}

@@ -15,8 +15,6 @@ import pytest
 import vkern
 from vkern.bench import colbert_like, numpy_flat_gemm
 
-THREADS = int(os.environ.get("VKERN_BENCH_THREADS", "2"))
-vkern.set_num_threads(THREADS)
 N_DOCS = int(os.environ.get("VKERN_BENCH_DOCS", "1000"))
 QUERIES, DOCS, OFFSETS = colbert_like(N_DOCS, 16)
 T, D = DOCS.shape
@@ -24,17 +22,8 @@ DOCS_LIST = [DOCS[OFFSETS[i]:OFFSETS[i + 1]] for i in range(N_DOCS)]
 
 try:
     import torch
-
-    torch.set_num_threads(THREADS)
 except Exception:  # pragma: no cover
     torch = None
-
-try:
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(THREADS)
-except Exception:  # pragma: no cover
-    pass
 
 
 def _info(benchmark, kind, B):

@@ -17,26 +17,15 @@ import pytest
 import vkern
 from vkern.bench_taskvec import apply_bytes, apply_data, delta_data, torch_apply_4bit, torch_delta_sign
 
-THREADS = int(os.environ.get("VKERN_BENCH_THREADS", "2"))
 SIZE = int(os.environ.get("VKERN_BENCH_SIZE", "4096"))
-vkern.set_num_threads(THREADS)
 BASE, QTVS, COEFFS = apply_data(SIZE, SIZE)
 DBASE, DQ = delta_data(SIZE, SIZE)
 ROWS = {M: np.random.default_rng(M).standard_normal((M, SIZE), dtype=np.float32) for M in (1, 8, 64)}
 
 try:
     import torch
-
-    torch.set_num_threads(THREADS)
 except Exception:  # pragma: no cover
     torch = None
-
-try:
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(THREADS)
-except Exception:  # pragma: no cover
-    pass
 
 
 @pytest.fixture(autouse=True)

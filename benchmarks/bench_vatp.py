@@ -17,13 +17,11 @@ import numpy as np
 import pytest
 
 import vkern
+from conftest import THREADS  # vkern, torch and the BLAS are limited to it there
 from vkern.bench_vatp import eager_colsum, make_cache, peak_extra_mb, torch_prune
 
 torch = pytest.importorskip("torch")
 
-THREADS = int(os.environ.get("VKERN_BENCH_THREADS", "2"))
-vkern.set_num_threads(THREADS)
-torch.set_num_threads(THREADS)
 B, H, D = 1, 8, 128
 T = int(os.environ.get("VKERN_BENCH_VATP_T", "32768"))
 N_KEEP = T // 2

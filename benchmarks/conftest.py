@@ -19,6 +19,28 @@ THREADS = int(os.environ.get("VKERN_BENCH_THREADS", "2"))
 _limits = {}
 
 
+def _limit_threads(n: int) -> None:
+    """Every benchmark file runs vkern, torch and the BLAS with the same n threads."""
+    import vkern
+
+    vkern.set_num_threads(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except Exception:  # pragma: no cover - torch is optional
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(n)
+    except Exception:  # pragma: no cover
+        pass
+
+
+_limit_threads(THREADS)
+
+
 @pytest.fixture(scope="session")
 def machine_limits():
     if not _limits:
