@@ -278,20 +278,25 @@ def _cuda_reason(call) -> Optional[str]:
     return None
 
 
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _gpu_inputs(call: AttnCall, sparse: bool):
-    """q contiguous, caches with unit last stride, int64 lengths/budgets on the device.
-    The budgets were resolved on the host while validating: one tiny copy."""
+    """q contiguous, caches (and the key prefix of a sparse call, or None) with unit last
+    stride, int64 lengths/budgets on the device. The budgets were resolved on the host
+    while validating: one tiny copy."""
     torch = A.torch_module()
     dev = call.q.device
     q = call.q.contiguous()
-    k = call.k if call.k.stride(-1) == 1 else call.k.contiguous()
-    v = call.v if call.v.stride(-1) == 1 else call.v.contiguous()
+    k, v = _unit_last(call.k), _unit_last(call.v)
+    kp = _unit_last(call.kp) if sparse and call.kp is not None else None
     if call.seq_lens is not None:
         lens = call.seq_lens.to(device=dev, dtype=torch.int64).contiguous()
     else:
         lens = torch.from_numpy(call.host_lens).to(dev)
     budgets = torch.from_numpy(call.budgets).to(dev) if sparse else None
-    return q, k, v, lens, budgets
+    return q, k, v, lens, budgets, kp
 
 
 def _expand_idx(call: AttnCall, idx32):
@@ -303,10 +308,7 @@ def _expand_idx(call: AttnCall, idx32):
 
 def _triton_loki(call: AttnCall):
     kernels = _ext.triton_kernels("loki")
-    q, k, v, lens, budgets = _gpu_inputs(call, True)
-    kp = None
-    if call.kp is not None:
-        kp = call.kp if call.kp.stride(-1) == 1 else call.kp.contiguous()
+    q, k, v, lens, budgets, kp = _gpu_inputs(call, True)
     out, idx = kernels.loki_attention(q, k, v, lens, budgets, call.K, call.rank, call.num_sink, call.num_recent,
                                       call.gqa == "shared", call.scale, kp=kp)
     return out.to(call.q.dtype), (_expand_idx(call, idx) if call.return_indices else None)
@@ -314,13 +316,13 @@ def _triton_loki(call: AttnCall):
 
 def _triton_dense(call: AttnCall):
     kernels = _ext.triton_kernels("loki")
-    q, k, v, lens, _ = _gpu_inputs(call, False)
+    q, k, v, lens, _, _ = _gpu_inputs(call, False)
     return kernels.decode_attention(q, k, v, lens, call.scale).to(call.q.dtype)
 
 
 def _cuda_attention(call: AttnCall, sparse: bool):
     torch = A.torch_module()
-    q, k, v, lens, budgets = _gpu_inputs(call, sparse)
+    q, k, v, lens, budgets, kp = _gpu_inputs(call, sparse)
     q = q.float().contiguous()  # [B, Hq, D]: tiny; the kernels read float32 queries
     B, Hq, H_kv, T, D = call.dims
     shared = sparse and call.gqa == "shared"
@@ -333,9 +335,6 @@ def _cuda_attention(call: AttnCall, sparse: bool):
     ws = torch.empty((B * Hq * nsplit * (D + 2),), dtype=torch.float32, device=q.device)
     count = torch.zeros((B * Hq,), dtype=torch.int32, device=q.device)
     ks, vs = k.stride(), v.stride()
-    kp = None
-    if sparse and call.kp is not None:
-        kp = call.kp if call.kp.stride(-1) == 1 else call.kp.contiguous()
     kps = kp.stride() if kp is not None else (0, 0, 0, 1)
     with torch.cuda.device(q.device):
         stream = torch.cuda.current_stream().cuda_stream
