@@ -459,6 +459,46 @@ def test_every_simd_level(level, rng):
         vkern.set_simd_level("auto")
 
 
+@pytest.mark.parametrize("level", ["generic", "avx2", "avx512shape"])
+def test_bfloat16_caches_every_simd_level(level, rng):
+    # D and some ranks multiples of 16: the avx2 level reads bfloat16 rows without a widened copy.
+    needs("cpu")
+    if not HAVE_TORCH:
+        pytest.skip("bfloat16 needs torch")
+    if level not in vkern.info().get("simd_supported", []):
+        pytest.skip(f"CPU cannot run {level}")
+    B, Hq, H_kv, T, D = 2, 6, 2, 77, 48
+    q, k, v = make(rng, B, Hq, H_kv, T, D)
+    v[0, 0, 72, 0] = np.inf  # first row of the short last block of a dense walk over 77 rows
+    tq, tk, tv = (torch.from_numpy(a).bfloat16() for a in (q, k, v))
+    rq, rk, rv = (t.float().numpy() for t in (tq, tk, tv))  # the inputs as rounded to bfloat16
+    lens = np.array([77, 37])
+
+    def check(got, want):
+        got = got.float().numpy().astype(np.float64)
+        np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        fin = np.isfinite(want)
+        rounding = np.abs(torch.from_numpy(want[fin]).bfloat16().double().numpy() - want[fin]).max()
+        assert np.abs(got[fin] - want[fin]).max() <= 2 * rounding + 1e-7
+
+    try:
+        vkern.set_simd_level(level)
+        for gqa in ("per_head", "shared"):
+            for rank in (16, 32, 19):
+                kw = dict(rank=rank, topk=0.35, num_sink=2, num_recent=3, gqa=gqa, seq_lens=lens,
+                          return_indices=True)
+                want, want_idx = vkern.loki_attention(rq, rk, rv, backend="reference", **kw)
+                out, idx = vkern.loki_attention(tq, tk, tv, backend="cpu", **{**kw, "seq_lens": torch.from_numpy(lens)})
+                np.testing.assert_array_equal(idx.numpy(), want_idx)
+                check(out, want)
+        want = ref.decode_attention(rq, rk, rv, lens, 1 / np.sqrt(D))
+        assert np.isposinf(want[0, :3, 0]).all()  # the inf row reaches every head of KV head 0
+        check(vkern.decode_attention(tq, tk, tv, seq_lens=torch.from_numpy(lens), backend="cpu"), want)
+    finally:
+        vkern.set_simd_level("auto")
+
+
 def test_thread_count_does_not_change_results(rng):
     needs("cpu")
     q, k, v = make(rng, 3, 8, 4, 200, 32)
