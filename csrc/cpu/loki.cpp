@@ -48,19 +48,10 @@ float load_scalar(const void* p, int dtype, int64_t i) {
   return dtype == 2 ? bf16_to_float(h) : half_to_float(h);
 }
 
-// Order-preserving key: larger float -> larger key, -0 == +0, NaN -> 0 (last).
-inline uint32_t sort_key(float f) {
-  if (f != f) return 0u;
-  f += 0.0f;
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
-}
-
 struct Scratch {
   std::vector<float> q, qs, approx, s, acc, wbuf;
-  std::vector<uint32_t> keys;
-  std::vector<int32_t> cand, cand2, lists;
+  std::vector<uint32_t> keys, work;
+  std::vector<int32_t> cand, lists;
   std::vector<int64_t> list_len;
 };
 
@@ -72,52 +63,40 @@ inline void grow(V& v, size_t n) {
 // The `need` best of scores[0, n) (highest first, ties to the lower position,
 // NaN last), written ascending as base + position into out.
 //
-// Keys: order-preserving integers. For long lists a strided sample first sets a
-// threshold a little below the need-th best; when at least `need` keys reach it
-// (nearly always), they are a superset of the answer and the radix select runs
-// on them only. The radix select finds the need-th best key t from histograms of
-// 11, 11 and 10 bits; one ordered pass then emits every key above t and the
-// first positions equal to t, so the output is ascending without a sort.
-void select_top(const float* scores, int64_t n, int64_t need, int32_t base, int32_t* out, Scratch& sc) {
+// Keys: order_key. For long lists a strided sample first sets a threshold a
+// little below the need-th best; one vectorized pass keeps the positions (and
+// keys) that reach it, nearly always a superset of the answer (else all are
+// kept). A radix select over the kept keys finds the need-th best key t from
+// histograms of 11, 11 and 10 bits; one ordered pass then emits every key above
+// t and the first positions equal to t, so the output is ascending without a sort.
+void select_top(const float* scores, int64_t n, int64_t need, int32_t base, int32_t* out, Scratch& sc,
+                const LokiLevel& lv) {
   if (need <= 0) return;
   if (need >= n) {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(base + i);
     return;
   }
-  grow(sc.keys, n);
-  grow(sc.cand, n);
-  grow(sc.cand2, n);
-  uint32_t* keys = sc.keys.data();
-  for (int64_t i = 0; i < n; ++i) keys[i] = sort_key(scores[i]);
-
-  // Candidate positions, ascending: all of them, or those at or above a sampled threshold.
+  grow(sc.keys, n + 16);
+  grow(sc.cand, n + 16);
+  grow(sc.work, n + 16);
   int32_t* cand = sc.cand.data();
-  int64_t m = n;
-  bool all = true;
+  uint32_t* keys = sc.keys.data();
+
+  int64_t m = 0;
   constexpr int64_t kSample = 1024;
   const int64_t rank_in_sample = need * kSample / n + need * kSample / n / 4 + 16;
   if (n >= 4 * kSample && rank_in_sample < kSample) {
     uint32_t sample[kSample];
-    for (int64_t s = 0; s < kSample; ++s) sample[s] = keys[s * n / kSample];
+    for (int64_t s = 0; s < kSample; ++s) sample[s] = order_key(scores[s * n / kSample]);
     std::nth_element(sample, sample + rank_in_sample, sample + kSample, std::greater<uint32_t>());
-    const uint32_t thr = sample[rank_in_sample];
-    int64_t c = 0;
-    for (int64_t i = 0; i < n; ++i) {  // branchless compaction
-      cand[c] = static_cast<int32_t>(i);
-      c += keys[i] >= thr;
-    }
-    if (c >= need) {
-      m = c;
-      all = false;
-    }
+    m = lv.keys_at_least(scores, n, sample[rank_in_sample], cand, keys);
   }
-  if (all)
-    for (int64_t i = 0; i < n; ++i) cand[i] = static_cast<int32_t>(i);
+  if (m < need) m = lv.keys_at_least(scores, n, 0u, cand, keys);  // every position
 
-  // Radix select of the need-th best key among the candidates.
+  // Radix select of the need-th best key among the kept ones.
   uint32_t hist[2048];
-  int32_t* work = sc.cand2.data();
-  std::memcpy(work, cand, m * sizeof(int32_t));
+  uint32_t* work = sc.work.data();
+  std::memcpy(work, keys, m * sizeof(uint32_t));
   int64_t nw = m, remaining = need;
   uint32_t prefix = 0, high_mask = 0;
   const int shifts[3] = {21, 10, 0};
@@ -127,12 +106,12 @@ void select_top(const float* scores, int64_t n, int64_t need, int32_t base, int3
     const uint32_t wm = widths[d];
     std::memset(hist, 0, sizeof hist);
     int64_t kept = 0;
-    for (int64_t c = 0; c < nw; ++c) {
-      const uint32_t key = keys[work[c]];
-      if ((key & high_mask) == prefix) {
-        ++hist[(key >> sh) & wm];
-        work[kept++] = work[c];
-      }
+    for (int64_t c = 0; c < nw; ++c) {  // keys still matching the prefix, counted and compacted in place
+      const uint32_t key = work[c];
+      const uint32_t match = (key & high_mask) == prefix;
+      hist[(key >> sh) & wm] += match;
+      work[kept] = key;
+      kept += match;
     }
     nw = kept;
     uint32_t b = wm;
@@ -148,11 +127,10 @@ void select_top(const float* scores, int64_t n, int64_t need, int32_t base, int3
   const uint32_t t = prefix;
   int64_t w = 0;
   for (int64_t c = 0; c < m; ++c) {
-    const int32_t i = cand[c];
-    const uint32_t key = keys[i];
+    const uint32_t key = keys[c];
     if (key > t || (key == t && remaining > 0)) {
       if (key == t) --remaining;
-      out[w++] = base + i;
+      out[w++] = base + cand[c];
     }
   }
 }
@@ -160,7 +138,7 @@ void select_top(const float* scores, int64_t n, int64_t need, int32_t base, int3
 // Kept list of one head: sinks, the selected middle (approx holds the scores of
 // positions [lo, hi), lo = sinks, hi = L - recent), recent; returns its length.
 int64_t build_list(const float* approx, int64_t L, int64_t budget, int64_t ns, int64_t nr, int32_t* out,
-                   Scratch& sc) {
+                   Scratch& sc, const LokiLevel& lv) {
   if (budget >= L) {
     for (int64_t i = 0; i < L; ++i) out[i] = static_cast<int32_t>(i);
     return L;
@@ -169,7 +147,7 @@ int64_t build_list(const float* approx, int64_t L, int64_t budget, int64_t ns, i
   int64_t w = 0;
   for (int64_t i = 0; i < lo; ++i) out[w++] = static_cast<int32_t>(i);
   const int64_t rest = budget - lo - (L - hi);
-  select_top(approx, hi - lo, rest, static_cast<int32_t>(lo), out + w, sc);
+  select_top(approx, hi - lo, rest, static_cast<int32_t>(lo), out + w, sc, lv);
   w += std::max<int64_t>(0, std::min(rest, hi - lo));
   for (int64_t i = hi; i < L; ++i) out[w++] = static_cast<int32_t>(i);
   return w;
@@ -220,7 +198,7 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
       grow(sc.approx, M);
       if (rest > 0 && rest < M) lv.approx_scores(sc.qs.data(), 1, r, kmid, c.kv_dtype, a_st, M, sc.approx.data(), M,
                                                  sc.wbuf.data());
-      sc.list_len[0] = build_list(sc.approx.data(), L, budget, ns, nr, sc.lists.data(), sc);
+      sc.list_len[0] = build_list(sc.approx.data(), L, budget, ns, nr, sc.lists.data(), sc, lv);
     } else {
       for (int64_t g0 = 0; g0 < G; g0 += kHeadChunk) {
         const int64_t gc = std::min(kHeadChunk, G - g0);
@@ -231,7 +209,7 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
                                                    M, sc.wbuf.data());
         for (int64_t g = 0; g < gc; ++g)
           sc.list_len[g0 + g] = build_list(sc.approx.data() + g * M, L, budget, ns, nr,
-                                           sc.lists.data() + (g0 + g) * budget, sc);
+                                           sc.lists.data() + (g0 + g) * budget, sc, lv);
       }
     }
   }

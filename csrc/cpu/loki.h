@@ -3,9 +3,19 @@
 // (simd/loki_<level>.cpp). Nothing here knows about Python.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 namespace vkern {
 namespace cpu {
+
+// Order-preserving key of a score: larger float -> larger key, -0 == +0, NaN -> 0 (last).
+inline uint32_t order_key(float f) {
+  if (f != f) return 0u;
+  f += 0.0f;
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
+}
 
 // Inner loops of one SIMD level. Caches hold float32 (dtype 0), float16 (1) or
 // bfloat16 (2) rows whose elements are contiguous; rows are `row_stride`
@@ -27,6 +37,9 @@ struct LokiLevel {
   float (*max_of)(const float* s, int64_t n);
   // s[i] = exp(s[i] - m) in place; returns the sum.
   float (*exp_sum)(float* s, int64_t n, float m);
+  // The positions i < n with order_key(scores[i]) >= thr, ascending, into cand,
+  // and their keys into keys; returns how many. Both have room for n + 16.
+  int64_t (*keys_at_least)(const float* scores, int64_t n, uint32_t thr, int32_t* cand, uint32_t* keys);
   // out[e] = sum_d x[d] * P[d * D + e]  (one row times a D x D matrix)
   void (*rotate_row)(const float* x, const float* P, int64_t D, float* out);
 };
