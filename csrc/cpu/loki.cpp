@@ -60,6 +60,37 @@ inline void grow(V& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 
+// Radix select over work[0, m): on return prefix is the remaining-th best key
+// and remaining counts the positions equal to it still wanted (work is reused).
+void radix_select(uint32_t* work, int64_t m, int64_t& remaining, uint32_t& prefix) {
+  uint32_t hist[2048];
+  int64_t nw = m;
+  uint32_t high_mask = 0;
+  const int shifts[3] = {21, 10, 0};
+  const uint32_t widths[3] = {2047u, 2047u, 1023u};
+  for (int d = 0; d < 3; ++d) {
+    const int sh = shifts[d];
+    const uint32_t wm = widths[d];
+    std::memset(hist, 0, sizeof hist);
+    int64_t kept = 0;
+    for (int64_t c = 0; c < nw; ++c) {  // keys still matching the prefix, counted and compacted in place
+      const uint32_t key = work[c];
+      const uint32_t match = (key & high_mask) == prefix;
+      hist[(key >> sh) & wm] += match;
+      work[kept] = key;
+      kept += match;
+    }
+    nw = kept;
+    uint32_t b = wm;
+    for (;; --b) {
+      if (hist[b] >= remaining) break;
+      remaining -= hist[b];
+    }
+    prefix |= b << sh;
+    high_mask |= wm << sh;
+  }
+}
+
 // The `need` best of scores[0, n) (highest first, ties to the lower position,
 // NaN last), written ascending as base + position into out.
 //
@@ -93,34 +124,18 @@ void select_top(const float* scores, int64_t n, int64_t need, int32_t base, int3
   }
   if (m < need) m = lv.keys_at_least(scores, n, 0u, cand, keys);  // every position
 
-  // Radix select of the need-th best key among the kept ones.
-  uint32_t hist[2048];
+  // The need-th best key t among the kept ones, and how many positions equal to
+  // t are still wanted after every key above it.
   uint32_t* work = sc.work.data();
   std::memcpy(work, keys, m * sizeof(uint32_t));
-  int64_t nw = m, remaining = need;
-  uint32_t prefix = 0, high_mask = 0;
-  const int shifts[3] = {21, 10, 0};
-  const uint32_t widths[3] = {2047u, 2047u, 1023u};
-  for (int d = 0; d < 3; ++d) {
-    const int sh = shifts[d];
-    const uint32_t wm = widths[d];
-    std::memset(hist, 0, sizeof hist);
-    int64_t kept = 0;
-    for (int64_t c = 0; c < nw; ++c) {  // keys still matching the prefix, counted and compacted in place
-      const uint32_t key = work[c];
-      const uint32_t match = (key & high_mask) == prefix;
-      hist[(key >> sh) & wm] += match;
-      work[kept] = key;
-      kept += match;
-    }
-    nw = kept;
-    uint32_t b = wm;
-    for (;; --b) {
-      if (hist[b] >= remaining) break;
-      remaining -= hist[b];
-    }
-    prefix |= b << sh;
-    high_mask |= wm << sh;
+  int64_t remaining = need;
+  uint32_t prefix = 0;
+  if (m <= 1024) {  // short lists: a partition beats three passes over 2048-bin histograms
+    std::nth_element(work, work + (need - 1), work + m, std::greater<uint32_t>());
+    prefix = work[need - 1];
+    for (int64_t c = 0; c < m; ++c) remaining -= keys[c] > prefix;
+  } else {
+    radix_select(work, m, remaining, prefix);
   }
   // prefix is now the need-th best key; emit everything above it and the first
   // `remaining` positions equal to it, in position order.
@@ -168,7 +183,10 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
   grow(sc.wbuf, 16 * D + 64);  // a block of up to 16 widened rows
   for (int64_t g = 0; g < G; ++g) {
     const int64_t base = b * c.q_sb + (kv * G + g) * c.q_sh;
-    for (int64_t d = 0; d < D; ++d) sc.q[g * D + d] = load_scalar(c.q, c.q_dtype, base + d * c.q_sd);
+    if (c.q_dtype == 0 && c.q_sd == 1)
+      std::memcpy(&sc.q[g * D], static_cast<const float*>(c.q) + base, D * sizeof(float));
+    else
+      for (int64_t d = 0; d < D; ++d) sc.q[g * D + d] = load_scalar(c.q, c.q_dtype, base + d * c.q_sd);
   }
 
   // Kept lists: one per head (per_head) or one for the group (shared / keep all).
