@@ -406,6 +406,7 @@ def test_backend_unavailable_lists_every_reason(rng, monkeypatch):
     with pytest.raises(vkern.BackendUnavailable) as info:
         vkern.maxsim(q, docs, doc_offsets=off, backend="cuda")
     msg = str(info.value)
+    assert "backend 'cuda' cannot run this call" in msg.splitlines()[0]
     for name in BACKENDS:
         assert f"  {name}:" in msg
     monkeypatch.setenv("VKERN_BACKEND", "cuda")
