@@ -78,8 +78,8 @@ if triton is not None:
         need = tl.where(keep_all, 0, budget - lo - (L - hi))
         # sinks (or every position when all are kept) and the -1 padding; the slots in
         # between belong to the selected and recent tokens below (no two stores share a slot)
-        for c in range(0, K, BLOCK):
-            p = c + offs
+        for c0 in range(0, K, BLOCK):   # int32 loop; the scans below walk int64 bounds (own names)
+            p = c0 + offs
             val = tl.where(p < lo, p, -1)
             tl.store(out + p, val.to(tl.int32), mask=(p < K) & ((p < lo) | (p >= budget)))
         # threshold: the largest key t with count(key >= t) >= need
@@ -88,23 +88,23 @@ if triton is not None:
         for _ in range(32):
             cand = t | step
             cnt = tl.zeros((), dtype=tl.int64)
-            for c in range(lo, hi, BLOCK):
-                p = c + offs
+            for c1 in range(lo, hi, BLOCK):
+                p = c1 + offs
                 key = order_key(tl.load(row + p, mask=p < hi, other=0.0))
                 cnt += tl.sum(((key >= cand) & (p < hi)).to(tl.int64), axis=0)
             t = tl.where(cnt >= need, cand, t)
             step = step >> 1
         gt = tl.zeros((), dtype=tl.int64)
-        for c in range(lo, hi, BLOCK):
-            p = c + offs
+        for c2 in range(lo, hi, BLOCK):
+            p = c2 + offs
             key = order_key(tl.load(row + p, mask=p < hi, other=0.0))
             gt += tl.sum(((key > t) & (p < hi)).to(tl.int64), axis=0)
         # positions equal to t to take (need == 0 drives t to 2**32 - 1, above every key: none)
         ties = need - gt
         written = tl.zeros((), dtype=tl.int64)
         eq_seen = tl.zeros((), dtype=tl.int64)
-        for c in range(lo, hi, BLOCK):
-            p = c + offs
+        for c3 in range(lo, hi, BLOCK):
+            p = c3 + offs
             ok = p < hi
             key = order_key(tl.load(row + p, mask=ok, other=0.0))
             eq = (key == t) & ok
@@ -116,8 +116,8 @@ if triton is not None:
             eq_seen += tl.sum(eq.to(tl.int64), axis=0)
         # recent tokens after the selected ones
         base = lo + need
-        for c in range(hi, L, BLOCK):
-            p = c + offs
+        for c4 in range(hi, L, BLOCK):
+            p = c4 + offs
             tl.store(out + base + (p - hi), p.to(tl.int32), mask=p < L)
 
     @triton.jit

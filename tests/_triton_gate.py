@@ -1,0 +1,174 @@
+"""Offline Triton compile gate (run by tests/test_gpu_compile.py in a subprocess WITHOUT
+TRITON_INTERPRET, so the kernels are real JIT functions). No GPU needed: Triton's compiler
+and its bundled ptxas build a cubin for GPUTarget("cuda", cc, 32).
+
+The variants come from the launchers' own tile constants and helpers (kernels.<op>._pow2,
+maxsim._launch_config, vatp._dot_mode logic, taskvec._BLOCK/_DOT) over the shapes a user can pass,
+plus the JIT specialisations (int args == 1 become constexpr 1, pointers 16-divisible).
+Prints one JSON line per compile: {"kernel", "variant", "cc", "ok", "regs", "spills", "smem", "error"}.
+"""
+import contextlib
+import io
+import itertools
+import json
+import os
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+
+DT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+FLOAT_ARGS = {"scale", "qscale"}
+
+
+def _variants():
+    from kernels import loki, maxsim, taskvec, vatp  # noqa: F401
+    out = []  # (module, kernel name, {arg: type}, {constexpr: value}, spill_free)
+
+    def add(mod, name, types, consts, spill_free=True):
+        out.append((mod, name, types, consts, spill_free))
+
+    # ---- loki: D in the head dims a model can have, rank <= D, dtypes of q/k/v
+    for dt in DT:
+        t = DT[dt]
+        for D in (64, 128, 256):
+            DP = loki._pow2(max(D, 16))
+            for hpl in (1, 2, 4, 8):
+                for rank in (16, 32, D):
+                    add("loki", "_approx_kernel", {"q_ptr": t, "k_ptr": t, "lens_ptr": "i64", "scores_ptr": "fp32"},
+                        dict(HEADS_PER_LIST=hpl, G_PAD=loki._pow2(hpl), R_PAD=loki._pow2(max(rank, 16)),
+                             BLOCK_T=loki._BLOCK_T))
+                for dense, nsplit in ((True, 1), (False, 1), (False, 2), (False, loki._MAX_SPLITS)):
+                    if dense and hpl > 1:
+                        continue
+                    add("loki", "_attend_kernel", {"q_ptr": t, "k_ptr": t, "v_ptr": t, "lens_ptr": "i64",
+                                                   "budgets_ptr": "i64", "idx_ptr": "i32", "ws_ptr": "fp32",
+                                                   "count_ptr": "i32", "out_ptr": "fp32"},
+                        dict(HEADS_PER_LIST=hpl, DENSE=dense, NSPLIT=nsplit, D_PAD=DP, BLOCK_N=loki._BLOCK_N))
+            add("loki", "_rotate_kernel", {"x_ptr": t, "p_ptr": "fp32", "out_ptr": "fp32"}, dict(D_PAD=DP),
+                spill_free=DP < 256)
+    add("loki", "_select_kernel", {"scores_ptr": "fp32", "lens_ptr": "i64", "budgets_ptr": "i64", "idx_ptr": "i32"},
+        dict(BLOCK=loki._SELECT_BLOCK))
+    # ---- vatp
+    for dt in DT:
+        t = DT[dt]
+        upcast, prec = (False, "ieee") if dt == "float32" else (False, "tf32")
+        for D in (64, 128, 256):
+            BD = vatp._pow2(D)
+            for causal in (False, True):
+                for k in ("_rowstats_kernel", "_colsum_kernel"):
+                    types = {"q_ptr": t, "k_ptr": t, "lens_ptr": "i64", "stats_ptr": "fp32", "out_ptr": "fp32"}
+                    add("vatp", k, types, dict(CAUSAL=causal, BLOCK_M=vatp._BLOCK_M, BLOCK_N=vatp._BLOCK_N,
+                                               BLOCK_D=BD, UPCAST=upcast, PRECISION=prec),
+                        spill_free=not (dt == "float32" and BD >= 128))
+            BDc = min(vatp._pow2(D), 128)
+            add("vatp", "_value_l1_kernel", {"v_ptr": t, "out_ptr": "fp32"}, dict(BLOCK_R=vatp._BLOCK_ROWS, BLOCK_D=BDc))
+            add("vatp", "_gather_kernel", {"src_ptr": t, "dst_ptr": t, "idx_ptr": "i64"},
+                dict(BLOCK_R=vatp._BLOCK_ROWS, BLOCK_D=BDc))
+            add("vatp", "_compact_kernel", {"buf_ptr": t, "idx_ptr": "i64"}, dict(BLOCK_R=vatp._BLOCK_ROWS, BLOCK_D=BDc))
+    add("vatp", "_select_kernel", {"scores_ptr": "fp32", "lens_ptr": "i64", "kept_ptr": "i64", "idx_ptr": "i64"},
+        dict(BLOCK=1024))
+    # ---- taskvec
+    pools = {"codes": "u8", "scales": "fp32", "zeros": "u8", "meta": "i64", "coef": "fp32", "task_start": "i32",
+             "task_coef": "fp32", "thr": "fp32", "cut": "i64", "ids": "i64"}
+    for dt in DT:
+        t = DT[dt]
+        for method, trim in itertools.product((0, 1), (False, True)):
+            add("taskvec", "_apply_kernel", dict(pools, base=t, out=t), spill_free=False, consts=
+                dict(METHOD=method, TRIM=trim, BLOCK_N=taskvec._BLOCK[0], BLOCK_K=taskvec._BLOCK[1]))
+        for merged in (False, True):
+            add("taskvec", "_delta_kernel", dict(pools, x=t, base=t, y="fp32"),
+                dict(MERGED=merged, BLOCK_M=taskvec._DOT[0], BLOCK_N=taskvec._DOT[1], BLOCK_K=taskvec._DOT[2]))
+    add("taskvec", "_dequant_kernel", dict(pools, out="fp32"), dict(BLOCK_N=taskvec._BLOCK[0], BLOCK_K=taskvec._BLOCK[1]))
+    # ---- maxsim: every config _launch_config returns over batch x Lq x D
+    seen = set()
+    for dt in DT:
+        es = 4 if dt == "float32" else 2
+        for B, Lq, D in itertools.product((1, 2, 8, 64), (1, 8, 32, 128, 512), (32, 64, 96, 128, 256, 768)):
+            cfg = maxsim._launch_config(B, Lq, D, es)
+            key = (dt, tuple(sorted(cfg.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            nw = cfg.pop("num_warps")
+            t = DT[dt]
+            add("maxsim", "_maxsim_kernel", {"queries_ptr": t, "query_lengths_ptr": "i32", "docs_ptr": t,
+                                             "doc_offsets_ptr": "i64", "scores_ptr": "fp32"},
+                dict(cfg, UPCAST_TO_FP32=False, INPUT_PRECISION="ieee" if dt == "float32" else "tf32",
+                     NAN_BY_FLAG=False, num_warps=nw), spill_free=False)
+    return out
+
+
+# Kernels with measured spills today (bytes, ptxas 13 via triton 3.9): loki._attend_kernel 4 (sm_80 16-bit D 64),
+# vatp._colsum_kernel 4 (sm_90 16-bit D 128), vatp._select_kernel 8 (==1 spec.), taskvec._delta_kernel 32
+# (sm_80 per-row ids), taskvec._apply_kernel 4. Not declared spill-free until fixed; all others are.
+KNOWN_SPILLS = {"loki._attend_kernel", "vatp._colsum_kernel", "vatp._select_kernel", "taskvec._delta_kernel",
+                "taskvec._apply_kernel", "maxsim._maxsim_kernel"}
+
+
+def _one(job):
+    mod, name, types, consts, spill_free, cc, ones = job
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    fn = getattr(importlib.import_module(f"kernels.{mod}"), name)
+    consts = dict(consts)
+    num_warps = consts.pop("num_warps", 4)
+    sig, cx, attrs = {}, {}, {}
+    for i, a in enumerate(fn.arg_names):
+        if a in consts:
+            sig[a] = "constexpr"
+            cx[a] = consts[a]
+        elif a in types:
+            sig[a] = "*" + types[a]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif a in FLOAT_ARGS:
+            sig[a] = "fp32"
+        elif ones:  # the JIT makes int args equal to 1 constexpr
+            sig[a] = "constexpr"
+            cx[a] = 1
+        else:
+            sig[a] = "i32"
+    rec = dict(kernel=f"{mod}.{name}", variant=json.dumps({**consts, **{k: v for k, v in types.items()
+                                                                      if k in ("q_ptr", "x", "base", "src_ptr",
+                                                                               "v_ptr", "buf_ptr", "queries_ptr",
+                                                                               "x_ptr")}, "ones": ones}),
+               cc=cc, spill_free=spill_free and f"{mod}.{name}" not in KNOWN_SPILLS)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            k = triton.compile(triton.compiler.ASTSource(fn, signature=sig, constexprs=cx, attrs=attrs),
+                               target=GPUTarget("cuda", cc, 32), options=dict(num_warps=num_warps))
+        log = buf.getvalue()
+        regs = re.search(r"Used (\d+) registers", log)
+        spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+        rec.update(ok=True, regs=int(regs.group(1)) if regs else -1, spills=max(spills or [0]),
+                   smem=int(k.metadata.shared))
+    except Exception as exc:  # noqa: BLE001
+        rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-600:]}")
+    return rec
+
+
+def main():
+    ccs = [int(c) for c in (sys.argv[1] if len(sys.argv) > 1 else "90,80").split(",")]
+    # Sample to fit CI time: always the first variant of every (kernel, dtype) at every target and with
+    # the ==1 specialisation, then every STRIDE-th other variant at the first target (VKERN_GATE_STRIDE=1: all).
+    stride = int(os.environ.get("VKERN_GATE_STRIDE", "6"))
+    jobs, seen = [], set()
+    for i, v in enumerate(_variants()):
+        fam = (v[0], v[1], tuple(sorted(set(v[2].values()))))
+        if fam not in seen:
+            seen.add(fam)
+            jobs += [v + (cc, False) for cc in ccs] + [v + (ccs[0], True)]
+        elif i % stride == 0:
+            jobs.append(v + (ccs[0], False))
+    with ProcessPoolExecutor(int(os.environ.get("VKERN_GATE_JOBS", "2"))) as ex:
+        for rec in ex.map(_one, jobs, chunksize=4):
+            print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
