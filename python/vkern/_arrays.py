@@ -31,10 +31,21 @@ def is_torch(x: Any) -> bool:
     return mod is not None and isinstance(x, mod.Tensor)
 
 
-def to_native(x: Any, name: str):
+def to_native(x: Any, name: str, writes: bool = False):
     """Returns (array, origin): array is an ndarray or a torch Tensor; origin
-    remembers how to hand a result back ('numpy', 'torch' or a DLPack module)."""
+    remembers how to hand a result back ('numpy', 'torch' or a DLPack module).
+
+    A NumPy array in non-native byte order (e.g. ``x.astype('>f4')`` on a
+    little-endian machine) is converted to native order with one copy, since the
+    kernels read raw machine words. An array the op writes into (`writes=True`:
+    ``inplace``/``out=`` buffers) cannot be converted without losing the writes,
+    so there it is refused with a TypeError."""
     if isinstance(x, np.ndarray):
+        if not x.dtype.isnative:
+            if writes:
+                raise TypeError(f"{name}: expected native byte order for an array written in place, got dtype "
+                                f"{x.dtype.str!r}; convert it first, e.g. x.astype(x.dtype.newbyteorder('='))")
+            x = x.astype(x.dtype.newbyteorder("="))
         return x, "numpy"
     if is_torch(x):
         return x, "torch"
@@ -44,7 +55,7 @@ def to_native(x: Any, name: str):
             return torch.from_dlpack(x), type(x).__module__.split(".")[0]
         return np.from_dlpack(x), "numpy"
     if isinstance(x, (list, tuple)) or np.isscalar(x):
-        return np.asarray(x), "numpy"
+        return to_native(np.asarray(x), name, writes)
     raise TypeError(f"{name}: expected a NumPy array, a torch tensor or a DLPack array, got {type(x).__name__}")
 
 

@@ -150,7 +150,7 @@ def _prepare_apply(base, qtvs, coeffs, method, density, out) -> ApplyCall:
             raise ValueError(f"density: expected a float in [0, 1], got {density}")
     o = None
     if out is not None:
-        o, _ = A.to_native(out, "out")
+        o, _ = A.to_native(out, "out", writes=True)
         if type(o) is not type(b):
             raise TypeError(f"out: expected the same array kind as base ({type(b).__name__}), got {type(o).__name__}")
         if tuple(o.shape) != tuple(b.shape):

@@ -209,7 +209,7 @@ def _prepare_out(out, kn, vn, sn, kmax: int, inplace: bool) -> tuple:
         label = f"out[{i}]"
         if not (isinstance(buf, np.ndarray) or A.is_torch(buf) or hasattr(buf, "__dlpack__")):
             raise TypeError(f"{label}: expected an array for {name}_out, got {type(buf).__name__}")
-        bn, _ = A.to_native(buf, label)
+        bn, _ = A.to_native(buf, label, writes=True)
         if A.dtype_name(bn) != A.dtype_name(src):
             raise TypeError(f"{label}: expected dtype {A.dtype_name(src)} (that of {name}), got {A.dtype_name(bn)}")
         B, H, D = int(src.shape[0]), int(src.shape[1]), int(src.shape[3])
@@ -232,8 +232,8 @@ def _prepare_out(out, kn, vn, sn, kmax: int, inplace: bool) -> tuple:
 
 
 def _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, out=None) -> PruneCall:
-    kn, origin = A.to_native(k, "k")
-    vn, _ = A.to_native(v, "v")
+    kn, origin = A.to_native(k, "k", writes=inplace)
+    vn, _ = A.to_native(v, "v", writes=inplace)
     sn, _ = A.to_native(scores, "scores")
     _check_float(kn, "k")
     _check_float(vn, "v")
