@@ -66,12 +66,15 @@ def _check_float(x: Any, name: str) -> None:
         raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {A.dtype_name(x)}")
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _int_arg(x: Any, name: str, lo: int, hi: Optional[int] = None, what: str = "") -> int:
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(x).__name__}")
     x = int(x)
-    if x < lo or (hi is not None and x > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    if x < lo or (hi is not None and x > hi) or x >= 2**63:
+        rng = f"in [{lo}, 2**63)" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name}: expected {rng}{what}, got {x}")
     return x
 
@@ -130,8 +133,8 @@ def _prepare_attn(q, k_cache, v_cache, seq_lens, scale) -> AttnCall:
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
             raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
         scale = float(scale)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale: expected a finite float > 0, got {scale}")
+        if not (math.isfinite(scale) and 0 < scale <= F32_MAX):
+            raise ValueError(f"scale: expected a float in (0, {F32_MAX:.6g}] (finite in float32), got {scale}")
     return AttnCall(qn, kn, vn, lens, np.ascontiguousarray(host), scale, A.device_of(qn), lib, origin)
 
 

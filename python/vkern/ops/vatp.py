@@ -65,8 +65,8 @@ def _seq_lens(seq_lens: Any, B: int, T: int, arrays: dict):
 def _nonneg_int(x: Any, name: str) -> int:
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(x).__name__}")
-    if x < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {int(x)}")
+    if not 0 <= x < 2**63:
+        raise ValueError(f"{name}: expected an int >= 0" + (", got " if x < 0 else " and < 2**63, got ") + f"{int(x)}")
     return int(x)
 
 
@@ -146,8 +146,9 @@ def _prepare_colsum(q, k, causal, seq_lens, scale) -> ColsumCall:
         scale = 1.0 / math.sqrt(D)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
-    elif not math.isfinite(float(scale)):
-        raise ValueError(f"scale: expected a finite float, got {scale}")
+    elif not abs(float(scale)) <= float(np.finfo(np.float32).max):
+        raise ValueError(f"scale: expected a finite float (|scale| <= "
+                         f"{float(np.finfo(np.float32).max):.6g}, finite in float32), got {scale}")
     arrays = {"q": qn, "k": kn}
     lib = _same_place(arrays)
     sl, host = _seq_lens(seq_lens, B, T, arrays)
