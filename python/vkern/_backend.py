@@ -49,15 +49,15 @@ class Op:
             if reason is None:
                 return b
             raise BackendUnavailable(self._message(f"backend {backend!r}" + (
-                " (from VKERN_BACKEND)" if requested == "auto" else ""), call))
+                " (from VKERN_BACKEND)" if requested == "auto" else "") + " cannot run this call", call))
         for name in BACKENDS:
             b = self.backends.get(name)
             if b is not None and b.why_not(call) is None:
                 return b
-        raise BackendUnavailable(self._message("no backend", call))
+        raise BackendUnavailable(self._message("no backend can run this call", call))
 
     def _message(self, head: str, call: Any) -> str:
-        lines = [f"vkern.{self.name}: {head} can run this call ({call!r}):"]
+        lines = [f"vkern.{self.name}: {head} ({call!r}):"]
         for name, reason in self.reasons(call).items():
             lines.append(f"  {name}: {'available' if reason is None else reason}")
         return "\n".join(lines)
