@@ -55,3 +55,32 @@ def test_gather_limit_reads_exactly_the_listed_rows():
         assert _ext.C.read_rows(buf.ctypes.data, 512, idx.ctypes.data, 0, 8) == 0
     finally:
         vkern.set_num_threads(before)
+
+
+def test_ops_help_lists_every_op_and_matches_the_bench():
+    from vkern.__main__ import BENCH_OPS
+    from vkern.bench import WORKLOADS
+
+    assert tuple(WORKLOADS) == BENCH_OPS
+    out = run("bench", "--help", timeout=60)
+    assert out.returncode == 0, out.stderr
+    help_text = " ".join(out.stdout.split())  # argparse wraps lines
+    for name in BENCH_OPS:
+        assert name in help_text.split("--ops OPS", 1)[1], help_text
+    bad = run("bench", "--ops", "maxsim,nosuchop", timeout=60)
+    assert bad.returncode == 2 and "nosuchop" in bad.stderr and "taskvec" in bad.stderr, bad.stderr
+
+
+def test_usage_names_the_console_script_or_the_module():
+    import os
+    import shutil
+
+    out = run("--help", timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m vkern "), out.stdout
+    script = shutil.which("vkern") or os.path.join(os.path.dirname(sys.executable), "vkern")
+    if not os.path.exists(script):
+        import pytest
+
+        pytest.skip("the vkern console script is not installed next to this Python")
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("usage: vkern "), out.stdout

@@ -3,11 +3,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+# The ops `bench --ops` takes (the keys of vkern.bench.WORKLOADS; a test keeps the two equal).
+BENCH_OPS = ("maxsim", "loki", "vatp", "taskvec")
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vkern", description="vkern: fast vector kernels")
+
+def _ops_arg(text: str) -> str:
+    ops = [o.strip() for o in text.split(",") if o.strip()]
+    if ops == ["all"]:
+        return "all"
+    bad = [o for o in ops if o not in BENCH_OPS]
+    if bad or not ops:
+        raise argparse.ArgumentTypeError(
+            f"unknown op(s) {', '.join(bad) or repr(text)}; choose from all, {', '.join(BENCH_OPS)}")
+    return ",".join(ops)
+
+
+def _prog() -> str:
+    """`vkern` when run as the console script, `python -m vkern` when run as a module."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not name or name in ("__main__.py", "-c", "-m") or name.startswith("python"):
+        return "python -m vkern"
+    return name
+
+
+def main(argv=None, prog=None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or _prog(), description="vkern: fast vector kernels")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="what was built and what can run here")
     p_info.add_argument("--json", action="store_true", help="print JSON")
@@ -16,7 +39,8 @@ def main(argv=None) -> int:
     p_bench.add_argument("--json", metavar="PATH", help="save the results as JSON")
     p_bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     p_bench.add_argument("--threads", type=int, default=2, help="CPU threads for every contender (default 2)")
-    p_bench.add_argument("--ops", default="all", help="comma-separated ops to run (default: all)")
+    p_bench.add_argument("--ops", default="all", type=_ops_arg, metavar="OPS",
+                         help=f"comma-separated ops to run, from: {', '.join(BENCH_OPS)} (default: all)")
     p_bench.add_argument("--repeat", type=int, default=None, help="timed repetitions per contender")
     args = parser.parse_args(argv)
 

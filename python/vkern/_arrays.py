@@ -167,3 +167,14 @@ def as_kind(x: np.ndarray, like: Any):
         return x
     torch = sys.modules["torch"]
     return torch.from_numpy(np.ascontiguousarray(x)).to(like.device)
+
+
+def float_dtype_error(name: str, x: Any) -> TypeError:
+    """The TypeError every op raises for a float array it does not take (float64 above all:
+    NumPy's default, and what a Python list becomes). vkern never casts behind the caller's
+    back (a float64 -> float32 copy would double the memory traffic the kernels avoid), so the
+    message names the fix."""
+    fix = f"{name}.float()" if is_torch(x) else f"{name}.astype(np.float32)"
+    return TypeError(f"{name}: expected float32, float16 or bfloat16, got {dtype_name(x)}; "
+                     f"vkern does not cast behind your back: pass {fix} "
+                     f"(NumPy: .astype(np.float32), torch: .float())")

@@ -255,7 +255,7 @@ def _validate(q: QTaskVector, name: str) -> None:
 def _tau_host(tau: Any, name: str) -> np.ndarray:
     t, _ = A.to_native(tau, name)
     if not A.is_float(t):
-        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {A.dtype_name(t)}")
+        raise A.float_dtype_error(name, t)
     if t.ndim != 2:
         raise ValueError(f"{name}: expected shape [N_out, K_in], got {tuple(t.shape)}")
     if int(t.shape[1]) < 1:

@@ -49,7 +49,7 @@ class MaxsimCall:
 
 def _check_float(x: Any, name: str) -> None:
     if not A.is_float(x):
-        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {A.dtype_name(x)}")
+        raise A.float_dtype_error(name, x)
 
 
 def _check_index(x: Any, name: str, length: int, length_desc: str) -> None:

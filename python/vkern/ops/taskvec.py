@@ -76,7 +76,7 @@ class DeqCall:
 
 def _check_float(x: Any, name: str) -> None:
     if not A.is_float(x):
-        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {A.dtype_name(x)}")
+        raise A.float_dtype_error(name, x)
 
 
 def _qtv_device(q: QTaskVector) -> str:

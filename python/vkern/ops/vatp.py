@@ -27,7 +27,7 @@ _PRUNE = op("vatp_prune")
 
 def _check_float(x: Any, name: str) -> None:
     if not A.is_float(x):
-        raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {A.dtype_name(x)}")
+        raise A.float_dtype_error(name, x)
 
 
 def _check_rank4(x: Any, name: str, layout: str) -> None:
