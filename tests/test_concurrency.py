@@ -171,6 +171,8 @@ def _rss_kib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+@pytest.mark.skipif(os.environ.get("VKERN_SANITIZED") == "1",
+                    reason="AddressSanitizer keeps freed memory in quarantine, so RSS grows by design")
 def test_many_small_calls_stable_rss():
     rng = np.random.default_rng(3)
     q = rng.standard_normal((2, 4, 16)).astype(np.float32)
