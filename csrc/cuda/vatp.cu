@@ -146,13 +146,16 @@ __global__ void colsum_kernel(const T* q, const T* k, const int64_t* lens, const
           m = stats[((b * Hq + hq) * Tq + row) * 2];
           l = stats[((b * Hq + hq) * Tq + row) * 2 + 1];
         }
-        const bool live = row < Tq && l != 0.f;   // NaN sums stay live and propagate
-        const float inv = live ? 1.f / l : 0.f;
-        const float shift = live ? m : 0.f;
+        // A row that sees keys but whose max is not finite (a NaN or +inf score, or all -inf) gets
+        // NaN on every key it sees (docs/contracts.md): inv = NaN does it, per row.
+        const bool sees = row < Tq && L > 0 && (!causal || (pos >= 0 && pos < L));
+        const bool ok = sees && l > 0.f && isfinite(m);
+        const float inv = ok ? 1.f / l : __uint_as_float(0x7fc00000u);
+        const float shift = ok ? m : 0.f;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int64_t key = n0 + c + 8 * j;
-          if (live && key < L && (!causal || key <= pos)) acc[j] += static_cast<double>(exp2f(s[j] - shift) * inv);
+          if (sees && key < L && (!causal || key <= pos)) acc[j] += static_cast<double>(exp2f(s[j] - shift) * inv);
         }
       }
     }
