@@ -257,7 +257,7 @@ def attention_colsum(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, c
     B, Hq, Tq, D = q.shape
     H, T = k.shape[1], k.shape[2]
     out = torch.zeros((B, H, T), dtype=torch.float32, device=q.device)
-    if B * H * T == 0 or Tq == 0:
+    if B * H * T == 0 or Hq * Tq == 0:   # nothing to see, or nobody looking: zeros
         return out
     stats = torch.empty((B, Hq, Tq, 2), dtype=torch.float32, device=q.device)
     upcast, precision = _dot_mode(q.dtype)

@@ -33,6 +33,8 @@ def attention_colsum(q: np.ndarray, k: np.ndarray, seq_lens: np.ndarray, causal:
     H_kv, T = k.shape[1], k.shape[2]
     group = Hq // H_kv
     out = np.zeros((B, H_kv, T), dtype=np.float64)
+    if T == 0:                                                           # no key: nothing to receive
+        return out.astype(np.float32)
     keys = np.arange(T)
     for b in range(B):
         L = int(seq_lens[b])
