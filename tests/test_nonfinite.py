@@ -138,3 +138,39 @@ def test_colsum_nonfinite_every_simd_level(level):
     for c in (True, False):
         assert np.array_equal(np.isnan(got[c]), np.isnan(want[c]))
         np.testing.assert_allclose(got[c], want[c], rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+# ------------------------------------------------ Loki gqa="shared" (defect 7)
+
+def _shared_case():
+    """Two query heads share KV head 0; key 5 has +inf in a rank dim where the heads' components
+    are +2 and -1: per-head scores +inf and -inf (their sum NaN: ranked last), the summed query's
+    component is +1 (score +inf: ranked first)."""
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 2, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 24, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 24, 8)).astype(np.float32)
+    q[0, 0, 1], q[0, 1, 1] = 2.0, -1.0
+    k[0, 0, 5, 1] = np.inf
+    k[0, 0, 9, 2] = np.nan             # a NaN score: ranked last everywhere
+    return q, k, v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loki_shared_scores_the_summed_query(backend):
+    needs(backend, "loki_attention")
+    q, k, v = _shared_case()
+    out, idx = vkern.loki_attention(to_kind(backend, q), to_kind(backend, k), to_kind(backend, v), rank=4, topk=6,
+                                    gqa="shared", return_indices=True, backend=backend)
+    idx = host(idx)
+    assert 5 in idx[0, 0] and 5 in idx[0, 1]          # +inf summed-query score: kept
+    assert 9 not in idx[0, 0]                          # NaN: last
+    approx = k[0, 0, :, :4].astype(np.float64) @ (q[0, 0, :4] + q[0, 1, :4]).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        order = np.lexsort((np.arange(24), -np.where(np.isnan(approx), 0, approx), np.isnan(approx)))
+    np.testing.assert_array_equal(idx[0, 0], np.sort(order[:6]))
+    np.testing.assert_array_equal(idx[0, 1], idx[0, 0])
+    want_out, want_idx = vkern.loki_attention(q, k, v, rank=4, topk=6, gqa="shared", return_indices=True,
+                                              backend="reference")
+    np.testing.assert_array_equal(idx, host(want_idx))
+    np.testing.assert_allclose(host(out), host(want_out), rtol=1e-5, atol=1e-5, equal_nan=True)
