@@ -174,3 +174,35 @@ def test_loki_shared_scores_the_summed_query(backend):
                                               backend="reference")
     np.testing.assert_array_equal(idx, host(want_idx))
     np.testing.assert_allclose(host(out), host(want_out), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+# ------------------------------------------------ delta_linear with inf in x (found by tests/test_fuzz.py)
+
+@pytest.mark.parametrize("bits,scheme", [(1, "sign"), (4, "affine")])
+@pytest.mark.parametrize("mode", ["coeffs", "task_ids"])
+def test_delta_linear_nonfinite_x_follows_the_definition(bits, scheme, mode):
+    """x[0] = inf, base column 1, delta column < 0: the definition x @ base^T + c x @ deq^T is
+    inf + (-inf) = NaN (float64 NumPy); the cpu kernel's merged weight (inf) and sign identity
+    (2 sum_bit x - sum x) used to differ. The fuzz's first counterexample, kept here."""
+    from vkern import taskvec
+
+    K = 40
+    x = np.ones((3, K), np.float32)
+    x[0, 0] = np.inf
+    x[2, 5] = np.nan
+    base = np.ones((2, K), np.float32)
+    tau = np.full((2, K), 0.5, np.float32)
+    tau[:, 0] = -0.25
+    q = taskvec.quantize(tau, bits=bits, scheme=scheme)
+    coeffs, ids = ([0.5], None) if mode == "coeffs" else (None, np.array([0, -1, 0]))
+    with np.errstate(all="ignore"):
+        deq = taskvec.dequantize(q).astype(np.float64)
+        x64 = x.astype(np.float64)
+        want = x64 @ base.T.astype(np.float64)
+        for m in range(3):
+            if ids is None or ids[m] == 0:
+                want[m] += (0.5 if ids is None else 1.0) * (x64[m] @ deq.T)
+    for backend in ("reference", "cpu"):
+        got = vkern.delta_linear(x, base, [q], coeffs, task_ids=ids, backend=backend)
+        assert np.array_equal(np.isnan(got), np.isnan(want)), (backend, got, want)
+        np.testing.assert_allclose(got, want.astype(np.float32), rtol=1e-5, equal_nan=True)
