@@ -758,18 +758,20 @@ INVALID = {
 FLOAT_ARGS = {"queries", "docs", "q", "k_cache", "v_cache", "k", "v", "scores", "base", "x", "P"}
 
 
-def _mutate(data, op, args):
+def _mutate(data, op, args, no_dim=False):
     """One change that makes the call invalid; returns a label."""
     _, _, ndims, ints = INVALID[op]
     choices = ["dtype", "rank", "not-an-array", "backend"] + (["int"] if ints else [])
-    if len(ndims) > 1:                    # a size that must pair with another array's
+    if len(ndims) > 1 and not no_dim:     # a size that must pair with another array's (once: two could pair up)
         choices.append("dim")
     if any(a in ("qtvs",) for a in args):
         choices += ["coeffs", "qtvs"]
+    arrays = sorted(a for a in ndims if isinstance(args.get(a), np.ndarray) and args[a].ndim >= 1)
+    if not arrays:                        # a first mutation took them all
+        choices = [c for c in choices if c in ("backend", "int")] or ["backend"]
     what = data.draw(st.sampled_from(choices), label="mutation")
-    arrays = sorted(ndims)
     if what == "dtype":
-        name = data.draw(st.sampled_from([a for a in arrays if a != "P"]), label="arg")   # P: float64 is fine
+        name = data.draw(st.sampled_from([a for a in arrays if a != "P"] or arrays), label="arg")   # P: float64 ok
         x = args[name]
         bad = (["float64", "int32", "bool", "complex64", "uint8"] if name in FLOAT_ARGS
                else ["float32", "float64", "bool"])
@@ -844,6 +846,8 @@ def check_invalid(op, data, case):
     valid, call, _, _ = INVALID[op]
     args = valid()
     label = _mutate(data, op, args)
+    if data.draw(st.booleans(), label="second mutation?"):   # two faults at once: still refused
+        label += " + " + _mutate(data, op, args, no_dim=True)
     bad_backend = args.pop("__backend__", None)
     results = {}
     for backend in ("reference", "cpu"):
