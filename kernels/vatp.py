@@ -139,11 +139,16 @@ if triton is not None:
                 st = stats_ptr + ((b * Hq + hq) * Tq + rows) * 2
                 m = tl.load(st, mask=rows < Tq, other=0.0)
                 s_sum = tl.load(st + 1, mask=rows < Tq, other=0.0)
-                live = (rows < Tq) & (s_sum != 0.0)   # a NaN sum stays live and propagates
-                inv = tl.where(live, 1.0 / tl.where(live, s_sum, 1.0), 0.0)
-                shift = tl.where(live, m, 0.0)
+                # A row that sees keys but whose max is not finite (a NaN or +inf score, or all -inf)
+                # gets NaN on every key it sees (docs/contracts.md): inv = NaN does it, per row.
+                sees = (rows < Tq) & (L > 0)
+                if CAUSAL:
+                    sees = sees & (pos >= 0) & (pos < L)
+                ok = sees & (s_sum > 0.0) & (m - m == 0.0)   # m - m is NaN for +-inf and NaN
+                inv = tl.where(ok, 1.0 / tl.where(ok, s_sum, 1.0), float("nan"))
+                shift = tl.where(ok, m, 0.0)
                 s = _scores(q, k_ptrs, kmask, qscale, UPCAST, PRECISION)
-                visible = live[:, None] & (cols < L)[None, :]
+                visible = sees[:, None] & (cols < L)[None, :]
                 if CAUSAL:
                     visible = visible & (cols[None, :] <= pos[:, None])
                 p = tl.where(visible, tl.exp2(s - shift[:, None]) * inv[:, None], 0.0)
@@ -252,7 +257,7 @@ def attention_colsum(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, c
     B, Hq, Tq, D = q.shape
     H, T = k.shape[1], k.shape[2]
     out = torch.zeros((B, H, T), dtype=torch.float32, device=q.device)
-    if B * H * T == 0 or Tq == 0:
+    if B * H * T == 0 or Hq * Tq == 0:   # nothing to see, or nobody looking: zeros
         return out
     stats = torch.empty((B, Hq, Tq, 2), dtype=torch.float32, device=q.device)
     upcast, precision = _dot_mode(q.dtype)

@@ -19,8 +19,10 @@ void maxsim_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Lq, int64_t D, int6
   require(B >= 0 && Lq >= 0 && D >= 1 && N >= 0, "maxsim: sizes must be non-negative and D >= 1");
   require(q != 0 || B * Lq == 0, "maxsim: null queries");
   require(N == 0 || (doc_starts != 0 && doc_lens != 0), "maxsim: null document offsets");
-  require(scores != 0 || topk > 0, "maxsim: no output");
-  require(topk == 0 || (topk_scores != 0 && topk_idx != 0), "maxsim: null top-k output");
+  // Empty outputs may have a null address (an empty torch tensor's data_ptr() is 0).
+  require(scores != 0 || topk > 0 || B * N == 0, "maxsim: no output");
+  require(topk == 0 || B == 0 || (topk_scores != 0 && topk_idx != 0), "maxsim: null top-k output");
+  if (B == 0) return;  // nothing to write
   cpu::MaxsimCall call{ptr<const void>(q), q_dtype, B, Lq, D, q_sb, q_si, q_sd,
                        ptr<const int64_t>(q_lengths), ptr<const void>(docs), d_dtype, d_row_stride,
                        ptr<const int64_t>(doc_starts), ptr<const int64_t>(doc_lens), N,

@@ -26,10 +26,12 @@ void colsum_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Hq, int64_t Tq, int
   check_dtype(k_dtype, "k");
   need4(qs, "q");
   need4(ks, "k");
-  require(B >= 0 && Tq >= 0 && T >= 0 && D >= 1 && H_kv >= 1 && Hq >= H_kv && Hq % H_kv == 0,
+  require(B >= 0 && Hq >= 0 && Tq >= 0 && T >= 0 && D >= 1 && H_kv >= 1 && Hq % H_kv == 0,
           "attention_colsum: bad sizes");
-  require(ks[3] == 1 || D == 1, "attention_colsum: k needs a unit stride along D");
-  require(seq_lens != 0 && out != 0, "attention_colsum: null seq_lens or output");
+  // Empty arrays may have any strides and a null address (an empty torch tensor's data_ptr() is 0).
+  const bool empty_out = B * H_kv * T == 0;
+  require(ks[3] == 1 || D == 1 || empty_out, "attention_colsum: k needs a unit stride along D");
+  require((seq_lens != 0 || B == 0) && (out != 0 || empty_out), "attention_colsum: null seq_lens or output");
   const int64_t* lens = ptr<const int64_t>(seq_lens);
   for (int64_t b = 0; b < B; ++b) require(lens[b] >= 0 && lens[b] <= T, "attention_colsum: seq_lens out of [0, T]");
   cpu::vatp::ColsumCall call{ptr<const void>(q), q_dtype, B, Hq, Tq, D, qs[0], qs[1], qs[2], qs[3],

@@ -46,7 +46,7 @@ void task_values(const TaskvecLevel& lv, const TvComp* comps, int64_t C, int64_t
   for (int64_t c = 0; c < C; ++c) {
     if (comps[c].task != t) continue;
     if (first) lv.decode(comps[c], n, k0, len, out);
-    else lv.decode_axpy(comps[c], n, k0, len, 1.0f, out, out, 0);
+    else lv.decode_axpy(comps[c], n, k0, len, 1.0f, out, out, 2);  // exact: a residual's base + offset
     first = false;
   }
   if (first) std::memset(out, 0, static_cast<size_t>(len) * 4);

@@ -30,8 +30,10 @@ struct TaskvecLevel {
   // out[0:len] = dequantized values of row n, columns [k0, k0+len) (exact float32:
   // (code - zero) * scale, or +-scale). k0 is a multiple of 8.
   void (*decode)(const TvComp& c, int64_t n, int64_t k0, int64_t len, float* out);
-  // dst[0:len] = src[0:len] + coef * dequantized values (src may be dst); stream != 0:
-  // dst is a final output, written with streaming stores (call store_fence after).
+  // dst[0:len] = src[0:len] + coef * dequantized values (src may be dst); stream 1:
+  // dst is a final output, written with streaming stores (call store_fence after);
+  // stream 2: each value exact before the add (no folded zero point), so that with coef 1
+  // the sum is rounded once, as the reference adds a residual's base and offset.
   void (*decode_axpy)(const TvComp& c, int64_t n, int64_t k0, int64_t len, float coef, const float* src,
                       float* dst, int stream);
   // dst[0:len] = src[0:len] + sum_c comps[c].coef * dequant_c (C <= 8 components, all

@@ -146,13 +146,16 @@ __global__ void colsum_kernel(const T* q, const T* k, const int64_t* lens, const
           m = stats[((b * Hq + hq) * Tq + row) * 2];
           l = stats[((b * Hq + hq) * Tq + row) * 2 + 1];
         }
-        const bool live = row < Tq && l != 0.f;   // NaN sums stay live and propagate
-        const float inv = live ? 1.f / l : 0.f;
-        const float shift = live ? m : 0.f;
+        // A row that sees keys but whose max is not finite (a NaN or +inf score, or all -inf) gets
+        // NaN on every key it sees (docs/contracts.md): inv = NaN does it, per row.
+        const bool sees = row < Tq && L > 0 && (!causal || (pos >= 0 && pos < L));
+        const bool ok = sees && l > 0.f && isfinite(m);
+        const float inv = ok ? 1.f / l : __uint_as_float(0x7fc00000u);
+        const float shift = ok ? m : 0.f;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int64_t key = n0 + c + 8 * j;
-          if (live && key < L && (!causal || key <= pos)) acc[j] += static_cast<double>(exp2f(s[j] - shift) * inv);
+          if (sees && key < L && (!causal || key <= pos)) acc[j] += static_cast<double>(exp2f(s[j] - shift) * inv);
         }
       }
     }
@@ -373,9 +376,12 @@ cudaError_t move_rows(char* src, char* dst, int64_t row_bytes, const int64_t* id
 cudaError_t vatp_colsum(const void* q, const void* k, VatpDType dtype, int64_t B, int64_t Hq, int64_t Tq, int64_t D,
                         int64_t H_kv, int64_t T, const int64_t* seq_lens, bool causal, float scale, float* row_stats,
                         float* out, cudaStream_t stream) {
-  if (B < 0 || Tq < 0 || T < 0 || D < 1 || H_kv < 1 || Hq < H_kv || Hq % H_kv) return cudaErrorInvalidValue;
-  if (B == 0 || T == 0) return cudaSuccess;
-  if (!q || !k || !seq_lens || !out || (Tq > 0 && !row_stats)) return cudaErrorInvalidValue;
+  if (B < 0 || Hq < 0 || Tq < 0 || T < 0 || D < 1 || H_kv < 1 || Hq % H_kv) return cudaErrorInvalidValue;
+  if (B == 0 || T == 0) return cudaSuccess;  // empty output
+  if (!seq_lens || !out) return cudaErrorInvalidValue;
+  // No query row at all (an empty q may have a null address): every column sum is 0.
+  if (Hq == 0 || Tq == 0) return cudaMemsetAsync(out, 0, static_cast<size_t>(B * H_kv * T) * sizeof(float), stream);
+  if (!q || !k || !row_stats) return cudaErrorInvalidValue;
   switch (dtype) {
     case VatpDType::f32:
       return launch_colsum<float>(q, k, B, Hq, Tq, D, H_kv, T, seq_lens, causal, scale, row_stats, out, stream);

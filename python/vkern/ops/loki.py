@@ -506,7 +506,9 @@ def loki_attention(q, k_cache, v_cache, *, rank: int, topk, seq_lens=None, num_s
             ceil(topk * seq_len). Never more than seq_len; must hold the sinks and recent tokens.
         seq_lens: int [B], valid tokens per sequence, each in [1, T] (default T).
         gqa: "per_head" (each query head selects its own tokens, as Loki) or "shared"
-            (a KV group selects once from the sum of its heads' approximate scores, as SparQ).
+            (a KV group selects once from the sum of its heads' approximate scores, as SparQ,
+            computed as the summed query's score (sum_h q_h)[:rank] . k[:rank] on every backend,
+            which also fixes the non-finite case; docs/contracts.md, section 2).
         return_indices: also return the kept positions [B, Hq, K] (int64, ascending,
             -1 padded), K = the largest budget over the batch.
         k_prefix: optional [B, H_kv, T, R] (R >= rank, k_cache's dtype and device):

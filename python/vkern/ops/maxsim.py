@@ -66,7 +66,9 @@ def _host_ints(x: Any) -> np.ndarray:
     return x.detach().to("cpu").numpy().astype(np.int64, copy=False)
 
 
-def _pack_list(docs: Sequence[Any], D: Optional[int]):
+def _pack_list(docs: Sequence[Any], D: Optional[int], like: Any):
+    """(packed docs [T, D], offsets [N+1]); an empty list gives empty docs of `like`'s (the
+    queries') kind, dtype and device, so that it scores as N = 0 on every backend."""
     natives = [A.to_native(d, f"docs[{i}]")[0] for i, d in enumerate(docs)]
     for i, d in enumerate(natives):
         _check_float(d, f"docs[{i}]")
@@ -78,7 +80,7 @@ def _pack_list(docs: Sequence[Any], D: Optional[int]):
     offsets = np.zeros(len(natives) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     if not natives:
-        return np.zeros((0, D or 1), dtype=np.float32), offsets
+        return A.empty_like_kind((0, D or 1), A.dtype_name(like), like), A.as_kind(offsets, like)
     kinds = {type(d) for d in natives}
     if len(kinds) > 1:
         raise TypeError("docs: list mixes NumPy arrays and torch tensors")
@@ -114,7 +116,7 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, query_lengths, topk) -> Ma
     if isinstance(docs, (list, tuple)):
         if doc_offsets is not None or doc_lengths is not None:
             raise ValueError("doc_offsets/doc_lengths: not accepted with a list of documents")
-        d, doc_offsets = _pack_list(docs, D)
+        d, doc_offsets = _pack_list(docs, D, q)
     else:
         d, _ = A.to_native(docs, "docs")
         _check_float(d, "docs")

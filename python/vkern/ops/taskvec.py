@@ -423,12 +423,30 @@ def _delta_cpu(call: DeltaCall):
                                         _row_stride(base), table.ctypes.data, coefs.ctypes.data, len(table), T,
                                         int(merged), 0 if merged else order.ctypes.data,
                                         0 if merged else starts.ctypes.data, A.data_ptr(y), int(base_done))
+        _nonfinite_rows_by_definition(call, x32, base, y)
     elif M:
         y[...] = 0
     name = A.dtype_name(call.x)
     if name == "float32":
         return y
     return y.astype(name) if torch is None else y.to(getattr(torch, name))
+
+
+def _nonfinite_rows_by_definition(call: DeltaCall, x32, base, y) -> None:
+    """Rows of x holding a NaN or inf, recomputed by the definition x @ base^T + sum_t c_t x @ dequant_t^T.
+    The kernel's fused identities (one merged weight row for a coefficient sum; x . (2b - 1) = 2 x.b - sum x
+    for sign deltas) are exact for finite x only: with inf in x they can give inf where the definition
+    gives inf - inf = NaN, or the reverse. Finite x (every real call) costs one isfinite pass over x."""
+    if isinstance(x32, np.ndarray):
+        bad = np.flatnonzero(~np.isfinite(x32).all(axis=1))
+    else:
+        bad = A.torch_module().nonzero(~A.torch_module().isfinite(x32).all(dim=1)).reshape(-1).numpy()
+    if not bad.size:
+        return
+    ids = None if call.task_ids is None else np.asarray(call.task_ids)[bad]
+    fixed = ref.delta_linear(A.to_numpy(x32)[bad], A.to_numpy(base), [_host_qtv(q) for q in call.qtvs], call.coeffs,
+                             ids).astype(np.float32)
+    y[bad] = fixed if isinstance(y, np.ndarray) else A.torch_module().from_numpy(fixed)
 
 
 _APPLY.register(Backend("cpu", _cpu_why_not, _apply_cpu))
@@ -667,7 +685,10 @@ def delta_linear(x, base, qtvs: Sequence[QTaskVector], coeffs=None, *, task_ids=
         qtvs: T QTaskVector of shape [N_out, K_in] on base's device.
 
     Returns:
-        y [M, N_out] (or [N_out]) in x's dtype, accumulated in float32.
+        y [M, N_out] (or [N_out]) in x's dtype, accumulated in float32. A row of x holding
+        NaN or inf follows the formula above term by term, as float64 NumPy evaluates it
+        (so inf * w + c * inf * w' can be inf - inf = NaN); the cpu backend computes such
+        rows by that definition (docs/contracts.md, section 4).
 
     Example:
         >>> import numpy as np, vkern

@@ -475,7 +475,10 @@ def attention_colsum(q, k, *, causal: bool = True, seq_lens=None, scale: Optiona
 
     Returns:
         float32 [B, H_kv, T]. A query row that sees no key adds nothing (no NaN).
-        Same array kind and device as q.
+        Non-finite logits follow float64 NumPy's exp(s - max) / sum over the keys a
+        row sees: a row whose largest visible logit is NaN, +inf, or -inf (all -inf)
+        puts NaN on every key it sees; otherwise -inf logits get 0
+        (docs/contracts.md, section 3). Same array kind and device as q.
 
     Example:
         >>> import numpy as np, vkern

@@ -78,10 +78,11 @@ def select(approx: np.ndarray, seq_len: int, budget: int, num_sink: int, num_rec
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
     """Exact attention of one query row q [D] over rows k, v [n, D], float64."""
-    s = (k @ q) * scale
-    m = np.max(s)
-    p = np.exp(s - m)
-    return (p / p.sum()) @ v
+    with np.errstate(invalid="ignore", over="ignore"):   # non-finite scores: IEEE, as written
+        s = (k @ q) * scale
+        m = np.max(s)
+        p = np.exp(s - m)
+        return (p / p.sum()) @ v
 
 
 def loki_attention(q, k_cache, v_cache, seq_lens, rank: int, topk, num_sink: int, num_recent: int,
@@ -108,10 +109,14 @@ def loki_attention(q, k_cache, v_cache, seq_lens, rank: int, topk, num_sink: int
             keys, vals = k_cache[b, kv, :L], v_cache[b, kv, :L]
             heads = range(kv * G, (kv + 1) * G)
             pre = keys if k_prefix is None else np.asarray(k_prefix[b, kv, :L], dtype=np.float64)
-            approx = {h: pre[:, :rank] @ q[b, h, :rank] for h in heads}   # [L] each
             if gqa == "shared":
-                total = sum(approx[h] for h in heads)
+                # One score per group: the summed query's, (sum_h q_h)[:rank] . k[:rank]. It equals the
+                # sum of the heads' scores for finite inputs and defines the non-finite case (an inf key
+                # component meets the sign of the summed query, not +inf and -inf of two heads).
+                total = pre[:, :rank] @ sum(q[b, h, :rank] for h in heads)
                 approx = {h: total for h in heads}
+            else:
+                approx = {h: pre[:, :rank] @ q[b, h, :rank] for h in heads}   # [L] each
             for h in heads:
                 idx = select(approx[h], L, budgets[b], num_sink, num_recent)
                 kept[b, h, :len(idx)] = idx

@@ -29,7 +29,7 @@ def unpack_codes(codes: np.ndarray, bits: int, K: int) -> np.ndarray:
         per = 8 // bits
         shifts = (np.arange(per, dtype=np.uint8) * bits)
         q = (codes[:, :, None] >> shifts) & ((1 << bits) - 1)
-        return q.reshape(N, -1)[:, :K].astype(np.int16)
+        return q.reshape(N, codes.shape[1] * per)[:, :K].astype(np.int16)   # N may be 0
     planes = np.unpackbits(codes, axis=1, bitorder="little")[:, :K * bits].reshape(N, K, bits)
     return (planes.astype(np.int16) << np.arange(bits, dtype=np.int16)).sum(axis=2, dtype=np.int16)
 
@@ -65,13 +65,13 @@ def quantize(tau: np.ndarray, bits: int, granularity: str, g: Optional[int], sch
         if granularity == "group" and K % gs:
             counts[-1] = K % gs
         if granularity == "tensor":
-            counts[:] = N * K
+            counts[:] = max(N * K, 1)                                   # an empty tensor: scale 0
         scales = (np.abs(grouped.astype(np.float64)).sum(axis=2) / counts).astype(np.float32)
         q = (tau >= 0).astype(np.uint8)
         return pack_codes(q, 1), scales, None, gs
     levels = (1 << bits) - 1
-    lo = np.minimum(grouped.min(axis=2), 0.0).astype(np.float64)   # the grid always holds 0
-    hi = np.maximum(grouped.max(axis=2), 0.0).astype(np.float64)
+    lo = grouped.min(axis=2, initial=0.0).astype(np.float64)      # the grid always holds 0 (and an
+    hi = grouped.max(axis=2, initial=0.0).astype(np.float64)      # empty tensor gets step 0)
     exact = (hi - lo) / levels
     step = exact.astype(np.float32)
     low = step.astype(np.float64) < exact                         # round the step up so the grid spans [lo, hi]

@@ -10,6 +10,12 @@ Conventions (shared by every backend):
   adds nothing; in non-causal mode every query row counts.
 - Keys at positions ``>= seq_lens[b]`` receive nothing (their column sum is 0).
 - A query row that sees no key at all adds nothing (no NaN).
+- Non-finite logits: each query row's probabilities are what float64 NumPy's
+  ``exp(s - s.max()) / sum(exp(s - s.max()))`` over its visible keys gives. If
+  the row's largest visible logit is not finite (any NaN logit, any +inf
+  logit, or every visible logit -inf), every key that row sees receives NaN;
+  otherwise -inf logits get exactly 0. Keys the row does not see get nothing
+  from it, whatever they hold.
 - Query head ``hq`` reads KV head ``hq // (Hq // H_kv)``; a KV head's column
   sum adds up the rows of all query heads of its group.
 """
@@ -27,6 +33,8 @@ def attention_colsum(q: np.ndarray, k: np.ndarray, seq_lens: np.ndarray, causal:
     H_kv, T = k.shape[1], k.shape[2]
     group = Hq // H_kv
     out = np.zeros((B, H_kv, T), dtype=np.float64)
+    if T == 0:                                                           # no key: nothing to receive
+        return out.astype(np.float32)
     keys = np.arange(T)
     for b in range(B):
         L = int(seq_lens[b])
@@ -38,14 +46,14 @@ def attention_colsum(q: np.ndarray, k: np.ndarray, seq_lens: np.ndarray, causal:
                 visible = keys[None, :] < L                              # [rows, T]
                 if causal:
                     visible = visible & (keys[None, :] <= pos[:, None]) & (pos[:, None] < L)
-                s = (q[b, hq, r0:r1] @ k[b, h].T) * scale               # [rows, T]
-                s = np.where(visible, s, -np.inf)
-                m = s.max(axis=1, keepdims=True)
-                seen = np.isfinite(m[:, 0]) | np.isnan(m[:, 0])
-                m = np.where(np.isfinite(m), m, 0.0)
-                p = np.where(visible, np.exp(s - m), 0.0)
-                denom = p.sum(axis=1, keepdims=True)
-                p = np.where(seen[:, None], p / np.where(denom > 0, denom, 1.0), 0.0)
+                with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                    s = (q[b, hq, r0:r1] @ k[b, h].T) * scale           # [rows, T]
+                    s = np.where(visible, s, -np.inf)
+                    # The softmax of each row over its visible keys, exactly as exp(s - max) / sum:
+                    # a NaN logit, a +inf logit or all logits -inf make the row NaN on every key it sees.
+                    m = s.max(axis=1, keepdims=True)
+                    e = np.where(visible, np.exp(s - m), 0.0)
+                    p = np.where(visible, e / e.sum(axis=1, keepdims=True), 0.0)
                 out[b, h] += p.sum(axis=0)
     return out.astype(np.float32)
 
