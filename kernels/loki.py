@@ -18,11 +18,9 @@ The package wrapper validates everything; this module trusts what it is given
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ._common import order_key, tl, triton
+from ._common import device_guard, order_key, tl, triton
 
 __all__ = ["rotate", "loki_attention", "decode_attention"]
 
@@ -192,15 +190,15 @@ if triton is not None:
         r = pid // H
         h = pid % H
         d = tl.arange(0, D_PAD)
-        x = tl.load(x_ptr + r.to(tl.int64) * x_sr + h * x_sh + d, mask=d < D, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r.to(tl.int64) * x_sr + h.to(tl.int64) * x_sh + d, mask=d < D, other=0.0).to(tl.float32)
         pm = (d[:, None] < D) & (d[None, :] < D)
-        P = tl.load(p_ptr + (h // G).to(tl.int64) * D * D + d[:, None] * D + d[None, :], mask=pm, other=0.0)
+        P = tl.load(p_ptr + (h // G).to(tl.int64) * D * D + d[:, None].to(tl.int64) * D + d[None, :], mask=pm,
+                    other=0.0)
         out = tl.sum(x[:, None] * P, axis=0)
         tl.store(out_ptr + pid.to(tl.int64) * D + d, out, mask=d < D)
 
 
-def _device_ctx(t):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+_device_ctx = device_guard
 
 
 def rotate(x: torch.Tensor, P: torch.Tensor, row_stride: int, head_stride: int, rows: int) -> torch.Tensor:
@@ -232,10 +230,11 @@ def _attend(q, k, v, lens, budgets, idx, heads_per_list, K, scale, dense):
     ws = torch.empty((B * Hq * nsplit * (D_PAD + 2),) if nsplit > 1 else (1,), dtype=torch.float32, device=q.device)
     count = torch.zeros((B * Hq,), dtype=torch.int32, device=q.device)
     ks, vs = k.stride(), v.stride()
-    _attend_kernel[(B * Hq, nsplit)](
-        q, k, v, lens, budgets if budgets is not None else lens, idx if idx is not None else lens, ws, count, out,
-        Hq, G, Hq // heads_per_list, K, D, float(scale), chunk, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
-        HEADS_PER_LIST=heads_per_list, DENSE=dense, NSPLIT=nsplit, D_PAD=D_PAD, BLOCK_N=_BLOCK_N)
+    with device_guard(q):
+        _attend_kernel[(B * Hq, nsplit)](
+            q, k, v, lens, budgets if budgets is not None else lens, idx if idx is not None else lens, ws, count,
+            out, Hq, G, Hq // heads_per_list, K, D, float(scale), chunk, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+            HEADS_PER_LIST=heads_per_list, DENSE=dense, NSPLIT=nsplit, D_PAD=D_PAD, BLOCK_N=_BLOCK_N)
     return out
 
 

@@ -30,7 +30,7 @@ import os
 import torch
 
 from ._common import IMPORT_ERROR as _IMPORT_ERROR
-from ._common import order_key, tl, triton
+from ._common import device_guard, order_key, tl, triton
 
 __all__ = ["attention_colsum", "value_l1", "prune", "is_available"]
 
@@ -73,7 +73,7 @@ if triton is not None:
     def _rowstats_kernel(q_ptr, k_ptr, lens_ptr, stats_ptr, Hq, Tq, T, D, G, qscale,
                          CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        bhq = tl.program_id(0)
+        bhq = tl.program_id(0).to(tl.int64)  # int64 offsets: a cache may hold >= 2**31 elements
         b = bhq // Hq
         h = (bhq % Hq) // G
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,7 +93,8 @@ if triton is not None:
         k_base = k_ptr + (b * (Hq // G) + h) * T * D
         for n0 in range(0, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            s = _scores(q, k_base + cols[:, None] * D + dims[None, :], (cols < L)[:, None] & (dims < D)[None, :],
+            s = _scores(q, k_base + cols[:, None].to(tl.int64) * D + dims[None, :],
+                        (cols < L)[:, None] & (dims < D)[None, :],
                         qscale, UPCAST, PRECISION)
             visible = (cols < L)[None, :] & (rows < Tq)[:, None]
             if CAUSAL:
@@ -113,7 +114,7 @@ if triton is not None:
     def _colsum_kernel(q_ptr, k_ptr, lens_ptr, stats_ptr, out_ptr, Hq, H, Tq, T, D, G, qscale,
                        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)
         b = bh // H
         h = bh % H
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -152,7 +153,7 @@ if triton is not None:
 
     @triton.jit
     def _value_l1_kernel(v_ptr, out_ptr, rows_total, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         acc = tl.zeros([BLOCK_R], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
@@ -164,7 +165,7 @@ if triton is not None:
     @triton.jit
     def _select_kernel(scores_ptr, lens_ptr, kept_ptr, idx_ptr, H, T, kmax, num_sink, num_recent,
                        BLOCK: tl.constexpr):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)
         b = bh // H
         L = tl.load(lens_ptr + b)
         n = tl.load(kept_ptr + b)
@@ -213,7 +214,7 @@ if triton is not None:
 
     @triton.jit
     def _gather_kernel(src_ptr, dst_ptr, idx_ptr, T, kmax, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         src_row = tl.load(idx_ptr + bh * kmax + rows, mask=rows < kmax, other=-1)
         for d0 in range(0, D, BLOCK_D):
@@ -225,11 +226,11 @@ if triton is not None:
 
     @triton.jit
     def _compact_kernel(buf_ptr, idx_ptr, T, kmax, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)
         dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         base = buf_ptr + bh * T * D
         for r0 in range(0, kmax, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
+            rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
             src_row = tl.load(idx_ptr + bh * kmax + rows, mask=rows < kmax, other=-1)
             x = tl.load(base + src_row[:, None] * D + dims[None, :],
                         mask=(src_row >= 0)[:, None] & (dims < D)[None, :], other=0.0)
@@ -258,12 +259,13 @@ def attention_colsum(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, c
     upcast, precision = _dot_mode(q.dtype)
     BD = _pow2(D)
     qscale = float(scale) * _LOG2E
-    _rowstats_kernel[(B * Hq, triton.cdiv(Tq, _BLOCK_M))](
-        q, k, seq_lens, stats, Hq, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal), BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N, BLOCK_D=BD, UPCAST=upcast, PRECISION=precision)
-    _colsum_kernel[(B * H, triton.cdiv(T, _BLOCK_N))](
-        q, k, seq_lens, stats, out, Hq, H, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal), BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N, BLOCK_D=BD, UPCAST=upcast, PRECISION=precision)
+    with device_guard(q):
+        _rowstats_kernel[(B * Hq, triton.cdiv(Tq, _BLOCK_M))](
+            q, k, seq_lens, stats, Hq, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal), BLOCK_M=_BLOCK_M,
+            BLOCK_N=_BLOCK_N, BLOCK_D=BD, UPCAST=upcast, PRECISION=precision)
+        _colsum_kernel[(B * H, triton.cdiv(T, _BLOCK_N))](
+            q, k, seq_lens, stats, out, Hq, H, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal), BLOCK_M=_BLOCK_M,
+            BLOCK_N=_BLOCK_N, BLOCK_D=BD, UPCAST=upcast, PRECISION=precision)
     return out
 
 
@@ -276,8 +278,9 @@ def value_l1(v: torch.Tensor) -> torch.Tensor:
         return out
     if D == 0:
         return out.zero_()
-    _value_l1_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](v, out, rows, D, BLOCK_R=_BLOCK_ROWS,
-                                                        BLOCK_D=min(_pow2(D), 128))
+    with device_guard(v):
+        _value_l1_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](v, out, rows, D, BLOCK_R=_BLOCK_ROWS,
+                                                            BLOCK_D=min(_pow2(D), 128))
     return out
 
 
@@ -294,20 +297,22 @@ def prune(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, seq_lens: torc
         if out_bufs is not None:
             return out_bufs[0], out_bufs[1], idx
         return k.new_zeros((B, H, kmax, k.shape[3])), v.new_zeros((B, H, kmax, v.shape[3])), idx
-    _select_kernel[(B * H,)](scores, seq_lens, kept_lens, idx, H, T, kmax, num_sink, num_recent,
-                             BLOCK=_BLOCK_SEL)
-    outs = []
-    for i, x in enumerate((k, v)):
-        D = x.shape[3]
-        BD = min(_pow2(D), 128)
-        if inplace:
-            if D:
-                _compact_kernel[(B * H, triton.cdiv(D, BD))](x, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS, BLOCK_D=BD)
-            outs.append(x[:, :, :kmax])
-        else:
-            y = torch.empty((B, H, kmax, D), dtype=x.dtype, device=x.device) if out_bufs is None else out_bufs[i]
-            if D:
-                _gather_kernel[(B * H, triton.cdiv(kmax, _BLOCK_ROWS))](x, y, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS,
-                                                                        BLOCK_D=BD)
-            outs.append(y)
+    with device_guard(k):
+        _select_kernel[(B * H,)](scores, seq_lens, kept_lens, idx, H, T, kmax, num_sink, num_recent,
+                                 BLOCK=_BLOCK_SEL)
+        outs = []
+        for i, x in enumerate((k, v)):
+            D = x.shape[3]
+            BD = min(_pow2(D), 128)
+            if inplace:
+                if D:
+                    _compact_kernel[(B * H, triton.cdiv(D, BD))](x, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS,
+                                                                 BLOCK_D=BD)
+                outs.append(x[:, :, :kmax])
+            else:
+                y = torch.empty((B, H, kmax, D), dtype=x.dtype, device=x.device) if out_bufs is None else out_bufs[i]
+                if D:
+                    _gather_kernel[(B * H, triton.cdiv(kmax, _BLOCK_ROWS))](x, y, idx, T, kmax, D,
+                                                                            BLOCK_R=_BLOCK_ROWS, BLOCK_D=BD)
+                outs.append(y)
     return outs[0], outs[1], idx

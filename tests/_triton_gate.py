@@ -16,8 +16,6 @@ import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 DT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 FLOAT_ARGS = {"scale", "qscale"}
@@ -108,6 +106,86 @@ KNOWN_SPILLS = {"loki._attend_kernel", "vatp._colsum_kernel", "vatp._select_kern
                 "taskvec._apply_kernel", "maxsim._maxsim_kernel"}
 
 
+_DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = ([\w.\"]+)\s*(.*)$")
+_USE = re.compile(r"%[\w.]+")
+_LOC_FILE = re.compile(r'^#(loc\d*) = loc\("([^"]+)":(\d+):\d+\)')
+_LOC_REF = re.compile(r"^#(loc\d*) = loc\((.*)\)$")
+_PASS_THROUGH = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans", "arith.addi", "arith.subi",
+                 "arith.select", "arith.minsi", "arith.maxsi", "arith.remsi", "arith.divsi")
+
+
+def i32_products(ttir):
+    """Pointer offsets computed in 32 bits: a list of "file:line" for every tt.addptr whose offset is
+    i32 and comes from an i32 arith.muli of two non-constant values (a program id times a size, a row
+    index times D, ...). Such a product wraps once the tensor has 2**31 elements; the fix is to widen
+    one factor with .to(tl.int64) first. Products with a constant (pid * BLOCK) are not counted: the
+    product is then widened, or checked, where it meets the next runtime factor."""
+    defs, locs, files = {}, {}, {}
+    for line in ttir.splitlines():
+        m = _LOC_FILE.match(line)
+        if m:
+            files[m.group(1)] = f"{os.path.basename(m.group(2))}:{m.group(3)}"
+            continue
+        m = _LOC_REF.match(line)
+        if m:
+            locs[m.group(1)] = re.findall(r"#(loc\d*)", m.group(2))
+            continue
+        m = _DEF.match(line)
+        if m:
+            name, opname, rest = m.groups()
+            loc = re.search(r"\s*loc\(#(loc\d*)\)\s*$", rest)
+            if loc:
+                rest = rest[:loc.start()]
+            body, _, typ = rest.rpartition(" : ")
+            defs[name] = (opname.strip('"'), _USE.findall(body), typ.strip(), loc.group(1) if loc else None)
+
+    def where(loc, depth=0):
+        if loc is None or depth > 20:
+            return "?"
+        if loc in files:
+            return files[loc]
+        for ref in locs.get(loc, []):
+            w = where(ref, depth + 1)
+            if w != "?":
+                return w
+        return "?"
+
+    def constant(v, depth=0):
+        d = defs.get(v)
+        if d is None or depth > 20:
+            return False
+        if d[0] == "arith.constant":
+            return True
+        return d[0] in ("tt.splat", "tt.broadcast", "tt.expand_dims") and constant(d[1][0], depth + 1)
+
+    def bad_mul(v, seen):
+        if v in seen:
+            return None
+        seen.add(v)
+        d = defs.get(v)
+        if d is None:
+            return None
+        opname, operands, typ, loc = d
+        if "i32" not in typ.split("->")[-1]:
+            return None
+        if opname == "arith.muli" and not any(constant(o) for o in operands):
+            return where(loc)
+        if opname in _PASS_THROUGH or opname == "arith.muli":
+            for o in operands:
+                w = bad_mul(o, seen)
+                if w:
+                    return w
+        return None
+
+    found = []
+    for name, (opname, operands, typ, loc) in defs.items():
+        if opname == "tt.addptr" and len(operands) == 2 and typ.split(",")[-1].strip().endswith(("i32", "i32>")):
+            w = bad_mul(operands[1], set())
+            if w and w not in found:
+                found.append(w)
+    return found
+
+
 def _one(job):
     mod, name, types, consts, spill_free, cc, ones = job
     import importlib
@@ -146,7 +224,7 @@ def _one(job):
         regs = re.search(r"Used (\d+) registers", log)
         spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
         rec.update(ok=True, regs=int(regs.group(1)) if regs else -1, spills=max(spills or [0]),
-                   smem=int(k.metadata.shared))
+                   smem=int(k.metadata.shared), i32_offsets=i32_products(k.asm["ttir"]))
     except Exception as exc:  # noqa: BLE001
         rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-600:]}")
     return rec
@@ -171,4 +249,8 @@ def main():
 
 
 if __name__ == "__main__":
+    # before any kernel module is imported (the pool's forked workers inherit it); not at import, so a
+    # test importing i32_products keeps its interpreter setting
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     main()
