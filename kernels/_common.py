@@ -1,5 +1,8 @@
 """Shared by the Triton kernel modules (vkern.kernels.*): the optional triton
-import, and the order-preserving float key the selection kernels rank by."""
+import, the device guard every launcher takes, and the order-preserving float key the
+selection kernels rank by."""
+import contextlib
+
 try:
     import triton
     import triton.language as tl
@@ -10,7 +13,18 @@ except Exception as exc:  # pragma: no cover - the wrappers check availability f
     tl = None
     IMPORT_ERROR = f"triton is not importable: {exc!r}"
 
-__all__ = ["triton", "tl", "IMPORT_ERROR", "order_key"]
+__all__ = ["triton", "tl", "IMPORT_ERROR", "order_key", "device_guard"]
+
+
+def device_guard(t):
+    """A context that makes t's GPU the current device (and so its current stream the one Triton
+    launches on), as torch's own ops do; a no-op for CPU tensors (the interpreter). Without it a
+    tensor on a GPU other than the current one is launched on the wrong device."""
+    if t.device.type == "cuda":
+        import torch
+
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 if triton is not None:
 

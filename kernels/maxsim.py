@@ -15,13 +15,12 @@ inputs contiguous; this module trusts what it is given.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
 from ._common import IMPORT_ERROR as _IMPORT_ERROR
-from ._common import tl, triton
+from ._common import device_guard, tl, triton
 
 __all__ = ["maxsim_scores", "is_available"]
 
@@ -247,7 +246,7 @@ def maxsim_scores(queries, query_lengths, docs, doc_offsets) -> torch.Tensor:
     precision = "ieee" if queries.dtype == torch.float32 or upcast else "tf32"
 
     scores = torch.empty((batch, num_docs), dtype=torch.float32, device=device)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_guard(queries):
         _maxsim_kernel[(num_programs,)](
             queries, query_lengths, docs, doc_offsets, scores,
             batch, num_docs, query_len, dim, num_groups,

@@ -20,7 +20,7 @@ from typing import List, Sequence
 import torch
 
 from ._common import IMPORT_ERROR as _IMPORT_ERROR
-from ._common import tl, triton
+from ._common import device_guard, tl, triton
 
 __all__ = ["Pools", "pools", "dequantize", "apply", "delta_linear", "is_available"]
 
@@ -228,8 +228,9 @@ def dequantize(p: Pools, N: int, K: int) -> torch.Tensor:
     out = torch.empty((N, K), dtype=torch.float32, device=p.codes.device)
     if N and K:
         grid = (triton.cdiv(N, _BLOCK[0]), triton.cdiv(K, _BLOCK[1]))
-        _dequant_kernel[grid](out, N, K, p.codes, p.scales, p.zeros, p.meta, p.C,
-                              BLOCK_N=_BLOCK[0], BLOCK_K=_BLOCK[1])
+        with device_guard(out):
+            _dequant_kernel[grid](out, N, K, p.codes, p.scales, p.zeros, p.meta, p.C,
+                                  BLOCK_N=_BLOCK[0], BLOCK_K=_BLOCK[1])
     return out
 
 
@@ -242,9 +243,10 @@ def apply(base: torch.Tensor, out: torch.Tensor, p: Pools, task_coef: torch.Tens
         dummy_f = task_coef if not trim else thr
         dummy_i = p.meta if not trim else cut
         grid = (triton.cdiv(N, _BLOCK[0]), triton.cdiv(K, _BLOCK[1]))
-        _apply_kernel[grid](base, out, N, K, p.codes, p.scales, p.zeros, p.meta, p.coef, p.task_start, task_coef,
-                            dummy_f, dummy_i, p.C, p.T, METHOD=method, TRIM=trim,
-                            BLOCK_N=_BLOCK[0], BLOCK_K=_BLOCK[1])
+        with device_guard(base):
+            _apply_kernel[grid](base, out, N, K, p.codes, p.scales, p.zeros, p.meta, p.coef, p.task_start,
+                                task_coef, dummy_f, dummy_i, p.C, p.T, METHOD=method, TRIM=trim,
+                                BLOCK_N=_BLOCK[0], BLOCK_K=_BLOCK[1])
     return out
 
 
@@ -255,9 +257,10 @@ def delta_linear(x: torch.Tensor, base: torch.Tensor, p: Pools, task_coef: torch
     y = torch.empty((M, N), dtype=torch.float32, device=x.device)
     if M and N:
         grid = (triton.cdiv(M, _DOT[0]), triton.cdiv(N, _DOT[1]))
-        _delta_kernel[grid](x, base, y, M, N, K, p.codes, p.scales, p.zeros, p.meta, p.coef, p.task_start,
-                            task_coef, ids if ids is not None else p.meta, p.C, p.T, MERGED=ids is None,
-                            BLOCK_M=_DOT[0], BLOCK_N=_DOT[1], BLOCK_K=_DOT[2])
+        with device_guard(x):
+            _delta_kernel[grid](x, base, y, M, N, K, p.codes, p.scales, p.zeros, p.meta, p.coef, p.task_start,
+                                task_coef, ids if ids is not None else p.meta, p.C, p.T, MERGED=ids is None,
+                                BLOCK_M=_DOT[0], BLOCK_N=_DOT[1], BLOCK_K=_DOT[2])
     elif M:
         y.zero_()
     return y
