@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import device_guard, order_key, tl, triton
+from ._common import device_guard, flat_grid, order_key, tl, triton
 
 __all__ = ["rotate", "loki_attention", "decode_attention"]
 
@@ -41,13 +41,14 @@ if triton is not None:
                        k_sb, k_sh, k_st,
                        HEADS_PER_LIST: tl.constexpr, G_PAD: tl.constexpr, R_PAD: tl.constexpr,
                        BLOCK_T: tl.constexpr):
-        pid = tl.program_id(0)
+        t_tiles = tl.cdiv(T, BLOCK_T)   # one grid axis: (list, block of rows), see _approx_grid
+        pid = tl.program_id(0) // t_tiles
         b = pid // NL
         lst = pid % NL
         head0 = lst * HEADS_PER_LIST
         kv = head0 // G
         L = tl.load(lens_ptr + b)
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t = (tl.program_id(0) % t_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
         d = tl.arange(0, R_PAD)
         g = tl.arange(0, G_PAD)
         Hq = NL * HEADS_PER_LIST
@@ -209,8 +210,17 @@ def rotate(x: torch.Tensor, P: torch.Tensor, row_stride: int, head_stride: int, 
     if rows == 0:
         return out
     with _device_ctx(x):
-        _rotate_kernel[(rows * H,)](x, P, out, H, H // H_kv, D, row_stride, head_stride, D_PAD=_pow2(max(D, 16)))
+        _rotate_kernel[flat_grid("loki.rotate", rows, H)](x, P, out, H, H // H_kv, D, row_stride, head_stride, D_PAD=_pow2(max(D, 16)))
     return out
+
+
+def _approx_grid(B: int, NL: int, T: int) -> tuple:
+    return flat_grid("loki_attention", B * NL, triton.cdiv(T, _BLOCK_T))
+
+
+def _attend_grid(B: int, Hq: int, nsplit: int) -> tuple:
+    """(head, split): nsplit <= _MAX_SPLITS sits on y, the head count on x."""
+    return flat_grid("loki_attention", B * Hq) + (nsplit,)
 
 
 def _splits(K: int, B: int, Hq: int) -> int:
@@ -231,7 +241,7 @@ def _attend(q, k, v, lens, budgets, idx, heads_per_list, K, scale, dense):
     count = torch.zeros((B * Hq,), dtype=torch.int32, device=q.device)
     ks, vs = k.stride(), v.stride()
     with device_guard(q):
-        _attend_kernel[(B * Hq, nsplit)](
+        _attend_kernel[_attend_grid(B, Hq, nsplit)](
             q, k, v, lens, budgets if budgets is not None else lens, idx if idx is not None else lens, ws, count,
             out, Hq, G, Hq // heads_per_list, K, D, float(scale), chunk, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
             HEADS_PER_LIST=heads_per_list, DENSE=dense, NSPLIT=nsplit, D_PAD=D_PAD, BLOCK_N=_BLOCK_N)
@@ -253,11 +263,14 @@ def loki_attention(q, k, v, lens, budgets, K: int, rank: int, num_sink: int, num
     idx = torch.empty((B, NL, K), dtype=torch.int32, device=q.device)
     ka = k if kp is None else kp
     ks = ka.stride()
+    approx_grid = _approx_grid(B, NL, T)
+    select_grid = flat_grid("loki_attention", B * NL)
+    _attend_grid(B, Hq, _MAX_SPLITS)   # checked before the first launch
     with _device_ctx(q):
-        _approx_kernel[(B * NL, triton.cdiv(T, _BLOCK_T))](
+        _approx_kernel[approx_grid](
             q, ka, lens, scores, T, NL, G, rank, D, ks[0], ks[1], ks[2],
             HEADS_PER_LIST=hpl, G_PAD=_pow2(hpl), R_PAD=_pow2(max(rank, 16)), BLOCK_T=_BLOCK_T)
-        _select_kernel[(B * NL,)](scores, lens, budgets, idx, T, NL, K, num_sink, num_recent, BLOCK=_SELECT_BLOCK)
+        _select_kernel[select_grid](scores, lens, budgets, idx, T, NL, K, num_sink, num_recent, BLOCK=_SELECT_BLOCK)
         out = _attend(q, k, v, lens, budgets, idx, hpl, K, scale, dense=False)
     return out, idx
 

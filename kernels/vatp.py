@@ -30,7 +30,7 @@ import os
 import torch
 
 from ._common import IMPORT_ERROR as _IMPORT_ERROR
-from ._common import device_guard, order_key, tl, triton
+from ._common import device_guard, flat_grid, order_key, tl, triton
 
 __all__ = ["attention_colsum", "value_l1", "prune", "is_available"]
 
@@ -73,10 +73,12 @@ if triton is not None:
     def _rowstats_kernel(q_ptr, k_ptr, lens_ptr, stats_ptr, Hq, Tq, T, D, G, qscale,
                          CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        bhq = tl.program_id(0).to(tl.int64)  # int64 offsets: a cache may hold >= 2**31 elements
+        n_tiles = tl.cdiv(Tq, BLOCK_M)   # one grid axis: (query head, row tile), see _colsum_grids
+        tile = tl.program_id(0) % n_tiles
+        bhq = (tl.program_id(0) // n_tiles).to(tl.int64)  # int64 offsets: a cache may hold >= 2**31 elements
         b = bhq // Hq
         h = (bhq % Hq) // G
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         L = tl.load(lens_ptr + b).to(tl.int32)
         pos = T - Tq + rows
@@ -85,7 +87,7 @@ if triton is not None:
         if UPCAST:
             q = q.to(tl.float32)
         if CAUSAL:
-            hi = tl.minimum(L, T - Tq + (tl.program_id(1) + 1) * BLOCK_M)  # last row's position + 1
+            hi = tl.minimum(L, T - Tq + (tile + 1) * BLOCK_M)  # last row's position + 1
         else:
             hi = L
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -114,17 +116,19 @@ if triton is not None:
     def _colsum_kernel(q_ptr, k_ptr, lens_ptr, stats_ptr, out_ptr, Hq, H, Tq, T, D, G, qscale,
                        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        bh = tl.program_id(0).to(tl.int64)
+        n_tiles = tl.cdiv(T, BLOCK_N)
+        tile = tl.program_id(0) % n_tiles
+        bh = (tl.program_id(0) // n_tiles).to(tl.int64)
         b = bh // H
         h = bh % H
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
         L = tl.load(lens_ptr + b).to(tl.int32)
         kmask = (cols < L)[:, None] & (dims < D)[None, :]
         k_ptrs = k_ptr + (bh * T + cols)[:, None] * D + dims[None, :]
         acc = tl.zeros([BLOCK_N], tl.float32)
         if CAUSAL:  # rows before the first that sees this key block add nothing
-            first = tl.maximum(tl.program_id(1) * BLOCK_N - (T - Tq), 0)
+            first = tl.maximum(tile * BLOCK_N - (T - Tq), 0)
             start = (first // BLOCK_M) * BLOCK_M
         else:
             start = 0
@@ -214,8 +218,9 @@ if triton is not None:
 
     @triton.jit
     def _gather_kernel(src_ptr, dst_ptr, idx_ptr, T, kmax, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0).to(tl.int64)
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        n_tiles = tl.cdiv(kmax, BLOCK_R)
+        bh = (tl.program_id(0) // n_tiles).to(tl.int64)
+        rows = (tl.program_id(0) % n_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
         src_row = tl.load(idx_ptr + bh * kmax + rows, mask=rows < kmax, other=-1)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
@@ -226,8 +231,9 @@ if triton is not None:
 
     @triton.jit
     def _compact_kernel(buf_ptr, idx_ptr, T, kmax, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0).to(tl.int64)
-        dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n_tiles = tl.cdiv(D, BLOCK_D)
+        bh = (tl.program_id(0) // n_tiles).to(tl.int64)
+        dims = (tl.program_id(0) % n_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
         base = buf_ptr + bh * T * D
         for r0 in range(0, kmax, BLOCK_R):
             rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -247,6 +253,20 @@ def _dot_mode(dtype):
     return _interpreting(), "ieee" if _interpreting() else "tf32"
 
 
+def _colsum_grids(B: int, Hq: int, H: int, Tq: int, T: int):
+    """(row-stats grid, colsum grid): (query head, row tile) and (KV head, key tile) on one axis."""
+    return (flat_grid("attention_colsum", B * Hq, triton.cdiv(Tq, _BLOCK_M)),
+            flat_grid("attention_colsum", B * H, triton.cdiv(T, _BLOCK_N)))
+
+
+def _prune_grids(B: int, H: int, kmax: int, Dk: int, Dv: int):
+    """(select, compact k, compact v, gather) grids of vatp_prune, checked before the first launch."""
+    col_tiles = [triton.cdiv(D, min(_pow2(D), 128)) for D in (Dk, Dv)]
+    return (flat_grid("vatp_prune", B * H), flat_grid("vatp_prune", B * H, col_tiles[0]),
+            flat_grid("vatp_prune", B * H, col_tiles[1]),
+            flat_grid("vatp_prune", B * H, triton.cdiv(kmax, _BLOCK_ROWS)))
+
+
 def attention_colsum(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, causal: bool,
                      scale: float) -> torch.Tensor:
     """q [B, Hq, Tq, D], k [B, H, T, D] contiguous, same dtype; seq_lens int64 [B] -> float32 [B, H, T]."""
@@ -255,15 +275,16 @@ def attention_colsum(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, c
     out = torch.zeros((B, H, T), dtype=torch.float32, device=q.device)
     if B * H * T == 0 or Tq == 0:
         return out
+    rowstats_grid, colsum_grid = _colsum_grids(B, Hq, H, Tq, T)
     stats = torch.empty((B, Hq, Tq, 2), dtype=torch.float32, device=q.device)
     upcast, precision = _dot_mode(q.dtype)
     BD = _pow2(D)
     qscale = float(scale) * _LOG2E
     with device_guard(q):
-        _rowstats_kernel[(B * Hq, triton.cdiv(Tq, _BLOCK_M))](
+        _rowstats_kernel[rowstats_grid](
             q, k, seq_lens, stats, Hq, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal), BLOCK_M=_BLOCK_M,
             BLOCK_N=_BLOCK_N, BLOCK_D=BD, UPCAST=upcast, PRECISION=precision)
-        _colsum_kernel[(B * H, triton.cdiv(T, _BLOCK_N))](
+        _colsum_kernel[colsum_grid](
             q, k, seq_lens, stats, out, Hq, H, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal), BLOCK_M=_BLOCK_M,
             BLOCK_N=_BLOCK_N, BLOCK_D=BD, UPCAST=upcast, PRECISION=precision)
     return out
@@ -279,8 +300,8 @@ def value_l1(v: torch.Tensor) -> torch.Tensor:
     if D == 0:
         return out.zero_()
     with device_guard(v):
-        _value_l1_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](v, out, rows, D, BLOCK_R=_BLOCK_ROWS,
-                                                            BLOCK_D=min(_pow2(D), 128))
+        _value_l1_kernel[flat_grid("value_l1", triton.cdiv(rows, _BLOCK_ROWS))](
+            v, out, rows, D, BLOCK_R=_BLOCK_ROWS, BLOCK_D=min(_pow2(D), 128))
     return out
 
 
@@ -297,8 +318,9 @@ def prune(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, seq_lens: torc
         if out_bufs is not None:
             return out_bufs[0], out_bufs[1], idx
         return k.new_zeros((B, H, kmax, k.shape[3])), v.new_zeros((B, H, kmax, v.shape[3])), idx
+    grids = _prune_grids(B, H, kmax, k.shape[3], v.shape[3])
     with device_guard(k):
-        _select_kernel[(B * H,)](scores, seq_lens, kept_lens, idx, H, T, kmax, num_sink, num_recent,
+        _select_kernel[grids[0]](scores, seq_lens, kept_lens, idx, H, T, kmax, num_sink, num_recent,
                                  BLOCK=_BLOCK_SEL)
         outs = []
         for i, x in enumerate((k, v)):
@@ -306,13 +328,11 @@ def prune(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, seq_lens: torc
             BD = min(_pow2(D), 128)
             if inplace:
                 if D:
-                    _compact_kernel[(B * H, triton.cdiv(D, BD))](x, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS,
-                                                                 BLOCK_D=BD)
+                    _compact_kernel[grids[1 + i]](x, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS, BLOCK_D=BD)
                 outs.append(x[:, :, :kmax])
             else:
                 y = torch.empty((B, H, kmax, D), dtype=x.dtype, device=x.device) if out_bufs is None else out_bufs[i]
                 if D:
-                    _gather_kernel[(B * H, triton.cdiv(kmax, _BLOCK_ROWS))](x, y, idx, T, kmax, D,
-                                                                            BLOCK_R=_BLOCK_ROWS, BLOCK_D=BD)
+                    _gather_kernel[grids[3]](x, y, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS, BLOCK_D=BD)
                 outs.append(y)
     return outs[0], outs[1], idx

@@ -82,3 +82,63 @@ def test_tensors_on_two_gpus_are_refused_before_any_kernel():
     with pytest.raises(ValueError, match="mixed devices"):
         A.same_place({"q": OnGpu(0), "k_cache": OnGpu(1)})
     assert A.same_place({"q": OnGpu(1), "k_cache": OnGpu(1)}) == "torch"
+
+
+def _within_limits(grid):
+    from vkern.kernels._common import GRID_X_MAX, GRID_YZ_MAX
+
+    assert 1 <= len(grid) <= 3 and all(isinstance(g, int) and g >= 0 for g in grid), grid
+    return grid[0] <= GRID_X_MAX and all(g <= GRID_YZ_MAX for g in grid[1:])
+
+
+# Shapes past every old y-axis limit: T, Tq = 2**22 + 1 (row/key tiles > 65,535), kmax = 2**22 + 3,
+# N_out and K_in = 2**23 + 5, a decode cache of 2**26 tokens; and ordinary ones.
+HUGE = [(1, 1, 1, 1, 1), (2, 32, 8, 17, 1000), (1, 8, 8, 2**22 + 1, 2**22 + 1), (4, 32, 8, 1, 2**26)]
+
+
+@pytest.mark.parametrize("B,Hq,H,Tq,T", HUGE)
+def test_vatp_grids_stay_inside_cuda_limits(B, Hq, H, Tq, T):
+    pytest.importorskip("triton")
+    from vkern.kernels import vatp
+
+    rowstats, colsum = vatp._colsum_grids(B, Hq, H, Tq, T)
+    assert _within_limits(rowstats) and _within_limits(colsum)
+    assert rowstats[0] == B * Hq * -(-Tq // vatp._BLOCK_M) and colsum[0] == B * H * -(-T // vatp._BLOCK_N)
+    kmax = min(T, 2**22 + 3)
+    for grid in vatp._prune_grids(B, H, kmax, 128, 256):
+        assert _within_limits(grid)
+    assert vatp._prune_grids(B, H, kmax, 128, 256)[3][0] == B * H * -(-kmax // vatp._BLOCK_ROWS)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 4096, 11008), (2**21 + 1, 4096, 64), (17, 2**23 + 5, 64), (3, 64, 2**23 + 5)])
+def test_taskvec_grids_stay_inside_cuda_limits(M, N, K):
+    pytest.importorskip("triton")
+    from vkern.kernels import taskvec
+
+    grid = taskvec._tile_grid("apply_task_vectors", N, K)
+    assert _within_limits(grid) and grid[0] == -(-N // taskvec._BLOCK[0]) * -(-K // taskvec._BLOCK[1])
+    grid = taskvec._delta_grid(M, N)
+    assert _within_limits(grid) and grid[0] == -(-M // taskvec._DOT[0]) * -(-N // taskvec._DOT[1])
+
+
+@pytest.mark.parametrize("B,Hq,H,Tq,T", HUGE)
+def test_loki_grids_stay_inside_cuda_limits(B, Hq, H, Tq, T):
+    pytest.importorskip("triton")
+    from vkern.kernels import loki
+
+    for NL in (H, Hq):
+        grid = loki._approx_grid(B, NL, T)
+        assert _within_limits(grid) and grid[0] == B * NL * -(-T // loki._BLOCK_T)
+    assert _within_limits(loki._attend_grid(B, Hq, loki._MAX_SPLITS))
+
+
+def test_a_grid_too_big_for_one_launch_is_a_value_error():
+    pytest.importorskip("triton")
+    from vkern.kernels import loki, taskvec, vatp
+
+    with pytest.raises(ValueError, match="attention_colsum"):
+        vatp._colsum_grids(2**16, 64, 8, 2**20, 2**20)
+    with pytest.raises(ValueError, match="delta_linear"):
+        taskvec._delta_grid(2**30, 2**30)
+    with pytest.raises(ValueError, match="loki_attention"):
+        loki._approx_grid(2**12, 64, 2**26)
