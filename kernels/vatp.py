@@ -70,9 +70,25 @@ if triton is not None:
         return tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qscale
 
     @triton.jit
+    def _scores_chunked(q_rows, q_ok, k_rows, k_ok, D, qscale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        D_CHUNK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # D in chunks: no whole-D tile lives in registers (the float32 IEEE dot keeps its operands there)
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in range(0, D, D_CHUNK):
+            dims = d0 + tl.arange(0, D_CHUNK)
+            qt = tl.load(q_rows[:, None] + dims[None, :], mask=q_ok[:, None] & (dims < D)[None, :], other=0.0)
+            kt = tl.load(k_rows[:, None] + dims[None, :], mask=k_ok[:, None] & (dims < D)[None, :], other=0.0)
+            if UPCAST:
+                qt = qt.to(tl.float32)
+                kt = kt.to(tl.float32)
+            s = tl.dot(qt, tl.trans(kt), s, input_precision=PRECISION)
+        return s * qscale
+
+    @triton.jit
     def _rowstats_kernel(q_ptr, k_ptr, lens_ptr, stats_ptr, Hq, Tq, T, D, G, qscale,
                          CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                         BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
         n_tiles = tl.cdiv(Tq, BLOCK_M)   # one grid axis: (query head, row tile), see _colsum_grids
         tile = tl.program_id(0) % n_tiles
         bhq = (tl.program_id(0) // n_tiles).to(tl.int64)  # int64 offsets: a cache may hold >= 2**31 elements
@@ -82,10 +98,11 @@ if triton is not None:
         dims = tl.arange(0, BLOCK_D)
         L = tl.load(lens_ptr + b).to(tl.int32)
         pos = T - Tq + rows
-        q = tl.load(q_ptr + (bhq * Tq + rows)[:, None] * D + dims[None, :],
-                    mask=(rows < Tq)[:, None] & (dims < D)[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q_rows = q_ptr + (bhq * Tq + rows) * D
+        if D_CHUNK == BLOCK_D:   # the whole q tile stays in registers
+            q = tl.load(q_rows[:, None] + dims[None, :], mask=(rows < Tq)[:, None] & (dims < D)[None, :], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
         if CAUSAL:
             hi = tl.minimum(L, T - Tq + (tile + 1) * BLOCK_M)  # last row's position + 1
         else:
@@ -95,9 +112,13 @@ if triton is not None:
         k_base = k_ptr + (b * (Hq // G) + h) * T * D
         for n0 in range(0, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            s = _scores(q, k_base + cols[:, None].to(tl.int64) * D + dims[None, :],
-                        (cols < L)[:, None] & (dims < D)[None, :],
-                        qscale, UPCAST, PRECISION)
+            k_rows = k_base + cols.to(tl.int64) * D
+            if D_CHUNK == BLOCK_D:
+                s = _scores(q, k_rows[:, None] + dims[None, :], (cols < L)[:, None] & (dims < D)[None, :],
+                            qscale, UPCAST, PRECISION)
+            else:
+                s = _scores_chunked(q_rows, rows < Tq, k_rows, cols < L, D, qscale, BLOCK_M, BLOCK_N, D_CHUNK,
+                                    UPCAST, PRECISION)
             visible = (cols < L)[None, :] & (rows < Tq)[:, None]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= pos[:, None])
@@ -115,7 +136,8 @@ if triton is not None:
     @triton.jit
     def _colsum_kernel(q_ptr, k_ptr, lens_ptr, stats_ptr, out_ptr, Hq, H, Tq, T, D, G, qscale,
                        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr):
         n_tiles = tl.cdiv(T, BLOCK_N)
         tile = tl.program_id(0) % n_tiles
         bh = (tl.program_id(0) // n_tiles).to(tl.int64)
@@ -125,7 +147,8 @@ if triton is not None:
         dims = tl.arange(0, BLOCK_D)
         L = tl.load(lens_ptr + b).to(tl.int32)
         kmask = (cols < L)[:, None] & (dims < D)[None, :]
-        k_ptrs = k_ptr + (bh * T + cols)[:, None] * D + dims[None, :]
+        k_rows = k_ptr + (bh * T + cols) * D
+        k_ptrs = k_rows[:, None] + dims[None, :]
         acc = tl.zeros([BLOCK_N], tl.float32)
         if CAUSAL:  # rows before the first that sees this key block add nothing
             first = tl.maximum(tile * BLOCK_N - (T - Tq), 0)
@@ -137,17 +160,23 @@ if triton is not None:
             for m0 in range(start, Tq, BLOCK_M):
                 rows = m0 + tl.arange(0, BLOCK_M)
                 pos = T - Tq + rows
-                q = tl.load(q_ptr + ((b * Hq + hq) * Tq + rows)[:, None] * D + dims[None, :],
-                            mask=(rows < Tq)[:, None] & (dims < D)[None, :], other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
+                q_rows = q_ptr + ((b * Hq + hq) * Tq + rows) * D
+                if D_CHUNK == BLOCK_D:
+                    q = tl.load(q_rows[:, None] + dims[None, :], mask=(rows < Tq)[:, None] & (dims < D)[None, :],
+                                other=0.0)
+                    if UPCAST:
+                        q = q.to(tl.float32)
                 st = stats_ptr + ((b * Hq + hq) * Tq + rows) * 2
                 m = tl.load(st, mask=rows < Tq, other=0.0)
                 s_sum = tl.load(st + 1, mask=rows < Tq, other=0.0)
                 live = (rows < Tq) & (s_sum != 0.0)   # a NaN sum stays live and propagates
                 inv = tl.where(live, 1.0 / tl.where(live, s_sum, 1.0), 0.0)
                 shift = tl.where(live, m, 0.0)
-                s = _scores(q, k_ptrs, kmask, qscale, UPCAST, PRECISION)
+                if D_CHUNK == BLOCK_D:
+                    s = _scores(q, k_ptrs, kmask, qscale, UPCAST, PRECISION)
+                else:
+                    s = _scores_chunked(q_rows, rows < Tq, k_rows, cols < L, D, qscale, BLOCK_M, BLOCK_N, D_CHUNK,
+                                        UPCAST, PRECISION)
                 visible = live[:, None] & (cols < L)[None, :]
                 if CAUSAL:
                     visible = visible & (cols[None, :] <= pos[:, None])
@@ -245,6 +274,19 @@ if triton is not None:
             tl.debug_barrier()
 
 
+def _score_tiles(dtype, D: int, colsum: bool = False) -> dict:
+    """BLOCK_M (query rows per tile), BLOCK_D (padded D), D_CHUNK (feature dims per dot step) and
+    num_warps of the row-stats (colsum=False) and colsum kernels. 16-bit inputs hold the whole padded D
+    in one tile. float32 takes the IEEE dot, whose operands live in registers: whole-D float32 tiles
+    spilled 0.4-12 KB from D = 128 on (ptxas, sm_80/sm_90), so there D is walked in chunks of 64 over
+    8 warps, and the colsum kernel, which also keeps its key tile and column sums live, takes 16 query
+    rows per step: no spills at D = 128 or 256, with or without the JIT's 16-divisible sizes."""
+    block_d = _pow2(D)
+    if dtype == torch.float32 and block_d > 64:
+        return dict(BLOCK_M=16 if colsum else _BLOCK_M, BLOCK_D=block_d, D_CHUNK=64, num_warps=8)
+    return dict(BLOCK_M=_BLOCK_M, BLOCK_D=block_d, D_CHUNK=block_d, num_warps=4)
+
+
 def _dot_mode(dtype):
     """(upcast tiles to float32, tl.dot input precision)."""
     if dtype == torch.float32:
@@ -278,15 +320,15 @@ def attention_colsum(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, c
     rowstats_grid, colsum_grid = _colsum_grids(B, Hq, H, Tq, T)
     stats = torch.empty((B, Hq, Tq, 2), dtype=torch.float32, device=q.device)
     upcast, precision = _dot_mode(q.dtype)
-    BD = _pow2(D)
+    row_tiles, col_tiles = _score_tiles(q.dtype, D), _score_tiles(q.dtype, D, colsum=True)
     qscale = float(scale) * _LOG2E
     with device_guard(q):
         _rowstats_kernel[rowstats_grid](
-            q, k, seq_lens, stats, Hq, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal), BLOCK_M=_BLOCK_M,
-            BLOCK_N=_BLOCK_N, BLOCK_D=BD, UPCAST=upcast, PRECISION=precision)
+            q, k, seq_lens, stats, Hq, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal),
+            BLOCK_N=_BLOCK_N, UPCAST=upcast, PRECISION=precision, **row_tiles)
         _colsum_kernel[colsum_grid](
-            q, k, seq_lens, stats, out, Hq, H, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal), BLOCK_M=_BLOCK_M,
-            BLOCK_N=_BLOCK_N, BLOCK_D=BD, UPCAST=upcast, PRECISION=precision)
+            q, k, seq_lens, stats, out, Hq, H, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal),
+            BLOCK_N=_BLOCK_N, UPCAST=upcast, PRECISION=precision, **col_tiles)
     return out
 
 

@@ -42,6 +42,18 @@ def test_triton_kernels_compile_for_sm90_sm80(tmp_path):
     spill = [f"{r['kernel']} sm_{r['cc']} {r['variant']}: {r['spills']} B" for r in recs
              if r["spill_free"] and r["spills"] > 0]
     assert not spill, "spills in spill-free kernels:\n" + "\n".join(spill)
+    # maxsim's launcher picks its tiles by this shared-memory bound (so they fit sm_86/sm_89's 99 KB):
+    # it must hold for every config compiled
+    from vkern.kernels import maxsim
+
+    over = []
+    for r in recs:
+        if r["kernel"] == "maxsim._maxsim_kernel" and r["ok"]:
+            v = json.loads(r["variant"])
+            bound = maxsim._smem_bytes(v, 4 if v["queries_ptr"] == "fp32" else 2)
+            if r["smem"] > bound:
+                over.append(f"sm_{r['cc']} {r['variant']}: {r['smem']} B > bound {bound} B")
+    assert not over, "maxsim shared memory above maxsim._smem_bytes:\n" + "\n".join(over)
     # 32-bit pointer offsets (a product of two runtime values, e.g. program id x T x D, in i32) wrap
     # once a tensor has 2**31 elements: every kernel widens such products to int64
     narrow = sorted({f"{r['kernel']}: {w}" for r in recs if r["ok"] for w in r["i32_offsets"]})

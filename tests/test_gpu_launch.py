@@ -3,6 +3,7 @@ guard, and the grids the launchers compute stay inside CUDA's limits for any sha
 import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,3 +143,62 @@ def test_a_grid_too_big_for_one_launch_is_a_value_error():
         taskvec._delta_grid(2**30, 2**30)
     with pytest.raises(ValueError, match="loki_attention"):
         loki._approx_grid(2**12, 64, 2**26)
+
+
+# The D-chunked score and rotate paths (float32 VATP at D > 64, the rotate everywhere) against the
+# reference under the interpreter, with D not a multiple of the chunk (masked tail chunk).
+@pytest.mark.parametrize("D,causal", [(130, True), (96, False)])
+def test_vatp_float32_chunked_scores_match_the_reference(rng, D, causal):
+    torch = pytest.importorskip("torch")
+    from conftest import needs
+
+    import vkern
+
+    needs("triton", "attention_colsum")
+    from vkern.kernels import vatp
+
+    assert vatp._score_tiles(torch.float32, D)["D_CHUNK"] < vatp._score_tiles(torch.float32, D)["BLOCK_D"]
+    q = rng.standard_normal((1, 4, 5, D)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 40, D)).astype(np.float32)
+    lens = np.array([37])
+    got = vkern.vatp.attention_colsum(torch.from_numpy(q), torch.from_numpy(k), causal=causal,
+                                      seq_lens=torch.from_numpy(lens), backend="triton")
+    want = vkern.vatp.attention_colsum(q, k, causal=causal, seq_lens=lens, backend="reference")
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("D", [40, 200])
+def test_rotate_in_row_chunks_matches_the_reference(rng, D):
+    torch = pytest.importorskip("torch")
+    from conftest import needs
+
+    import vkern
+
+    needs("triton", "loki_rotate")
+    P = np.linalg.qr(rng.standard_normal((2, D, D)))[0].astype(np.float32)
+    x = rng.standard_normal((3, 4, D)).astype(np.float32)
+    got = vkern.ops.loki.rotate_impl(torch.from_numpy(x), torch.from_numpy(P), backend="triton")
+    want = vkern.ops.loki.rotate_impl(x, P, backend="reference")
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_maxsim_configs_fit_the_devices_shared_memory():
+    pytest.importorskip("triton")
+    from vkern.kernels import maxsim
+
+    sm86, sm90 = 99 * 1024, 227 * 1024
+    # the case the issue measured: 16-bit D = 256 with 64 rows needs 128.5 KB as a whole-D tile
+    big = maxsim._launch_config(64, 32, 256, 2)
+    assert big["SINGLE_D_BLOCK"] and maxsim._smem_bytes(big, 2) == 131584
+    assert maxsim._launch_config(64, 32, 256, 2, sm90) == big
+    small = maxsim._launch_config(64, 32, 256, 2, sm86)
+    assert not small["SINGLE_D_BLOCK"] and maxsim._smem_bytes(small, 2) <= sm86
+    for es in (2, 4):
+        for B in (1, 3, 8, 64, 1000):
+            for Lq in (1, 7, 32, 300):
+                for D in (16, 64, 100, 128, 200, 256, 768, 1024):
+                    for limit in (sm86, sm90, 64 * 1024):
+                        cfg = maxsim._launch_config(B, Lq, D, es, limit)
+                        assert maxsim._smem_bytes(cfg, es) <= limit, (B, Lq, D, es, limit, cfg)
+                        if maxsim._smem_bytes(maxsim._launch_config(B, Lq, D, es), es) <= limit:
+                            assert cfg == maxsim._launch_config(B, Lq, D, es)   # no change where it fits
