@@ -2,7 +2,9 @@
 # The one command to run on a GPU node (no package registry there; it has
 # torch, triton, pybind11, scikit-build-core, cmake, ninja and nvcc):
 #   build with the CUDA kernels required, run the test suite on the GPU
-#   (CUDA and Triton for real), then the bench, writing everything to $OUT.
+#   (CUDA and Triton for real), benchmarks/gpu_checks.py (CUDA-graph capture of a
+#   decode step, > 2**31-element tensors, grids past 65,535, tensors on a second
+#   GPU), then the bench, writing everything to $OUT.
 # Budget: under 10 minutes (one device call): the bench runs --quick (every op,
 # CUDA/Triton rows included). `benchmarks/gpu_check.sh full` also runs the
 # full-size bench afterwards (a second call on the same warm machine, where the
@@ -32,6 +34,10 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     --deselect tests/test_cli.py::test_bench_quick_writes_ratios 2>&1 | tee "$OUT/tests.txt" | tail -25
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
+
+echo "== GPU-only checks: CUDA-graph decode, > 2**31-element tensors, big grids, multi-GPU guards"
+timeout 240 python benchmarks/gpu_checks.py 2>&1 | tee "$OUT/gpu_checks.txt" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== bench --quick (every op)"
 timeout 150 python -m vkern bench --quick --threads 16 --json "$OUT/bench_quick.json" 2>&1 \

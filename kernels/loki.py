@@ -18,11 +18,9 @@ The package wrapper validates everything; this module trusts what it is given
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ._common import order_key, tl, triton
+from ._common import device_guard, flat_grid, order_key, tl, triton
 
 __all__ = ["rotate", "loki_attention", "decode_attention"]
 
@@ -43,13 +41,14 @@ if triton is not None:
                        k_sb, k_sh, k_st,
                        HEADS_PER_LIST: tl.constexpr, G_PAD: tl.constexpr, R_PAD: tl.constexpr,
                        BLOCK_T: tl.constexpr):
-        pid = tl.program_id(0)
+        t_tiles = tl.cdiv(T, BLOCK_T)   # one grid axis: (list, block of rows), see _approx_grid
+        pid = tl.program_id(0) // t_tiles
         b = pid // NL
         lst = pid % NL
         head0 = lst * HEADS_PER_LIST
         kv = head0 // G
         L = tl.load(lens_ptr + b)
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t = (tl.program_id(0) % t_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
         d = tl.arange(0, R_PAD)
         g = tl.arange(0, G_PAD)
         Hq = NL * HEADS_PER_LIST
@@ -187,20 +186,25 @@ if triton is not None:
                 tl.store(out_ptr + bh.to(tl.int64) * D + d, total / lt, mask=dmask)
 
     @triton.jit
-    def _rotate_kernel(x_ptr, p_ptr, out_ptr, H, G, D, x_sr, x_sh, D_PAD: tl.constexpr):
+    def _rotate_kernel(x_ptr, p_ptr, out_ptr, H, G, D, x_sr, x_sh, D_PAD: tl.constexpr, D_CHUNK: tl.constexpr):
         pid = tl.program_id(0)
         r = pid // H
         h = pid % H
-        d = tl.arange(0, D_PAD)
-        x = tl.load(x_ptr + r.to(tl.int64) * x_sr + h * x_sh + d, mask=d < D, other=0.0).to(tl.float32)
-        pm = (d[:, None] < D) & (d[None, :] < D)
-        P = tl.load(p_ptr + (h // G).to(tl.int64) * D * D + d[:, None] * D + d[None, :], mask=pm, other=0.0)
-        out = tl.sum(x[:, None] * P, axis=0)
-        tl.store(out_ptr + pid.to(tl.int64) * D + d, out, mask=d < D)
+        e = tl.arange(0, D_PAD)
+        x_row = x_ptr + r.to(tl.int64) * x_sr + h.to(tl.int64) * x_sh
+        p_mat = p_ptr + (h // G).to(tl.int64) * D * D
+        out = tl.zeros((D_PAD,), dtype=tl.float32)
+        # D_CHUNK rows of P at a time: a whole D x D float32 tile spills at D = 256
+        for d0 in range(0, D, D_CHUNK):
+            d = d0 + tl.arange(0, D_CHUNK)
+            x = tl.load(x_row + d, mask=d < D, other=0.0).to(tl.float32)
+            pm = (d[:, None] < D) & (e[None, :] < D)
+            P = tl.load(p_mat + d[:, None].to(tl.int64) * D + e[None, :], mask=pm, other=0.0)
+            out += tl.sum(x[:, None] * P, axis=0)
+        tl.store(out_ptr + pid.to(tl.int64) * D + e, out, mask=e < D)
 
 
-def _device_ctx(t):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+_device_ctx = device_guard
 
 
 def rotate(x: torch.Tensor, P: torch.Tensor, row_stride: int, head_stride: int, rows: int) -> torch.Tensor:
@@ -211,8 +215,26 @@ def rotate(x: torch.Tensor, P: torch.Tensor, row_stride: int, head_stride: int, 
     if rows == 0:
         return out
     with _device_ctx(x):
-        _rotate_kernel[(rows * H,)](x, P, out, H, H // H_kv, D, row_stride, head_stride, D_PAD=_pow2(max(D, 16)))
+        _rotate_kernel[flat_grid("loki.rotate", rows, H)](x, P, out, H, H // H_kv, D, row_stride, head_stride,
+                                                           **_rotate_tiles(D))
     return out
+
+
+def _rotate_tiles(D: int) -> dict:
+    """D_PAD and the rows of P per step: 16 rows of P at a time need <= 70 registers on sm_80/sm_90
+    up to D = 256 and never spill (the whole D x D float32 tile spilled 2.4-4.2 KB at D = 256; 32 rows
+    still spilled at D = 128 on sm_90 for 16-bit x)."""
+    d_pad = _pow2(max(D, 16))
+    return dict(D_PAD=d_pad, D_CHUNK=16)
+
+
+def _approx_grid(B: int, NL: int, T: int) -> tuple:
+    return flat_grid("loki_attention", B * NL, triton.cdiv(T, _BLOCK_T))
+
+
+def _attend_grid(B: int, Hq: int, nsplit: int) -> tuple:
+    """(head, split): nsplit <= _MAX_SPLITS sits on y, the head count on x."""
+    return flat_grid("loki_attention", B * Hq) + (nsplit,)
 
 
 def _splits(K: int, B: int, Hq: int) -> int:
@@ -232,10 +254,11 @@ def _attend(q, k, v, lens, budgets, idx, heads_per_list, K, scale, dense):
     ws = torch.empty((B * Hq * nsplit * (D_PAD + 2),) if nsplit > 1 else (1,), dtype=torch.float32, device=q.device)
     count = torch.zeros((B * Hq,), dtype=torch.int32, device=q.device)
     ks, vs = k.stride(), v.stride()
-    _attend_kernel[(B * Hq, nsplit)](
-        q, k, v, lens, budgets if budgets is not None else lens, idx if idx is not None else lens, ws, count, out,
-        Hq, G, Hq // heads_per_list, K, D, float(scale), chunk, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
-        HEADS_PER_LIST=heads_per_list, DENSE=dense, NSPLIT=nsplit, D_PAD=D_PAD, BLOCK_N=_BLOCK_N)
+    with device_guard(q):
+        _attend_kernel[_attend_grid(B, Hq, nsplit)](
+            q, k, v, lens, budgets if budgets is not None else lens, idx if idx is not None else lens, ws, count,
+            out, Hq, G, Hq // heads_per_list, K, D, float(scale), chunk, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+            HEADS_PER_LIST=heads_per_list, DENSE=dense, NSPLIT=nsplit, D_PAD=D_PAD, BLOCK_N=_BLOCK_N)
     return out
 
 
@@ -254,11 +277,14 @@ def loki_attention(q, k, v, lens, budgets, K: int, rank: int, num_sink: int, num
     idx = torch.empty((B, NL, K), dtype=torch.int32, device=q.device)
     ka = k if kp is None else kp
     ks = ka.stride()
+    approx_grid = _approx_grid(B, NL, T)
+    select_grid = flat_grid("loki_attention", B * NL)
+    _attend_grid(B, Hq, _MAX_SPLITS)   # checked before the first launch
     with _device_ctx(q):
-        _approx_kernel[(B * NL, triton.cdiv(T, _BLOCK_T))](
+        _approx_kernel[approx_grid](
             q, ka, lens, scores, T, NL, G, rank, D, ks[0], ks[1], ks[2],
             HEADS_PER_LIST=hpl, G_PAD=_pow2(hpl), R_PAD=_pow2(max(rank, 16)), BLOCK_T=_BLOCK_T)
-        _select_kernel[(B * NL,)](scores, lens, budgets, idx, T, NL, K, num_sink, num_recent, BLOCK=_SELECT_BLOCK)
+        _select_kernel[select_grid](scores, lens, budgets, idx, T, NL, K, num_sink, num_recent, BLOCK=_SELECT_BLOCK)
         out = _attend(q, k, v, lens, budgets, idx, hpl, K, scale, dense=False)
     return out, idx
 

@@ -15,13 +15,13 @@ inputs contiguous; this module trusts what it is given.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 
 import torch
 
 from ._common import IMPORT_ERROR as _IMPORT_ERROR
-from ._common import tl, triton
+from ._common import device_guard, tl, triton
 
 __all__ = ["maxsim_scores", "is_available"]
 
@@ -31,14 +31,22 @@ _MAX_BLOCK_Q = 128
 # Per element size (2: fp16/bf16, 4: fp32): feature dims up to `single_d` are
 # held in one tile, larger D (768, 1024) is looped over in `d_chunk` pieces.
 # The dot has at most max_elems // BLOCK_D rows (max_rows_looped when D is
-# looped), never more than _MAX_BLOCK_Q. Chosen (no GPU at hand to time them) so
-# that ptxas reports no spills on sm_80/sm_90 and shared memory stays under
-# ~96 KiB (consumer GPUs). fp32 takes the exact IEEE (CUDA-core) dot, whose
-# operands live in registers, hence its small tiles.
+# looped), never more than _MAX_BLOCK_Q. fp32 takes the exact IEEE (CUDA-core)
+# dot, whose operands live in registers, hence its small tiles. Chosen without a
+# GPU at hand to time them; what ptxas reports for them (tests/test_gpu_compile.py
+# prints the table): some configs spill a few bytes (4-92 B in fp32 configs with
+# 64-128 rows, 4-260 B in 16-bit D = 256 configs with 64 rows at sm_80), so the
+# gate lists this kernel as not spill-free. Shared memory: the document tile is
+# buffered _STAGES times by Triton's pipeliner, so 16-bit D in (128, 256] with 64
+# rows needs 128.5 KB (131,584 B measured with the JIT's 16-divisible sizes): fine
+# on sm_80 (163 KB) and sm_90 (227 KB), too much for sm_86/sm_89 (99 KB). The
+# launcher therefore checks _smem_bytes against the device's limit and loops over
+# D instead (d_chunk pieces: a quarter of the tile) where the whole-D tile does not fit.
 _TILES = {
     2: dict(single_d=256, d_chunk=64, max_elems=128 * 128, max_rows_looped=64),
     4: dict(single_d=32, d_chunk=32, max_elems=64 * 32, max_rows_looped=64),
 }
+_STAGES = 3   # Triton's default num_stages: buffers of the streamed document tile
 # Document tokens per streamed tile.
 _BLOCK_T = 64
 # tl.dot needs every block dimension >= 16 on GPUs.
@@ -179,10 +187,26 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _launch_config(batch: int, query_len: int, dim: int, elem_size: int) -> dict:
-    """Block sizes for a [batch, query_len, dim] query batch of elem_size-byte floats."""
+def _smem_bytes(config: dict, elem_size: int) -> int:
+    """Upper bound on a config's shared memory: the query tile plus _STAGES document tiles (the
+    compile gate checks it against what Triton reports for every config it compiles)."""
+    rows = config["QUERIES_PER_PROGRAM"] * config["BLOCK_Q"]
+    return elem_size * config["BLOCK_D"] * (rows + _STAGES * config["BLOCK_T"]) + 512  # + reduction scratch
+
+
+def _launch_config(batch: int, query_len: int, dim: int, elem_size: int, max_smem=None) -> dict:
+    """Block sizes for a [batch, query_len, dim] query batch of elem_size-byte floats. max_smem: the
+    device's shared memory per block (bytes; None: no limit): a whole-D tile that would not fit is
+    replaced by the D-looped tiles."""
+    config = _config(batch, query_len, dim, elem_size, single_ok=True)
+    if max_smem is not None and config["SINGLE_D_BLOCK"] and _smem_bytes(config, elem_size) > max_smem:
+        config = _config(batch, query_len, dim, elem_size, single_ok=False)
+    return config
+
+
+def _config(batch: int, query_len: int, dim: int, elem_size: int, single_ok: bool) -> dict:
     tiles = _TILES[elem_size]
-    if dim <= tiles["single_d"]:
+    if dim <= tiles["single_d"] and single_ok:
         block_d, single_d = max(_next_pow2(dim), _MIN_DOT), True
         max_rows = min(_MAX_BLOCK_Q, max(_MIN_DOT, tiles["max_elems"] // block_d))
     else:
@@ -207,6 +231,13 @@ def _launch_config(batch: int, query_len: int, dim: int, elem_size: int) -> dict
         SINGLE_D_BLOCK=single_d,
         num_warps=num_warps,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem(index: int) -> int:
+    """Shared memory per block a kernel may use on CUDA device `index` (the opt-in maximum, the limit
+    Triton checks at launch)."""
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
 
 
 def maxsim_scores(queries, query_lengths, docs, doc_offsets) -> torch.Tensor:
@@ -235,7 +266,9 @@ def maxsim_scores(queries, query_lengths, docs, doc_offsets) -> torch.Tensor:
         scores = torch.where(empty, float("-inf"), 0.0).to(device=device, dtype=torch.float32)
         return scores.expand(batch, num_docs).contiguous()
 
-    config = _launch_config(batch, query_len, dim, queries.element_size())
+    max_smem = None if device.type != "cuda" else _device_smem(device.index if device.index is not None
+                                                                   else torch.cuda.current_device())
+    config = _launch_config(batch, query_len, dim, queries.element_size(), max_smem)
     num_groups = triton.cdiv(batch, config["QUERIES_PER_PROGRAM"])
     num_programs = num_docs * num_groups
     if num_programs >= 2**31:
@@ -247,7 +280,7 @@ def maxsim_scores(queries, query_lengths, docs, doc_offsets) -> torch.Tensor:
     precision = "ieee" if queries.dtype == torch.float32 or upcast else "tf32"
 
     scores = torch.empty((batch, num_docs), dtype=torch.float32, device=device)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with device_guard(queries):
         _maxsim_kernel[(num_programs,)](
             queries, query_lengths, docs, doc_offsets, scores,
             batch, num_docs, query_len, dim, num_groups,

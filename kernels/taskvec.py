@@ -20,7 +20,7 @@ from typing import List, Sequence
 import torch
 
 from ._common import IMPORT_ERROR as _IMPORT_ERROR
-from ._common import tl, triton
+from ._common import device_guard, flat_grid, tl, triton
 
 __all__ = ["Pools", "pools", "dequantize", "apply", "delta_linear", "is_available"]
 
@@ -141,8 +141,9 @@ if triton is not None:
     @triton.jit
     def _apply_kernel(base, out, N, K, codes, scales, zeros, meta, coef, task_start, task_coef, thr, cut, C, T,
                       METHOD: tl.constexpr, TRIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        k_tiles = tl.cdiv(K, BLOCK_K)   # one grid axis: (row tile, column tile), see _tile_grid
+        pid_n = tl.program_id(0) // k_tiles
+        pid_k = tl.program_id(0) % k_tiles
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < N) & (cols[None, :] < K)
@@ -177,8 +178,9 @@ if triton is not None:
 
     @triton.jit
     def _dequant_kernel(out, N, K, codes, scales, zeros, meta, C, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        rows = (tl.program_id(0) // k_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = (tl.program_id(0) % k_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < N) & (cols[None, :] < K)
         v = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for c in range(0, C):
@@ -188,8 +190,9 @@ if triton is not None:
     @triton.jit
     def _delta_kernel(x, base, y, M, N, K, codes, scales, zeros, meta, coef, task_start, task_coef, ids, C, T,
                       MERGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_tiles = tl.cdiv(N, BLOCK_N)   # one grid axis: (row tile of x, output column tile)
+        rm = (tl.program_id(0) // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = (tl.program_id(0) % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rm < M
         if MERGED:
             tid = tl.zeros((BLOCK_M,), dtype=tl.int64)
@@ -224,12 +227,22 @@ _BLOCK = (16, 64)        # rows x columns per program for the elementwise kernel
 _DOT = (16, 32, 32)      # M x N x K tile of delta_linear (tl.dot needs >= 16)
 
 
+def _tile_grid(what: str, N: int, K: int) -> tuple:
+    """Grid of the elementwise kernels over an [N, K] matrix: (row tile, column tile) on one axis."""
+    return flat_grid(what, triton.cdiv(N, _BLOCK[0]), triton.cdiv(K, _BLOCK[1]))
+
+
+def _delta_grid(M: int, N: int) -> tuple:
+    return flat_grid("delta_linear", triton.cdiv(M, _DOT[0]), triton.cdiv(N, _DOT[1]))
+
+
 def dequantize(p: Pools, N: int, K: int) -> torch.Tensor:
     out = torch.empty((N, K), dtype=torch.float32, device=p.codes.device)
     if N and K:
-        grid = (triton.cdiv(N, _BLOCK[0]), triton.cdiv(K, _BLOCK[1]))
-        _dequant_kernel[grid](out, N, K, p.codes, p.scales, p.zeros, p.meta, p.C,
-                              BLOCK_N=_BLOCK[0], BLOCK_K=_BLOCK[1])
+        grid = _tile_grid("dequantize", N, K)
+        with device_guard(out):
+            _dequant_kernel[grid](out, N, K, p.codes, p.scales, p.zeros, p.meta, p.C,
+                                  BLOCK_N=_BLOCK[0], BLOCK_K=_BLOCK[1])
     return out
 
 
@@ -241,10 +254,11 @@ def apply(base: torch.Tensor, out: torch.Tensor, p: Pools, task_coef: torch.Tens
         trim = thr is not None
         dummy_f = task_coef if not trim else thr
         dummy_i = p.meta if not trim else cut
-        grid = (triton.cdiv(N, _BLOCK[0]), triton.cdiv(K, _BLOCK[1]))
-        _apply_kernel[grid](base, out, N, K, p.codes, p.scales, p.zeros, p.meta, p.coef, p.task_start, task_coef,
-                            dummy_f, dummy_i, p.C, p.T, METHOD=method, TRIM=trim,
-                            BLOCK_N=_BLOCK[0], BLOCK_K=_BLOCK[1])
+        grid = _tile_grid("apply_task_vectors", N, K)
+        with device_guard(base):
+            _apply_kernel[grid](base, out, N, K, p.codes, p.scales, p.zeros, p.meta, p.coef, p.task_start,
+                                task_coef, dummy_f, dummy_i, p.C, p.T, METHOD=method, TRIM=trim,
+                                BLOCK_N=_BLOCK[0], BLOCK_K=_BLOCK[1])
     return out
 
 
@@ -254,10 +268,11 @@ def delta_linear(x: torch.Tensor, base: torch.Tensor, p: Pools, task_coef: torch
     N = base.shape[0]
     y = torch.empty((M, N), dtype=torch.float32, device=x.device)
     if M and N:
-        grid = (triton.cdiv(M, _DOT[0]), triton.cdiv(N, _DOT[1]))
-        _delta_kernel[grid](x, base, y, M, N, K, p.codes, p.scales, p.zeros, p.meta, p.coef, p.task_start,
-                            task_coef, ids if ids is not None else p.meta, p.C, p.T, MERGED=ids is None,
-                            BLOCK_M=_DOT[0], BLOCK_N=_DOT[1], BLOCK_K=_DOT[2])
+        grid = _delta_grid(M, N)
+        with device_guard(x):
+            _delta_kernel[grid](x, base, y, M, N, K, p.codes, p.scales, p.zeros, p.meta, p.coef, p.task_start,
+                                task_coef, ids if ids is not None else p.meta, p.C, p.T, MERGED=ids is None,
+                                BLOCK_M=_DOT[0], BLOCK_N=_DOT[1], BLOCK_K=_DOT[2])
     elif M:
         y.zero_()
     return y

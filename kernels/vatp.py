@@ -30,7 +30,7 @@ import os
 import torch
 
 from ._common import IMPORT_ERROR as _IMPORT_ERROR
-from ._common import order_key, tl, triton
+from ._common import device_guard, flat_grid, order_key, tl, triton
 
 __all__ = ["attention_colsum", "value_l1", "prune", "is_available"]
 
@@ -70,22 +70,41 @@ if triton is not None:
         return tl.dot(q, tl.trans(kt), input_precision=PRECISION) * qscale
 
     @triton.jit
+    def _scores_chunked(q_rows, q_ok, k_rows, k_ok, D, qscale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        D_CHUNK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # D in chunks: no whole-D tile lives in registers (the float32 IEEE dot keeps its operands there)
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in range(0, D, D_CHUNK):
+            dims = d0 + tl.arange(0, D_CHUNK)
+            qt = tl.load(q_rows[:, None] + dims[None, :], mask=q_ok[:, None] & (dims < D)[None, :], other=0.0)
+            kt = tl.load(k_rows[:, None] + dims[None, :], mask=k_ok[:, None] & (dims < D)[None, :], other=0.0)
+            if UPCAST:
+                qt = qt.to(tl.float32)
+                kt = kt.to(tl.float32)
+            s = tl.dot(qt, tl.trans(kt), s, input_precision=PRECISION)
+        return s * qscale
+
+    @triton.jit
     def _rowstats_kernel(q_ptr, k_ptr, lens_ptr, stats_ptr, Hq, Tq, T, D, G, qscale,
                          CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        bhq = tl.program_id(0)
+                         BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        n_tiles = tl.cdiv(Tq, BLOCK_M)   # one grid axis: (query head, row tile), see _colsum_grids
+        tile = tl.program_id(0) % n_tiles
+        bhq = (tl.program_id(0) // n_tiles).to(tl.int64)  # int64 offsets: a cache may hold >= 2**31 elements
         b = bhq // Hq
         h = (bhq % Hq) // G
-        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         L = tl.load(lens_ptr + b).to(tl.int32)
         pos = T - Tq + rows
-        q = tl.load(q_ptr + (bhq * Tq + rows)[:, None] * D + dims[None, :],
-                    mask=(rows < Tq)[:, None] & (dims < D)[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q_rows = q_ptr + (bhq * Tq + rows) * D
+        if D_CHUNK == BLOCK_D:   # the whole q tile stays in registers
+            q = tl.load(q_rows[:, None] + dims[None, :], mask=(rows < Tq)[:, None] & (dims < D)[None, :], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
         if CAUSAL:
-            hi = tl.minimum(L, T - Tq + (tl.program_id(1) + 1) * BLOCK_M)  # last row's position + 1
+            hi = tl.minimum(L, T - Tq + (tile + 1) * BLOCK_M)  # last row's position + 1
         else:
             hi = L
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -93,8 +112,13 @@ if triton is not None:
         k_base = k_ptr + (b * (Hq // G) + h) * T * D
         for n0 in range(0, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
-            s = _scores(q, k_base + cols[:, None] * D + dims[None, :], (cols < L)[:, None] & (dims < D)[None, :],
-                        qscale, UPCAST, PRECISION)
+            k_rows = k_base + cols.to(tl.int64) * D
+            if D_CHUNK == BLOCK_D:
+                s = _scores(q, k_rows[:, None] + dims[None, :], (cols < L)[:, None] & (dims < D)[None, :],
+                            qscale, UPCAST, PRECISION)
+            else:
+                s = _scores_chunked(q_rows, rows < Tq, k_rows, cols < L, D, qscale, BLOCK_M, BLOCK_N, D_CHUNK,
+                                    UPCAST, PRECISION)
             visible = (cols < L)[None, :] & (rows < Tq)[:, None]
             if CAUSAL:
                 visible = visible & (cols[None, :] <= pos[:, None])
@@ -112,18 +136,22 @@ if triton is not None:
     @triton.jit
     def _colsum_kernel(q_ptr, k_ptr, lens_ptr, stats_ptr, out_ptr, Hq, H, Tq, T, D, G, qscale,
                        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        bh = tl.program_id(0)
+                       BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr):
+        n_tiles = tl.cdiv(T, BLOCK_N)
+        tile = tl.program_id(0) % n_tiles
+        bh = (tl.program_id(0) // n_tiles).to(tl.int64)
         b = bh // H
         h = bh % H
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
         L = tl.load(lens_ptr + b).to(tl.int32)
         kmask = (cols < L)[:, None] & (dims < D)[None, :]
-        k_ptrs = k_ptr + (bh * T + cols)[:, None] * D + dims[None, :]
+        k_rows = k_ptr + (bh * T + cols) * D
+        k_ptrs = k_rows[:, None] + dims[None, :]
         acc = tl.zeros([BLOCK_N], tl.float32)
         if CAUSAL:  # rows before the first that sees this key block add nothing
-            first = tl.maximum(tl.program_id(1) * BLOCK_N - (T - Tq), 0)
+            first = tl.maximum(tile * BLOCK_N - (T - Tq), 0)
             start = (first // BLOCK_M) * BLOCK_M
         else:
             start = 0
@@ -132,10 +160,12 @@ if triton is not None:
             for m0 in range(start, Tq, BLOCK_M):
                 rows = m0 + tl.arange(0, BLOCK_M)
                 pos = T - Tq + rows
-                q = tl.load(q_ptr + ((b * Hq + hq) * Tq + rows)[:, None] * D + dims[None, :],
-                            mask=(rows < Tq)[:, None] & (dims < D)[None, :], other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
+                q_rows = q_ptr + ((b * Hq + hq) * Tq + rows) * D
+                if D_CHUNK == BLOCK_D:
+                    q = tl.load(q_rows[:, None] + dims[None, :], mask=(rows < Tq)[:, None] & (dims < D)[None, :],
+                                other=0.0)
+                    if UPCAST:
+                        q = q.to(tl.float32)
                 st = stats_ptr + ((b * Hq + hq) * Tq + rows) * 2
                 m = tl.load(st, mask=rows < Tq, other=0.0)
                 s_sum = tl.load(st + 1, mask=rows < Tq, other=0.0)
@@ -147,7 +177,11 @@ if triton is not None:
                 ok = sees & (s_sum > 0.0) & (m - m == 0.0)   # m - m is NaN for +-inf and NaN
                 inv = tl.where(ok, 1.0 / tl.where(ok, s_sum, 1.0), float("nan"))
                 shift = tl.where(ok, m, 0.0)
-                s = _scores(q, k_ptrs, kmask, qscale, UPCAST, PRECISION)
+                if D_CHUNK == BLOCK_D:
+                    s = _scores(q, k_ptrs, kmask, qscale, UPCAST, PRECISION)
+                else:
+                    s = _scores_chunked(q_rows, rows < Tq, k_rows, cols < L, D, qscale, BLOCK_M, BLOCK_N, D_CHUNK,
+                                        UPCAST, PRECISION)
                 visible = sees[:, None] & (cols < L)[None, :]
                 if CAUSAL:
                     visible = visible & (cols[None, :] <= pos[:, None])
@@ -157,7 +191,7 @@ if triton is not None:
 
     @triton.jit
     def _value_l1_kernel(v_ptr, out_ptr, rows_total, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         acc = tl.zeros([BLOCK_R], tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
@@ -169,7 +203,7 @@ if triton is not None:
     @triton.jit
     def _select_kernel(scores_ptr, lens_ptr, kept_ptr, idx_ptr, H, T, kmax, num_sink, num_recent,
                        BLOCK: tl.constexpr):
-        bh = tl.program_id(0)
+        bh = tl.program_id(0).to(tl.int64)
         b = bh // H
         L = tl.load(lens_ptr + b)
         n = tl.load(kept_ptr + b)
@@ -218,8 +252,9 @@ if triton is not None:
 
     @triton.jit
     def _gather_kernel(src_ptr, dst_ptr, idx_ptr, T, kmax, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0)
-        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        n_tiles = tl.cdiv(kmax, BLOCK_R)
+        bh = (tl.program_id(0) // n_tiles).to(tl.int64)
+        rows = (tl.program_id(0) % n_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
         src_row = tl.load(idx_ptr + bh * kmax + rows, mask=rows < kmax, other=-1)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
@@ -230,17 +265,31 @@ if triton is not None:
 
     @triton.jit
     def _compact_kernel(buf_ptr, idx_ptr, T, kmax, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0)
-        dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        n_tiles = tl.cdiv(D, BLOCK_D)
+        bh = (tl.program_id(0) // n_tiles).to(tl.int64)
+        dims = (tl.program_id(0) % n_tiles) * BLOCK_D + tl.arange(0, BLOCK_D)
         base = buf_ptr + bh * T * D
         for r0 in range(0, kmax, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
+            rows = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
             src_row = tl.load(idx_ptr + bh * kmax + rows, mask=rows < kmax, other=-1)
             x = tl.load(base + src_row[:, None] * D + dims[None, :],
                         mask=(src_row >= 0)[:, None] & (dims < D)[None, :], other=0.0)
             tl.debug_barrier()  # every thread has read this block's sources before any writes
             tl.store(base + rows[:, None] * D + dims[None, :], x, mask=(rows < kmax)[:, None] & (dims < D)[None, :])
             tl.debug_barrier()
+
+
+def _score_tiles(dtype, D: int, colsum: bool = False) -> dict:
+    """BLOCK_M (query rows per tile), BLOCK_D (padded D), D_CHUNK (feature dims per dot step) and
+    num_warps of the row-stats (colsum=False) and colsum kernels. 16-bit inputs hold the whole padded D
+    in one tile. float32 takes the IEEE dot, whose operands live in registers: whole-D float32 tiles
+    spilled 0.4-12 KB from D = 128 on (ptxas, sm_80/sm_90), so there D is walked in chunks of 64 over
+    8 warps, and the colsum kernel, which also keeps its key tile and column sums live, takes 16 query
+    rows per step: no spills at D = 128 or 256, with or without the JIT's 16-divisible sizes."""
+    block_d = _pow2(D)
+    if dtype == torch.float32 and block_d > 64:
+        return dict(BLOCK_M=16 if colsum else _BLOCK_M, BLOCK_D=block_d, D_CHUNK=64, num_warps=8)
+    return dict(BLOCK_M=_BLOCK_M, BLOCK_D=block_d, D_CHUNK=block_d, num_warps=4)
 
 
 def _dot_mode(dtype):
@@ -251,6 +300,20 @@ def _dot_mode(dtype):
     return _interpreting(), "ieee" if _interpreting() else "tf32"
 
 
+def _colsum_grids(B: int, Hq: int, H: int, Tq: int, T: int):
+    """(row-stats grid, colsum grid): (query head, row tile) and (KV head, key tile) on one axis."""
+    return (flat_grid("attention_colsum", B * Hq, triton.cdiv(Tq, _BLOCK_M)),
+            flat_grid("attention_colsum", B * H, triton.cdiv(T, _BLOCK_N)))
+
+
+def _prune_grids(B: int, H: int, kmax: int, Dk: int, Dv: int):
+    """(select, compact k, compact v, gather) grids of vatp_prune, checked before the first launch."""
+    col_tiles = [triton.cdiv(D, min(_pow2(D), 128)) for D in (Dk, Dv)]
+    return (flat_grid("vatp_prune", B * H), flat_grid("vatp_prune", B * H, col_tiles[0]),
+            flat_grid("vatp_prune", B * H, col_tiles[1]),
+            flat_grid("vatp_prune", B * H, triton.cdiv(kmax, _BLOCK_ROWS)))
+
+
 def attention_colsum(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, causal: bool,
                      scale: float) -> torch.Tensor:
     """q [B, Hq, Tq, D], k [B, H, T, D] contiguous, same dtype; seq_lens int64 [B] -> float32 [B, H, T]."""
@@ -259,16 +322,18 @@ def attention_colsum(q: torch.Tensor, k: torch.Tensor, seq_lens: torch.Tensor, c
     out = torch.zeros((B, H, T), dtype=torch.float32, device=q.device)
     if B * H * T == 0 or Hq * Tq == 0:   # nothing to see, or nobody looking: zeros
         return out
+    rowstats_grid, colsum_grid = _colsum_grids(B, Hq, H, Tq, T)
     stats = torch.empty((B, Hq, Tq, 2), dtype=torch.float32, device=q.device)
     upcast, precision = _dot_mode(q.dtype)
-    BD = _pow2(D)
+    row_tiles, col_tiles = _score_tiles(q.dtype, D), _score_tiles(q.dtype, D, colsum=True)
     qscale = float(scale) * _LOG2E
-    _rowstats_kernel[(B * Hq, triton.cdiv(Tq, _BLOCK_M))](
-        q, k, seq_lens, stats, Hq, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal), BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N, BLOCK_D=BD, UPCAST=upcast, PRECISION=precision)
-    _colsum_kernel[(B * H, triton.cdiv(T, _BLOCK_N))](
-        q, k, seq_lens, stats, out, Hq, H, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal), BLOCK_M=_BLOCK_M,
-        BLOCK_N=_BLOCK_N, BLOCK_D=BD, UPCAST=upcast, PRECISION=precision)
+    with device_guard(q):
+        _rowstats_kernel[rowstats_grid](
+            q, k, seq_lens, stats, Hq, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal),
+            BLOCK_N=_BLOCK_N, UPCAST=upcast, PRECISION=precision, **row_tiles)
+        _colsum_kernel[colsum_grid](
+            q, k, seq_lens, stats, out, Hq, H, Tq, T, D, Hq // H, qscale, CAUSAL=bool(causal),
+            BLOCK_N=_BLOCK_N, UPCAST=upcast, PRECISION=precision, **col_tiles)
     return out
 
 
@@ -281,8 +346,9 @@ def value_l1(v: torch.Tensor) -> torch.Tensor:
         return out
     if D == 0:
         return out.zero_()
-    _value_l1_kernel[(triton.cdiv(rows, _BLOCK_ROWS),)](v, out, rows, D, BLOCK_R=_BLOCK_ROWS,
-                                                        BLOCK_D=min(_pow2(D), 128))
+    with device_guard(v):
+        _value_l1_kernel[flat_grid("value_l1", triton.cdiv(rows, _BLOCK_ROWS))](
+            v, out, rows, D, BLOCK_R=_BLOCK_ROWS, BLOCK_D=min(_pow2(D), 128))
     return out
 
 
@@ -299,20 +365,21 @@ def prune(k: torch.Tensor, v: torch.Tensor, scores: torch.Tensor, seq_lens: torc
         if out_bufs is not None:
             return out_bufs[0], out_bufs[1], idx
         return k.new_zeros((B, H, kmax, k.shape[3])), v.new_zeros((B, H, kmax, v.shape[3])), idx
-    _select_kernel[(B * H,)](scores, seq_lens, kept_lens, idx, H, T, kmax, num_sink, num_recent,
-                             BLOCK=_BLOCK_SEL)
-    outs = []
-    for i, x in enumerate((k, v)):
-        D = x.shape[3]
-        BD = min(_pow2(D), 128)
-        if inplace:
-            if D:
-                _compact_kernel[(B * H, triton.cdiv(D, BD))](x, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS, BLOCK_D=BD)
-            outs.append(x[:, :, :kmax])
-        else:
-            y = torch.empty((B, H, kmax, D), dtype=x.dtype, device=x.device) if out_bufs is None else out_bufs[i]
-            if D:
-                _gather_kernel[(B * H, triton.cdiv(kmax, _BLOCK_ROWS))](x, y, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS,
-                                                                        BLOCK_D=BD)
-            outs.append(y)
+    grids = _prune_grids(B, H, kmax, k.shape[3], v.shape[3])
+    with device_guard(k):
+        _select_kernel[grids[0]](scores, seq_lens, kept_lens, idx, H, T, kmax, num_sink, num_recent,
+                                 BLOCK=_BLOCK_SEL)
+        outs = []
+        for i, x in enumerate((k, v)):
+            D = x.shape[3]
+            BD = min(_pow2(D), 128)
+            if inplace:
+                if D:
+                    _compact_kernel[grids[1 + i]](x, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS, BLOCK_D=BD)
+                outs.append(x[:, :, :kmax])
+            else:
+                y = torch.empty((B, H, kmax, D), dtype=x.dtype, device=x.device) if out_bufs is None else out_bufs[i]
+                if D:
+                    _gather_kernel[grids[3]](x, y, idx, T, kmax, D, BLOCK_R=_BLOCK_ROWS, BLOCK_D=BD)
+                outs.append(y)
     return outs[0], outs[1], idx

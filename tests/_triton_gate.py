@@ -4,8 +4,11 @@ and its bundled ptxas build a cubin for GPUTarget("cuda", cc, 32).
 
 The variants come from the launchers' own tile constants and helpers (kernels.<op>._pow2,
 maxsim._launch_config, vatp._dot_mode logic, taskvec._BLOCK/_DOT) over the shapes a user can pass,
-plus the JIT specialisations (int args == 1 become constexpr 1, pointers 16-divisible).
-Prints one JSON line per compile: {"kernel", "variant", "cc", "ok", "regs", "spills", "smem", "error"}.
+plus the JIT specialisations (pointers 16-divisible always; int args == 1 become constexpr 1, or int args
+16-divisible: the JIT marks D = 128, T = 4096, ... so, and that changes vector widths, pipelining and
+shared memory). Every kernel's TTIR is also scanned for pointer offsets computed in 32 bits.
+Prints one JSON line per compile: {"kernel", "variant", "cc", "ok", "regs", "spills", "smem", "i32_offsets",
+"error"}.
 """
 import contextlib
 import io
@@ -16,14 +19,15 @@ import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-os.environ.pop("TRITON_INTERPRET", None)
-os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 DT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 FLOAT_ARGS = {"scale", "qscale"}
+DIV16_ENV = os.environ.get("VKERN_GATE_DIV16", "0") == "1"   # every int argument 16-divisible (experiments)
 
 
 def _variants():
+    import torch
+
     from kernels import loki, maxsim, taskvec, vatp  # noqa: F401
     out = []  # (module, kernel name, {arg: type}, {constexpr: value}, spill_free)
 
@@ -47,8 +51,7 @@ def _variants():
                                                    "budgets_ptr": "i64", "idx_ptr": "i32", "ws_ptr": "fp32",
                                                    "count_ptr": "i32", "out_ptr": "fp32"},
                         dict(HEADS_PER_LIST=hpl, DENSE=dense, NSPLIT=nsplit, D_PAD=DP, BLOCK_N=loki._BLOCK_N))
-            add("loki", "_rotate_kernel", {"x_ptr": t, "p_ptr": "fp32", "out_ptr": "fp32"}, dict(D_PAD=DP),
-                spill_free=DP < 256)
+            add("loki", "_rotate_kernel", {"x_ptr": t, "p_ptr": "fp32", "out_ptr": "fp32"}, loki._rotate_tiles(D))
     add("loki", "_select_kernel", {"scores_ptr": "fp32", "lens_ptr": "i64", "budgets_ptr": "i64", "idx_ptr": "i32"},
         dict(BLOCK=loki._SELECT_BLOCK))
     # ---- vatp
@@ -56,13 +59,12 @@ def _variants():
         t = DT[dt]
         upcast, prec = (False, "ieee") if dt == "float32" else (False, "tf32")
         for D in (64, 128, 256):
-            BD = vatp._pow2(D)
             for causal in (False, True):
                 for k in ("_rowstats_kernel", "_colsum_kernel"):
                     types = {"q_ptr": t, "k_ptr": t, "lens_ptr": "i64", "stats_ptr": "fp32", "out_ptr": "fp32"}
-                    add("vatp", k, types, dict(CAUSAL=causal, BLOCK_M=vatp._BLOCK_M, BLOCK_N=vatp._BLOCK_N,
-                                               BLOCK_D=BD, UPCAST=upcast, PRECISION=prec),
-                        spill_free=not (dt == "float32" and BD >= 128))
+                    add("vatp", k, types, dict(CAUSAL=causal, BLOCK_N=vatp._BLOCK_N, UPCAST=upcast, PRECISION=prec,
+                                               **vatp._score_tiles(getattr(torch, dt), D,
+                                                                   colsum=k == "_colsum_kernel")))
             BDc = min(vatp._pow2(D), 128)
             add("vatp", "_value_l1_kernel", {"v_ptr": t, "out_ptr": "fp32"}, dict(BLOCK_R=vatp._BLOCK_ROWS, BLOCK_D=BDc))
             add("vatp", "_gather_kernel", {"src_ptr": t, "dst_ptr": t, "idx_ptr": "i64"},
@@ -86,8 +88,10 @@ def _variants():
     seen = set()
     for dt in DT:
         es = 4 if dt == "float32" else 2
-        for B, Lq, D in itertools.product((1, 2, 8, 64), (1, 8, 32, 128, 512), (32, 64, 96, 128, 256, 768)):
-            cfg = maxsim._launch_config(B, Lq, D, es)
+        # whole-D configs (sm_80/sm_90) and the D-looped ones chosen under a 99 KB limit (sm_86/sm_89)
+        for B, Lq, D, smem in itertools.product((1, 2, 8, 64), (1, 8, 32, 128, 512), (32, 64, 96, 128, 256, 768),
+                                                (None, 99 * 1024)):
+            cfg = maxsim._launch_config(B, Lq, D, es, smem)
             key = (dt, tuple(sorted(cfg.items())))
             if key in seen:
                 continue
@@ -101,15 +105,98 @@ def _variants():
     return out
 
 
-# Kernels with measured spills today (bytes, ptxas 13 via triton 3.9): loki._attend_kernel 4 (sm_80 16-bit D 64),
-# vatp._colsum_kernel 4 (sm_90 16-bit D 128), vatp._select_kernel 8 (==1 spec.), taskvec._delta_kernel 32
-# (sm_80 per-row ids), taskvec._apply_kernel 4. Not declared spill-free until fixed; all others are.
-KNOWN_SPILLS = {"loki._attend_kernel", "vatp._colsum_kernel", "vatp._select_kernel", "taskvec._delta_kernel",
-                "taskvec._apply_kernel", "maxsim._maxsim_kernel"}
+# Kernels with measured spills today (bytes, ptxas 13 via triton 3.9, this gate's sample): loki._attend_kernel 4
+# (sm_80, 16-bit, dense D = 64), taskvec._delta_kernel 32-72 (per-row task ids), taskvec._apply_kernel 4
+# (sm_90), maxsim._maxsim_kernel 4-260 (see kernels/maxsim.py). Not declared spill-free until fixed; all
+# others are. Fixed and so removed: vatp row-stats/colsum float32 at D >= 128 (0.4-12 KB: D now chunked),
+# loki rotate at D = 256 (2.4-4.2 KB: 16 rows of P per step), vatp colsum 16-bit D = 128 and vatp select
+# (4 and 8 B: gone with the int64 program ids).
+KNOWN_SPILLS = {"loki._attend_kernel", "taskvec._delta_kernel", "taskvec._apply_kernel", "maxsim._maxsim_kernel"}
+
+
+_DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = ([\w.\"]+)\s*(.*)$")
+_USE = re.compile(r"%[\w.]+")
+_LOC_FILE = re.compile(r'^#(loc\d*) = loc\("([^"]+)":(\d+):\d+\)')
+_LOC_REF = re.compile(r"^#(loc\d*) = loc\((.*)\)$")
+_PASS_THROUGH = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans", "arith.addi", "arith.subi",
+                 "arith.select", "arith.minsi", "arith.maxsi", "arith.remsi", "arith.divsi")
+
+
+def i32_products(ttir):
+    """Pointer offsets computed in 32 bits: a list of "file:line" for every tt.addptr whose offset is
+    i32 and comes from an i32 arith.muli of two non-constant values (a program id times a size, a row
+    index times D, ...). Such a product wraps once the tensor has 2**31 elements; the fix is to widen
+    one factor with .to(tl.int64) first. Products with a constant (pid * BLOCK) are not counted: the
+    product is then widened, or checked, where it meets the next runtime factor."""
+    defs, locs, files = {}, {}, {}
+    for line in ttir.splitlines():
+        m = _LOC_FILE.match(line)
+        if m:
+            files[m.group(1)] = f"{os.path.basename(m.group(2))}:{m.group(3)}"
+            continue
+        m = _LOC_REF.match(line)
+        if m:
+            locs[m.group(1)] = re.findall(r"#(loc\d*)", m.group(2))
+            continue
+        m = _DEF.match(line)
+        if m:
+            name, opname, rest = m.groups()
+            loc = re.search(r"\s*loc\(#(loc\d*)\)\s*$", rest)
+            if loc:
+                rest = rest[:loc.start()]
+            body, _, typ = rest.rpartition(" : ")
+            defs[name] = (opname.strip('"'), _USE.findall(body), typ.strip(), loc.group(1) if loc else None)
+
+    def where(loc, depth=0):
+        if loc is None or depth > 20:
+            return "?"
+        if loc in files:
+            return files[loc]
+        for ref in locs.get(loc, []):
+            w = where(ref, depth + 1)
+            if w != "?":
+                return w
+        return "?"
+
+    def constant(v, depth=0):
+        d = defs.get(v)
+        if d is None or depth > 20:
+            return False
+        if d[0] == "arith.constant":
+            return True
+        return d[0] in ("tt.splat", "tt.broadcast", "tt.expand_dims") and constant(d[1][0], depth + 1)
+
+    def bad_mul(v, seen):
+        if v in seen:
+            return None
+        seen.add(v)
+        d = defs.get(v)
+        if d is None:
+            return None
+        opname, operands, typ, loc = d
+        if "i32" not in typ.split("->")[-1]:
+            return None
+        if opname == "arith.muli" and not any(constant(o) for o in operands):
+            return where(loc)
+        if opname in _PASS_THROUGH or opname == "arith.muli":
+            for o in operands:
+                w = bad_mul(o, seen)
+                if w:
+                    return w
+        return None
+
+    found = []
+    for name, (opname, operands, typ, loc) in defs.items():
+        if opname == "tt.addptr" and len(operands) == 2 and typ.split(",")[-1].strip().endswith(("i32", "i32>")):
+            w = bad_mul(operands[1], set())
+            if w and w not in found:
+                found.append(w)
+    return found
 
 
 def _one(job):
-    mod, name, types, consts, spill_free, cc, ones = job
+    mod, name, types, consts, spill_free, cc, spec = job
+    ones, div16 = spec == "ones", spec == "div16" or DIV16_ENV
     import importlib
 
     import triton
@@ -132,10 +219,12 @@ def _one(job):
             cx[a] = 1
         else:
             sig[a] = "i32"
+            if div16:   # the JIT marks int arguments that are multiples of 16 (D = 128, T = 4096, strides)
+                attrs[(i,)] = [["tt.divisibility", 16]]
     rec = dict(kernel=f"{mod}.{name}", variant=json.dumps({**consts, **{k: v for k, v in types.items()
                                                                       if k in ("q_ptr", "x", "base", "src_ptr",
                                                                                "v_ptr", "buf_ptr", "queries_ptr",
-                                                                               "x_ptr")}, "ones": ones}),
+                                                                               "x_ptr")}, "spec": spec or "plain"}),
                cc=cc, spill_free=spill_free and f"{mod}.{name}" not in KNOWN_SPILLS)
     buf = io.StringIO()
     try:
@@ -146,7 +235,7 @@ def _one(job):
         regs = re.search(r"Used (\d+) registers", log)
         spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
         rec.update(ok=True, regs=int(regs.group(1)) if regs else -1, spills=max(spills or [0]),
-                   smem=int(k.metadata.shared))
+                   smem=int(k.metadata.shared), i32_offsets=i32_products(k.asm["ttir"]))
     except Exception as exc:  # noqa: BLE001
         rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-600:]}")
     return rec
@@ -154,21 +243,28 @@ def _one(job):
 
 def main():
     ccs = [int(c) for c in (sys.argv[1] if len(sys.argv) > 1 else "90,80").split(",")]
-    # Sample to fit CI time: always the first variant of every (kernel, dtype) at every target and with
-    # the ==1 specialisation, then every STRIDE-th other variant at the first target (VKERN_GATE_STRIDE=1: all).
+    # Sample to fit CI time: always the first variant of every (kernel, dtype) at every target, plain and
+    # with the JIT's 16-divisible int specialisation, and with the ==1 one; then every STRIDE-th other
+    # variant at the first target, alternately plain and 16-divisible (VKERN_GATE_STRIDE=1: all, both).
     stride = int(os.environ.get("VKERN_GATE_STRIDE", "6"))
     jobs, seen = [], set()
     for i, v in enumerate(_variants()):
         fam = (v[0], v[1], tuple(sorted(set(v[2].values()))))
         if fam not in seen:
             seen.add(fam)
-            jobs += [v + (cc, False) for cc in ccs] + [v + (ccs[0], True)]
-        elif i % stride == 0:
-            jobs.append(v + (ccs[0], False))
+            jobs += [v + (cc, spec) for cc in ccs for spec in ("", "div16")] + [v + (ccs[0], "ones")]
+        elif stride == 1:
+            jobs += [v + (ccs[0], ""), v + (ccs[0], "div16")]
+        elif i % stride in (0, stride // 2):
+            jobs.append(v + (ccs[0], "" if i % stride == 0 else "div16"))
     with ProcessPoolExecutor(int(os.environ.get("VKERN_GATE_JOBS", "2"))) as ex:
         for rec in ex.map(_one, jobs, chunksize=4):
             print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":
+    # before any kernel module is imported (the pool's forked workers inherit it); not at import, so a
+    # test importing i32_products keeps its interpreter setting
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     main()

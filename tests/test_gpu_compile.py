@@ -24,10 +24,11 @@ def test_triton_kernels_compile_for_sm90_sm80(tmp_path):
                           capture_output=True, text=True, timeout=900)
     recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and recs, proc.stderr[-3000:]
-    print(f"\n{'kernel':28s} {'cc':>3s} {'regs':>5s} {'spill':>6s} {'smem':>7s}  variant")
+    print(f"\n{'kernel':28s} {'cc':>3s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'i32off':>6s}  variant")
     for r in recs:
         if r["ok"]:
-            print(f"{r['kernel']:28s} {r['cc']:3d} {r['regs']:5d} {r['spills']:6d} {r['smem']:7d}  {r['variant']}")
+            print(f"{r['kernel']:28s} {r['cc']:3d} {r['regs']:5d} {r['spills']:6d} {r['smem']:7d} "
+                  f"{len(r['i32_offsets']):6d}  {r['variant']}")
         else:
             print(f"{r['kernel']:28s} {r['cc']:3d} FAILED  {r['variant']}")
     kernels = {r["kernel"] for r in recs}
@@ -41,3 +42,47 @@ def test_triton_kernels_compile_for_sm90_sm80(tmp_path):
     spill = [f"{r['kernel']} sm_{r['cc']} {r['variant']}: {r['spills']} B" for r in recs
              if r["spill_free"] and r["spills"] > 0]
     assert not spill, "spills in spill-free kernels:\n" + "\n".join(spill)
+    # maxsim's launcher picks its tiles by this shared-memory bound (so they fit sm_86/sm_89's 99 KB):
+    # it must hold for every config compiled
+    from vkern.kernels import maxsim
+
+    over = []
+    for r in recs:
+        if r["kernel"] == "maxsim._maxsim_kernel" and r["ok"]:
+            v = json.loads(r["variant"])
+            bound = maxsim._smem_bytes(v, 4 if v["queries_ptr"] == "fp32" else 2)
+            if r["smem"] > bound:
+                over.append(f"sm_{r['cc']} {r['variant']}: {r['smem']} B > bound {bound} B")
+    assert not over, "maxsim shared memory above maxsim._smem_bytes:\n" + "\n".join(over)
+    # 32-bit pointer offsets (a product of two runtime values, e.g. program id x T x D, in i32) wrap
+    # once a tensor has 2**31 elements: every kernel widens such products to int64
+    narrow = sorted({f"{r['kernel']}: {w}" for r in recs if r["ok"] for w in r["i32_offsets"]})
+    assert not narrow, "pointer offsets computed in int32:\n" + "\n".join(narrow)
+
+
+# The value_l1 kernel as it was (rows = program_id * BLOCK_R + arange, then rows * D in int32), cut down
+# to the lines the check reads: the check must find the product, and not flag products with a constant.
+_NARROW_TTIR = """
+#loc5 = loc("/x/kernels/vatp.py":159:33)
+#loc40 = loc("x"(#loc5))
+    %rows = arith.constant 32 : i32 loc(#loc3)
+    %rows_0 = tt.get_program_id x : i32 loc(#loc3)
+    %rows_1 = arith.muli %rows_0, %rows : i32 loc(#loc3)
+    %rows_2 = tt.make_range {end = 32 : i32, start = 0 : i32} : tensor<32xi32> loc(#loc3)
+    %rows_3 = tt.splat %rows_1 : i32 -> tensor<32xi32> loc(#loc3)
+    %rows_4 = arith.addi %rows_3, %rows_2 : tensor<32xi32> loc(#loc3)
+    %x_17 = tt.expand_dims %rows_4 {axis = 1 : i32} : tensor<32xi32> -> tensor<32x1xi32> loc(#loc40)
+    %x_18 = tt.splat %D : i32 -> tensor<32x1xi32> loc(#loc40)
+    %x_19 = arith.muli %x_17, %x_18 : tensor<32x1xi32> loc(#loc40)
+    %x_20 = tt.splat %v_ptr : !tt.ptr<f16> -> tensor<32x1x!tt.ptr<f16>> loc(#loc40)
+    %x_21 = tt.addptr %x_20, %x_19 : tensor<32x1x!tt.ptr<f16>>, tensor<32x1xi32> loc(#loc40)
+    %ok = tt.addptr %x_20, %x_17 : tensor<32x1x!tt.ptr<f16>>, tensor<32x1xi32> loc(#loc40)
+"""
+
+
+def test_i32_offset_check_finds_a_narrow_product():
+    from _triton_gate import i32_products
+
+    assert i32_products(_NARROW_TTIR) == ["vatp.py:159"]
+    widened = _NARROW_TTIR.replace("%x_21 = tt.addptr %x_20, %x_19", "%x_21 = tt.addptr %x_20, %x_17")
+    assert i32_products(widened) == []

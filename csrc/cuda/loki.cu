@@ -2,6 +2,8 @@
 //
 // approx_kernel: one thread per key row, reading only the row's first `rank`
 //   elements against the list's (summed) query prefix held in shared memory.
+//   Rows on grid.x; the selection lists (B * NL, data-sized) are walked by a
+//   loop over grid.y, which is capped at 65,535.
 // select_kernel: one block per selection list. An 8-bit radix select over
 //   order-preserving keys (4 histogram passes in shared memory) finds the k-th
 //   best key; one ordered pass with block-wide prefix sums then writes the kept
@@ -25,6 +27,8 @@ namespace {
 constexpr int kSelectThreads = 1024;
 constexpr int kAttendWarps = 4;
 constexpr int kMaxDPerLane = 8;  // D <= 256
+constexpr int64_t kMaxGridX = 0x7fffffff;  // CUDA's grid limits
+constexpr int64_t kMaxGridYZ = 65535;
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -40,23 +44,27 @@ __device__ __forceinline__ uint32_t sort_key(float f) {
 template <typename T>
 __global__ void approx_kernel(const float* __restrict__ q, const T* __restrict__ k, const int64_t* __restrict__ lens,
                               float* __restrict__ scores, int64_t T_len, int64_t Hq, int64_t G, int64_t NL,
-                              int64_t heads_per_list, int64_t D, int64_t rank, int64_t sb, int64_t sh, int64_t st) {
+                              int64_t n_lists, int64_t heads_per_list, int64_t D, int64_t rank, int64_t sb,
+                              int64_t sh, int64_t st) {
   extern __shared__ float qs[];
-  const int64_t list = blockIdx.y;
-  const int64_t b = list / NL, l = list % NL;
-  const int64_t head0 = l * heads_per_list, kv = head0 / G;
-  for (int64_t d = threadIdx.x; d < rank; d += blockDim.x) {
-    float s = 0.0f;
-    for (int64_t g = 0; g < heads_per_list; ++g) s += q[(b * Hq + head0 + g) * D + d];
-    qs[d] = s;
-  }
-  __syncthreads();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= lens[b]) return;
-  const T* row = k + b * sb + kv * sh + t * st;
-  float acc = 0.0f;
-  for (int64_t d = 0; d < rank; ++d) acc = fmaf(qs[d], to_f(row[d]), acc);
-  scores[list * T_len + t] = acc;
+  for (int64_t list = blockIdx.y; list < n_lists; list += gridDim.y) {
+    const int64_t b = list / NL, l = list % NL;
+    const int64_t head0 = l * heads_per_list, kv = head0 / G;
+    for (int64_t d = threadIdx.x; d < rank; d += blockDim.x) {
+      float s = 0.0f;
+      for (int64_t g = 0; g < heads_per_list; ++g) s += q[(b * Hq + head0 + g) * D + d];
+      qs[d] = s;
+    }
+    __syncthreads();
+    if (t < lens[b]) {
+      const T* row = k + b * sb + kv * sh + t * st;
+      float acc = 0.0f;
+      for (int64_t d = 0; d < rank; ++d) acc = fmaf(qs[d], to_f(row[d]), acc);
+      scores[list * T_len + t] = acc;
+    }
+    __syncthreads();  // every thread has read qs before the next list overwrites it
+  }
 }
 
 // Exclusive prefix sum of v over the block; *total gets the block sum.
@@ -289,11 +297,13 @@ cudaError_t launch(const Args& a, cudaStream_t stream) {
   const T* v = static_cast<const T*>(a.v);
   if (a.budgets) {
     const int threads = 256;
-    dim3 grid(static_cast<unsigned>((a.T + threads - 1) / threads), static_cast<unsigned>(a.B * NL));
+    const int64_t lists = a.B * NL;
+    dim3 grid(static_cast<unsigned>((a.T + threads - 1) / threads),
+              static_cast<unsigned>(lists < kMaxGridYZ ? lists : kMaxGridYZ));
     const bool pre = a.kp != nullptr;
     const T* ka = pre ? static_cast<const T*>(a.kp) : k;
     approx_kernel<T><<<grid, threads, a.rank * sizeof(float), stream>>>(
-        a.q, ka, a.lens, a.scores, a.T, a.Hq, G, NL, hpl, a.D, a.rank, pre ? a.kp_sb : a.k_sb,
+        a.q, ka, a.lens, a.scores, a.T, a.Hq, G, NL, lists, hpl, a.D, a.rank, pre ? a.kp_sb : a.k_sb,
         pre ? a.kp_sh : a.k_sh, pre ? a.kp_st : a.k_st);
     select_kernel<<<static_cast<unsigned>(a.B * NL), kSelectThreads, 0, stream>>>(
         a.scores, a.lens, a.budgets, a.idx, a.T, NL, a.K, a.num_sink, a.num_recent);
@@ -322,6 +332,9 @@ cudaError_t attention(const Args& a, cudaStream_t stream) {
   if (a.D < 1 || a.D > 32 * kMaxDPerLane || a.H_kv < 1 || a.Hq % a.H_kv || a.nsplit < 1 || !a.q || !a.k || !a.v ||
       !a.lens || !a.out || !a.ws || !a.count || (a.budgets && (!a.scores || !a.idx || a.rank < 1 || a.rank > a.D)))
     return cudaErrorInvalidValue;
+  // Every grid of the call is checked before the first launch: x carries heads (B * Hq >= B * NL) and
+  // row blocks, y only the splits (<= 64) or a capped count that the approximate kernel loops over.
+  if (a.B * a.Hq > kMaxGridX || (a.T + 255) / 256 > kMaxGridX || a.nsplit > kMaxGridYZ) return cudaErrorInvalidValue;
   switch (a.kv_dtype) {
     case 0: return launch<float>(a, stream);
     case 1: return launch<__half>(a, stream);
@@ -333,7 +346,7 @@ cudaError_t attention(const Args& a, cudaStream_t stream) {
 cudaError_t rotate(const void* x, int dtype, int64_t rows, int64_t H, int64_t D, int64_t x_sr, int64_t x_sh,
                    const float* P, int64_t H_kv, float* out, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (D < 1 || H_kv < 1 || H % H_kv || !x || !P || !out) return cudaErrorInvalidValue;
+  if (D < 1 || H_kv < 1 || H % H_kv || !x || !P || !out || rows * H > kMaxGridX) return cudaErrorInvalidValue;
   const unsigned blocks = static_cast<unsigned>(rows * H);
   const int threads = D < 256 ? static_cast<int>((D + 31) / 32 * 32) : 256;
   const size_t shm = D * sizeof(float);

@@ -37,6 +37,7 @@ constexpr int kTile = 32;     // query rows and keys per score tile
 constexpr int kDChunk = 64;   // head dims staged in shared memory at a time
 constexpr int kThreads = 256; // 32 rows x 8 threads, each thread 4 keys: c, c + 8, c + 16, c + 24
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int64_t kMaxGridX = 0x7fffffff;  // CUDA's grid x limit
 
 __device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
 __device__ __forceinline__ bool is_nan(float v) { return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u; }
@@ -81,8 +82,9 @@ __global__ void rowstats_kernel(const T* q, const T* k, const int64_t* lens, flo
                                 int64_t T_, int64_t D, int64_t G, float qscale, bool causal) {
   __shared__ float qs[kTile][kDChunk + 1];
   __shared__ float ks[kTile][kDChunk + 1];
-  const int64_t bhq = blockIdx.x, b = bhq / Hq, H = Hq / G, h = (bhq % Hq) / G;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t tiles = (Tq + kTile - 1) / kTile;  // one grid axis: (query head, row tile)
+  const int64_t bhq = blockIdx.x / tiles, b = bhq / Hq, H = Hq / G, h = (bhq % Hq) / G;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x % tiles) * kTile;
   const int t = threadIdx.x, r = t / 8, c = t % 8;
   const int64_t row = m0 + r, pos = T_ - Tq + row, L = lens[b];
   const int64_t hi = causal ? imin(L, T_ - Tq + m0 + kTile) : L;   // keys [0, hi) can be visible
@@ -125,8 +127,9 @@ __global__ void colsum_kernel(const T* q, const T* k, const int64_t* lens, const
   __shared__ float qs[kTile][kDChunk + 1];
   __shared__ float ks[kTile][kDChunk + 1];
   __shared__ double acc_s[kTile][kTile + 1];
-  const int64_t bh = blockIdx.x, b = bh / H, h = bh % H;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t tiles = (T_ + kTile - 1) / kTile;   // one grid axis: (KV head, key tile)
+  const int64_t bh = blockIdx.x / tiles, b = bh / H, h = bh % H;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x % tiles) * kTile;
   const int t = threadIdx.x, r = t / 8, c = t % 8;
   const int64_t L = lens[b];
   double acc[4] = {0.0, 0.0, 0.0, 0.0};
@@ -289,8 +292,9 @@ __global__ void select_kernel(const float* scores, const int64_t* lens, const in
 template <typename U>
 __global__ void gather_kernel(const char* src, char* dst, const int64_t* idx, int64_t T_, int64_t kmax,
                               int64_t row_units) {
-  const int64_t bh = blockIdx.x;
-  const int64_t r = static_cast<int64_t>(blockIdx.y) * (kThreads / 32) + threadIdx.x / 32;
+  const int64_t tiles = (kmax + kThreads / 32 - 1) / (kThreads / 32);  // one grid axis: (head, row block)
+  const int64_t bh = blockIdx.x / tiles;
+  const int64_t r = static_cast<int64_t>(blockIdx.x % tiles) * (kThreads / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (r >= kmax) return;
   const int64_t s = idx[bh * kmax + r];
@@ -332,18 +336,32 @@ cudaError_t launch_colsum(const void* q, const void* k, int64_t B, int64_t Hq, i
                           cudaStream_t stream) {
   const float qscale = scale * kLog2e;
   const int64_t row_tiles = (Tq + kTile - 1) / kTile, key_tiles = (T_ + kTile - 1) / kTile;
-  if (row_tiles > 65535 || key_tiles > 65535) return cudaErrorInvalidValue;
+  if (B * Hq * row_tiles > kMaxGridX || B * H * key_tiles > kMaxGridX) return cudaErrorInvalidValue;
   if (Tq > 0) {
-    rowstats_kernel<T><<<dim3(static_cast<unsigned>(B * Hq), static_cast<unsigned>(row_tiles)), kThreads, 0,
-                         stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), lens, stats, Hq, Tq, T_, D,
+    rowstats_kernel<T><<<static_cast<unsigned>(B * Hq * row_tiles), kThreads, 0, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k), lens, stats, Hq, Tq, T_, D,
                                    Hq / H, qscale, causal);
   }
-  colsum_kernel<T><<<dim3(static_cast<unsigned>(B * H), static_cast<unsigned>(key_tiles)), kThreads, 0, stream>>>(
+  colsum_kernel<T><<<static_cast<unsigned>(B * H * key_tiles), kThreads, 0, stream>>>(
       static_cast<const T*>(q), static_cast<const T*>(k), lens, stats, out, Hq, H, Tq, T_, D, Hq / H, qscale, causal);
   return cudaGetLastError();
 }
 
 bool aligned(const void* p, int64_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
+
+// The grid of move_rows, or {0, 0} when it exceeds CUDA's limits (checked before any launch of the call).
+dim3 move_grid(const char* src, const char* dst, int64_t row_bytes, int64_t BH, int64_t kmax, bool inplace) {
+  const bool wide = row_bytes % 16 == 0 && aligned(src, 16) && (inplace || aligned(dst, 16));
+  const bool word = row_bytes % 4 == 0 && aligned(src, 4) && (inplace || aligned(dst, 4));
+  const int64_t units = row_bytes / (wide ? 16 : (word ? 4 : 2));
+  const int64_t col_blocks = (units + kCompactLanes - 1) / kCompactLanes;
+  const int64_t row_blocks = (kmax + kThreads / 32 - 1) / (kThreads / 32);
+  if (inplace) {   // column slices sit on y: D-sized, not token-sized
+    if (BH > kMaxGridX || col_blocks > 65535) return dim3(0, 0);
+    return dim3(static_cast<unsigned>(BH), static_cast<unsigned>(col_blocks));
+  }
+  if (BH * row_blocks > kMaxGridX) return dim3(0, 0);
+  return dim3(static_cast<unsigned>(BH * row_blocks));
+}
 
 cudaError_t move_rows(char* src, char* dst, int64_t row_bytes, const int64_t* idx, int64_t BH, int64_t T_,
                       int64_t kmax, bool inplace, cudaStream_t stream) {
@@ -353,17 +371,13 @@ cudaError_t move_rows(char* src, char* dst, int64_t row_bytes, const int64_t* id
   const int64_t unit = wide ? 16 : (word ? 4 : 2);
   if (row_bytes % unit) return cudaErrorInvalidValue;   // rows are whole 2-byte elements
   const int64_t units = row_bytes / unit;
+  const dim3 grid = move_grid(src, dst, row_bytes, BH, kmax, inplace);
+  if (grid.x == 0) return cudaErrorInvalidValue;
   if (inplace) {
-    const int64_t col_blocks = (units + kCompactLanes - 1) / kCompactLanes;
-    if (col_blocks > 65535) return cudaErrorInvalidValue;
-    const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>(col_blocks));
     if (wide) compact_kernel<uint4><<<grid, kThreads, 0, stream>>>(src, idx, T_, kmax, units);
     else if (word) compact_kernel<uint32_t><<<grid, kThreads, 0, stream>>>(src, idx, T_, kmax, units);
     else compact_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(src, idx, T_, kmax, units);
   } else {
-    const int64_t row_blocks = (kmax + kThreads / 32 - 1) / (kThreads / 32);
-    if (row_blocks > 65535) return cudaErrorInvalidValue;
-    const dim3 grid(static_cast<unsigned>(BH), static_cast<unsigned>(row_blocks));
     if (wide) gather_kernel<uint4><<<grid, kThreads, 0, stream>>>(src, dst, idx, T_, kmax, units);
     else if (word) gather_kernel<uint32_t><<<grid, kThreads, 0, stream>>>(src, dst, idx, T_, kmax, units);
     else gather_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(src, dst, idx, T_, kmax, units);
@@ -430,6 +444,10 @@ cudaError_t vatp_prune(char* k, char* v, int64_t k_row_bytes, int64_t v_row_byte
   if (!scores || !seq_lens || !kept_lens || !kept_idx || BH > 0x7fffffff) return cudaErrorInvalidValue;
   if ((k_row_bytes && !k) || (v_row_bytes && !v)) return cudaErrorInvalidValue;
   if (!inplace && ((k_row_bytes && !k_out) || (v_row_bytes && !v_out))) return cudaErrorInvalidValue;
+  // the row movers' grids, checked before select_kernel runs (an error leaves nothing half done)
+  if ((k_row_bytes && move_grid(k, k_out, k_row_bytes, BH, kmax, inplace).x == 0) ||
+      (v_row_bytes && move_grid(v, v_out, v_row_bytes, BH, kmax, inplace).x == 0))
+    return cudaErrorInvalidValue;
   select_kernel<<<static_cast<unsigned>(BH), kThreads, 0, stream>>>(scores, seq_lens, kept_lens, H, T, kmax, num_sink,
                                                                      num_recent, kept_idx);
   cudaError_t err = cudaGetLastError();

@@ -92,6 +92,9 @@ def same_place(arrays: dict) -> str:
     devices = {k: device_of(v) for k, v in arrays.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"mixed devices: {devices}; put every array on one device")
+    gpus = {k: str(v.device) for k, v in arrays.items() if not isinstance(v, np.ndarray) and v.device.type != "cpu"}
+    if len(set(gpus.values())) > 1:   # cuda:0 and cuda:1: one kernel cannot read both
+        raise ValueError(f"mixed devices: {gpus}; put every array on one device")
     libs = {k: ("numpy" if isinstance(v, np.ndarray) else "torch") for k, v in arrays.items()}
     if len(set(libs.values())) > 1:
         raise TypeError(f"mixed array kinds: {libs}; pass all NumPy arrays or all torch tensors")

@@ -30,7 +30,7 @@ class AttnCall:
     k: Any                      # native [B, H_kv, T, D]
     v: Any                      # native [B, H_kv, T, D]
     seq_lens: Any               # native int [B] or None
-    host_lens: np.ndarray       # int64 [B], each in [1, T]
+    host_lens: Optional[np.ndarray]  # int64 [B], each in [1, T]; None when seq_lens lives on a GPU (never read)
     scale: float
     device: str
     lib: str
@@ -38,7 +38,7 @@ class AttnCall:
     # loki only (dense decode: rank = D, every token kept)
     rank: int = 0
     topk: Any = None            # int or float, as given
-    budgets: Optional[np.ndarray] = None   # int64 [B]: tokens kept per sequence
+    budgets: Optional[np.ndarray] = None   # int64 [B]: tokens kept per sequence (None: resolved on the device)
     K: int = 0                  # largest budget (width of the index output)
     num_sink: int = 0
     num_recent: int = 0
@@ -77,6 +77,19 @@ def _int_arg(x: Any, name: str, lo: int, hi: Optional[int] = None, what: str = "
         rng = f"in [{lo}, 2**63)" if hi is None else f"in [{lo}, {hi}]"
         raise ValueError(f"{name}: expected {rng}{what}, got {x}")
     return x
+
+
+def device_lens(x: Any) -> bool:
+    """Whether seq_lens lives on a GPU. Its values are then never read on the host (no sync: a decode
+    step can be captured in a CUDA graph); budgets are resolved on the device."""
+    return x is not None and not isinstance(x, np.ndarray) and x.device.type != "cpu"
+
+
+def budget_fits_every_length(topk, T: int, forced: int) -> bool:
+    """resolve_budget(topk, L) >= min(L, forced) for every L in [1, T], from two lengths: for L below
+    `forced` the slack budget(L) - L never grows with L (budgets grow by at most 1 per token), and from
+    `forced` on budget(L) never shrinks, so the worst cases are L = forced - 1 and L = forced."""
+    return all(ref.resolve_budget(topk, L) >= min(L, forced) for L in {min(T, forced - 1), min(T, forced)} if L >= 1)
 
 
 def _host_ints(x: Any) -> np.ndarray:
@@ -123,8 +136,11 @@ def _prepare_attn(q, k_cache, v_cache, seq_lens, scale) -> AttnCall:
             raise ValueError(f"seq_lens: expected shape ({B},) (one per sequence), got {tuple(lens.shape)}")
         arrays["seq_lens"] = lens
     lib = A.same_place(arrays)
-    host = _host_ints(lens) if lens is not None else np.full(B, T, dtype=np.int64)
-    if B and (np.any(host < 1) or np.any(host > T)):
+    if device_lens(lens):
+        host = None   # not range-checked on the host (a sync); the GPU paths clamp it to [1, T]
+    else:
+        host = _host_ints(lens) if lens is not None else np.full(B, T, dtype=np.int64)
+    if host is not None and B and (np.any(host < 1) or np.any(host > T)):
         raise ValueError(f"seq_lens: every length must be in [1, T={T}], got min={int(host.min())}, "
                          f"max={int(host.max())}")
     if scale is None:
@@ -135,7 +151,8 @@ def _prepare_attn(q, k_cache, v_cache, seq_lens, scale) -> AttnCall:
         scale = float(scale)
         if not (math.isfinite(scale) and 0 < scale <= F32_MAX):
             raise ValueError(f"scale: expected a float in (0, {F32_MAX:.6g}] (finite in float32), got {scale}")
-    return AttnCall(qn, kn, vn, lens, np.ascontiguousarray(host), scale, A.device_of(qn), lib, origin)
+    return AttnCall(qn, kn, vn, lens, None if host is None else np.ascontiguousarray(host), scale, A.device_of(qn),
+                    lib, origin)
 
 
 def _prepare_loki(q, k_cache, v_cache, seq_lens, rank, topk, num_sink, num_recent, gqa, scale,
@@ -169,6 +186,16 @@ def _prepare_loki(q, k_cache, v_cache, seq_lens, rank, topk, num_sink, num_recen
         raise ValueError(f"gqa: expected one of {GQA_MODES}, got {gqa!r}")
     call.gqa = gqa
     call.return_indices = bool(return_indices)
+    if call.host_lens is None:
+        # seq_lens on a GPU: the output width and the checks use host-known arguments only
+        forced = call.num_sink + call.num_recent
+        if not budget_fits_every_length(topk, T, forced):
+            raise ValueError(f"topk: the budget {topk!r} is smaller than num_sink + num_recent = {call.num_sink} + "
+                             f"{call.num_recent} for some seq_len in [1, T={T}]; with seq_lens on the GPU (not read "
+                             f"on the host) the budget must hold the sinks and recent tokens at every length")
+        call.budgets = None
+        call.K = ref.resolve_budget(topk, T) if B else 0
+        return call
     budgets = np.array([ref.resolve_budget(topk, int(L)) for L in call.host_lens], dtype=np.int64)
     forced = np.minimum(call.host_lens, call.num_sink + call.num_recent)
     bad = np.nonzero(budgets < forced)[0]
@@ -285,20 +312,34 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _device_budgets(topk, lens):
+    """resolve_budget(topk, L) for every length, computed where lens lives (same float64 steps)."""
+    torch = A.torch_module()
+    if isinstance(topk, float):
+        k = torch.ceil(lens.to(torch.float64) * topk - 1e-9).to(torch.int64)
+    else:
+        k = torch.full_like(lens, int(topk))
+    return torch.minimum(k, lens).clamp_(min=0)
+
+
 def _gpu_inputs(call: AttnCall, sparse: bool):
     """q contiguous, caches (and the key prefix of a sparse call, or None) with unit last
-    stride, int64 lengths/budgets on the device. The budgets were resolved on the host
-    while validating: one tiny copy."""
+    stride, int64 lengths/budgets on the device. No host round trip (CUDA-graph safe): the
+    lengths and budgets are made on the device from seq_lens (or T) and topk."""
     torch = A.torch_module()
     dev = call.q.device
+    T = int(call.k.shape[2])
     q = call.q.contiguous()
     k, v = _unit_last(call.k), _unit_last(call.v)
     kp = _unit_last(call.kp) if sparse and call.kp is not None else None
     if call.seq_lens is not None:
-        lens = call.seq_lens.to(device=dev, dtype=torch.int64).contiguous()
+        lens = call.seq_lens.to(device=dev, dtype=torch.int64)
+        if call.host_lens is None:   # not range-checked on the host: never read past the cache
+            lens = lens.clamp(1, T)
+        lens = lens.contiguous()
     else:
-        lens = torch.from_numpy(call.host_lens).to(dev)
-    budgets = torch.from_numpy(call.budgets).to(dev) if sparse else None
+        lens = torch.full((int(call.q.shape[0]),), T, dtype=torch.int64, device=dev)
+    budgets = _device_budgets(call.topk, lens) if sparse else None
     return q, k, v, lens, budgets, kp
 
 
@@ -524,6 +565,15 @@ def loki_attention(q, k_cache, v_cache, *, rank: int, topk, seq_lens=None, num_s
         out [B, Hq, D] in q's dtype and kind (and the indices with ``return_indices``).
         With rank = D and topk >= seq_len this is dense attention.
 
+    CUDA graphs: with ``seq_lens`` a GPU tensor the cuda and triton paths do no host
+    synchronisation (budgets are resolved on the device), so a decode step can be
+    captured in a ``torch.cuda.CUDAGraph`` and replayed with new lengths written into
+    the same tensor. Host values are then: rank, topk, num_sink, num_recent, gqa,
+    scale and the shapes. Since the lengths are not read on the host, the index width
+    K is the budget at seq_len = T (extra slots -1), the budget is checked to hold the
+    sinks and recent tokens at every seq_len in [1, T], and lengths outside [1, T] are
+    not reported but clamped into it on the device (never read out of bounds).
+
     Raises:
         ValueError/TypeError naming the argument for bad shapes, dtypes, rank > D,
         Hq not a multiple of H_kv, seq_lens outside [1, T], a budget smaller than
@@ -556,7 +606,9 @@ def decode_attention(q, k_cache, v_cache, *, seq_lens=None, scale: Optional[floa
     Same layout as ``loki_attention``: q [B, Hq, D], k_cache/v_cache [B, H_kv, T, D]
     (GQA: query head h reads KV head h // (Hq / H_kv)), seq_lens int [B] in [1, T].
     Scores, softmax and accumulation in float32; ``scale`` defaults to 1/sqrt(D).
-    Returns out [B, Hq, D] in q's dtype and kind.
+    Returns out [B, Hq, D] in q's dtype and kind. With ``seq_lens`` on the GPU no host
+    synchronisation happens (CUDA-graph capturable); lengths are then clamped to [1, T]
+    on the device instead of checked (see ``loki_attention``).
 
     Example:
         >>> import numpy as np, vkern

@@ -560,7 +560,12 @@ _triton_why_not = triton_reason
 
 def _gpu_lens(call):
     torch = A.torch_module()
-    return torch.from_numpy(call.host_lens).to(call.device)
+    # the tensor's own device (cuda:1, ...), not the current one that call.device ("cuda") would give
+    return torch.from_numpy(call.host_lens).to(_tensor_of(call).device)
+
+
+def _tensor_of(call):
+    return call.q if isinstance(call, ColsumCall) else call.k
 
 
 def _same_dtype(a, b):
@@ -590,7 +595,7 @@ def _prune_gpu_inputs(call: PruneCall):
     k = call.k if call.inplace else call.k.contiguous()
     v = call.v if call.inplace else call.v.contiguous()
     scores = call.scores.to(torch.float32).contiguous()
-    kept = torch.from_numpy(call.kept_lens).to(call.device)
+    kept = torch.from_numpy(call.kept_lens).to(call.k.device)
     return k, v, scores, _gpu_lens(call), kept
 
 

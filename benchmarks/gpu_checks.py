@@ -1,0 +1,205 @@
+"""GPU checks that the CPU-only CI cannot make (run by benchmarks/gpu_check.sh on a GPU node):
+
+1. CUDA-graph capture and replay of a decode step (decode_attention, loki_attention, seq_lens on the
+   GPU), replayed with new lengths, against eager calls.
+2. > 2**31-element tensors (int64 offsets): value_l1, vatp_prune, decode_attention on a cache of
+   2**24 + 64 tokens x 128 dims (bf16, 4.3 GB each), against torch on the rows past 2**31 elements.
+3. Grids past 65,535 on the old y axes: attention_colsum with T/32 and loki approx with T/64 above
+   65,535, delta_linear with N/32 above 65,535, against torch.
+4. With two or more GPUs: every op on cuda:1 while cuda:0 is current, against the same op on cuda:0.
+
+Prints one PASS/FAIL line per check with its max error; exits 1 on any failure.
+`--small` runs the same code on tiny shapes (CPU, TRITON_INTERPRET=1; the graph and multi-GPU parts
+skip), so the script itself is tested without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+import vkern
+
+FAILED = []
+
+
+def check(name, fn):
+    start = time.time()
+    try:
+        err, tol = fn()
+        ok = bool(err <= tol)
+        msg = f"max err {err:.3g} (tol {tol:.3g})"
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        ok, msg = False, f"{type(exc).__name__}: {str(exc)[:300]}"
+    print(f"{'PASS' if ok else 'FAIL'} {name:58s} {msg}  [{time.time() - start:.1f} s]", flush=True)
+    if not ok:
+        FAILED.append(name)
+
+
+def dense_ref(q, k, v, lens, scale):
+    """float32 torch decode attention, one sequence at a time."""
+    B, Hq, D = q.shape
+    G = Hq // k.shape[1]
+    out = torch.empty(B, Hq, D, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        n = int(lens[b])
+        kk = k[b, :, :n].float().repeat_interleave(G, 0)
+        vv = v[b, :, :n].float().repeat_interleave(G, 0)
+        p = torch.softmax(torch.einsum("hd,htd->ht", q[b].float(), kk) * scale, -1)
+        out[b] = torch.einsum("ht,htd->hd", p, vv)
+    return out
+
+
+def graph_checks(dev, backends):
+    B, Hq, H, T, D = 4, 32, 8, 4096, 128
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
+    lens = torch.tensor([4096, 1000, 17, 3000], device=dev)
+    for backend in backends:
+        for name, step in (
+                ("decode_attention", lambda: vkern.decode_attention(q, k, v, seq_lens=lens, backend=backend)),
+                ("loki_attention", lambda: vkern.loki_attention(q, k, v, rank=32, topk=256, seq_lens=lens, num_sink=4,
+                                                                num_recent=16, backend=backend))):
+            def run(step=step):
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(2):      # warm-up (Triton compiles) outside the capture
+                        step()
+                torch.cuda.current_stream().wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = step()
+                errs = []
+                for new in ([4096, 1000, 17, 3000], [1, 4096, 2048, 77]):
+                    lens.copy_(torch.tensor(new, device=dev))
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    errs.append((out.float() - step().float()).abs().max().item())
+                return max(errs), 0.0     # replay must equal eager exactly
+            check(f"cuda graph: {name} [{backend}] replay == eager", run)
+
+
+def big_offset_checks(dev, backends, small):
+    T = 300 if small else 2**24 + 64          # 2**24 + 64 tokens x 128 = 2**31 + 8192 elements
+    D = 128
+    dt = torch.float32 if small else torch.bfloat16
+    v = torch.empty(1, 1, T, D, device=dev, dtype=dt)
+    v.normal_()
+    tail = slice(T - 64, T)
+    for backend in backends:
+        def l1(backend=backend):
+            got = vkern.vatp.value_l1(v, backend=backend)
+            want = v[0, 0, tail].float().abs().sum(-1)
+            return (got[0, 0, tail] - want).abs().max().item() / want.abs().max().item(), 1e-5
+        check(f"> 2**31 elements: value_l1 [{backend}] (last rows)", l1)
+
+        def prune(backend=backend):
+            scores = torch.zeros(1, 1, T, device=dev)
+            scores[0, 0, T - 200] = 1.0          # one middle token past 2**31 elements, plus the recent ones
+            kk, vv, idx, _ = vkern.vatp_prune(v, v, scores, budget=40, num_sink=4, num_recent=32, backend=backend)
+            # 4 sinks, 32 recent, 4 free slots: the scored token, then the lowest-index zero scores (ties)
+            want_idx = list(range(7)) + [T - 200] + list(range(T - 32, T))
+            got_idx = idx[0, 0].tolist()
+            rows = v[0, 0, idx[0, 0].clamp(min=0)]
+            err = (kk[0, 0].float() - rows.float()).abs().max().item()
+            return err + (0.0 if got_idx == want_idx else 1.0), 0.0
+        check(f"> 2**31 elements: vatp_prune gather [{backend}]", prune)
+
+        def decode(backend=backend):
+            q = torch.randn(1, 1, D, device=dev, dtype=dt)
+            lens = torch.tensor([T], device=dev)
+            got = vkern.decode_attention(q, v, v, seq_lens=lens, backend=backend).float()
+            want = dense_ref(q, v, v, [T], D ** -0.5)
+            return (got - want).abs().max().item(), 2e-2
+        check(f"> 2**31 elements: decode_attention [{backend}]", decode)
+    del v
+
+
+def big_grid_checks(dev, backends, small):
+    D = 16
+    for backend in backends:
+        T = 200 if small else 65535 * 32 + 33
+        q = torch.randn(1, 1, 1, D, device=dev)
+        k = torch.randn(1, 1, T, D, device=dev)
+
+        def colsum(backend=backend, q=q, k=k):
+            got = vkern.vatp.attention_colsum(q, k, causal=False, backend=backend)
+            want = torch.softmax((q[0, 0] @ k[0, 0].T) * D ** -0.5, -1)[0]
+            return (got[0, 0] - want).abs().max().item(), 1e-6
+        check(f"grid: attention_colsum T/32 > 65535 [{backend}]", colsum)
+
+        T2 = 300 if small else 65535 * 64 + 65
+        kq = torch.randn(1, 1, T2, D, device=dev)
+        qq = torch.randn(1, 1, D, device=dev)
+
+        def loki(backend=backend, kq=kq, qq=qq, T2=T2):
+            out, idx = vkern.loki_attention(qq, kq, kq, rank=D, topk=8, return_indices=True, backend=backend)
+            s = (kq[0, 0] @ qq[0, 0])
+            want = torch.topk(s, 8).indices.sort().values
+            return float((idx[0, 0].sort().values != want).sum().item()), 0.0
+        check(f"grid: loki approx T/64 > 65535 [{backend}]", loki)
+
+        N = 100 if small else 65535 * 32 + 7
+        base = torch.randn(N, D, device=dev)
+        tau = np.random.default_rng(0).standard_normal((N, D)).astype(np.float32)
+        qtv = vkern.taskvec.quantize(tau, bits=4)
+        x = torch.randn(3, D, device=dev)
+
+        def delta(backend=backend, base=base, qtv=qtv, x=x):
+            qd = qtv.to(dev)
+            got = vkern.delta_linear(x, base, [qd], [0.5], backend=backend)
+            w = base + 0.5 * torch.from_numpy(vkern.taskvec.dequantize(qtv)).to(dev)
+            want = x @ w.T
+            return (got - want).abs().max().item() / want.abs().max().item(), 1e-4
+        check(f"grid: delta_linear N/32 > 65535 [{backend}]", delta)
+
+
+def multi_gpu_checks(backends):
+    if torch.cuda.device_count() < 2:
+        print("SKIP multi-GPU guard checks: one GPU visible")
+        return
+    torch.cuda.set_device(0)
+    rng = np.random.default_rng(0)
+    arrs = dict(q=rng.standard_normal((2, 8, 64)), k=rng.standard_normal((2, 2, 300, 64)),
+                docs=rng.standard_normal((500, 64)), qm=rng.standard_normal((3, 16, 64)))
+    for backend in backends:
+        def on(i, backend=backend):
+            t = {n: torch.from_numpy(a.astype(np.float32)).to(f"cuda:{i}") for n, a in arrs.items()}
+            lens = torch.tensor([300, 100], device=f"cuda:{i}")
+            return [vkern.decode_attention(t["q"], t["k"], t["k"], seq_lens=lens, backend=backend),
+                    vkern.loki_attention(t["q"], t["k"], t["k"], rank=16, topk=32, seq_lens=lens, backend=backend),
+                    vkern.vatp.attention_colsum(t["q"][:, :, None], t["k"], backend=backend),
+                    vkern.maxsim(t["qm"], t["docs"], doc_offsets=torch.tensor([0, 100, 500], device=f"cuda:{i}"),
+                                 backend=backend)]
+
+        def compare(on=on):
+            a, b = on(0), on(1)
+            assert all(y.device == torch.device("cuda", 1) for y in b)
+            return max((x.float() - y.float().to("cuda:0")).abs().max().item() for x, y in zip(a, b)), 1e-5
+        check(f"multi-GPU: tensors on cuda:1, cuda:0 current [{backend}]", compare)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU interpreter smoke test)")
+    args = ap.parse_args()
+    if args.small:
+        dev, backends = "cpu", ["triton"]
+    else:
+        dev, backends = "cuda", ["cuda", "triton"]
+        graph_checks(dev, backends)
+        multi_gpu_checks(backends)
+    big_grid_checks(dev, backends, args.small)
+    big_offset_checks(dev, backends, args.small)
+    print(f"{len(FAILED)} failed" + (": " + ", ".join(FAILED) if FAILED else ""))
+    return 1 if FAILED else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
