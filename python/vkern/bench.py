@@ -28,10 +28,43 @@ from vkern import _ext
 @dataclass
 class Contender:
     name: str
-    fn: Callable[[], object]
+    fn: Optional[Callable[[], object]]
     kind: str                   # "vkern", "reference", "peer" or "limit" (only the memory traffic, no work)
     sync: Optional[Callable[[], None]] = None   # for GPU work
     note: str = ""
+    missing: str = ""           # why this row cannot be measured here and how to get it (then fn is None)
+
+
+# What a row says when the library it needs is not installed (a row, never a silent omission).
+TORCH_HINT = "torch not installed: pip install torch==2.13.0"
+BF16_HINT = "needs torch or ml_dtypes for bfloat16 arrays: pip install ml_dtypes"
+
+
+def missing(name: str, kind: str, why: str) -> Contender:
+    """A row for a contender that cannot run here: named, with the reason and the install command."""
+    return Contender(name, None, kind, missing=why)
+
+
+def optional_torch(threads: int):
+    """torch with `threads` intra-op threads, or None when it is not installed."""
+    try:
+        import torch
+    except Exception:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def bfloat16_of(x: np.ndarray, torch=None):
+    """x as a bfloat16 array: a torch tensor when torch is there, else a NumPy array of
+    ml_dtypes' bfloat16 (every vkern op takes both); None when neither is installed."""
+    if torch is not None:
+        return torch.from_numpy(np.ascontiguousarray(x)).bfloat16()
+    try:
+        import ml_dtypes
+    except Exception:
+        return None
+    return x.astype(ml_dtypes.bfloat16)
 
 
 @dataclass
@@ -132,20 +165,19 @@ def numpy_flat_gemm(q: np.ndarray, docs: np.ndarray, offsets: np.ndarray) -> np.
     return np.maximum.reduceat(sims, offsets[:-1], axis=1).sum(axis=0)
 
 
-def maxsim_workloads(quick: bool, threads: int) -> List[Workload]:
-    n_docs = 300 if quick else 1000
+def maxsim_workloads(size: str, threads: int) -> List[Workload]:
+    n_docs = {"tiny": 20, "quick": 300, "full": 1000}[size]
     queries, docs, offsets = colbert_like(n_docs, 16)
     q1 = queries[0]
     T, D = docs.shape
     Lq = q1.shape[0]
     out = []
     docs_list = [docs[offsets[i]:offsets[i + 1]] for i in range(n_docs)]
-    torch = None
+    torch = optional_torch(threads)
     try:
-        import torch  # noqa: F401
-        torch.set_num_threads(threads)
+        import maxsim_cpu
     except Exception:
-        torch = None
+        maxsim_cpu = None
 
     for B in (1, 16):
         qb = queries[:B]
@@ -160,28 +192,29 @@ def maxsim_workloads(quick: bool, threads: int) -> List[Workload]:
         else:
             w.contenders.append(Contender("numpy flat GEMM + reduceat", lambda: [
                 numpy_flat_gemm(qb[b], docs, offsets) for b in range(B)], "peer", note="per query"))
-        try:
-            import maxsim_cpu
-
-            if B == 1:
-                w.contenders.append(Contender("maxsim-cpu", lambda: maxsim_cpu.maxsim_scores_variable(q1, docs_list),
-                                              "peer", note="maxsim_scores_variable"))
-            else:
-                w.contenders.append(Contender("maxsim-cpu", lambda: [maxsim_cpu.maxsim_scores_variable(
-                    qb[b], docs_list) for b in range(B)], "peer", note="per query"))
-        except Exception:
-            pass
+        if maxsim_cpu is None:
+            w.contenders.append(missing("maxsim-cpu", "peer", "not installed: pip install maxsim-cpu"))
+        elif B == 1:
+            w.contenders.append(Contender("maxsim-cpu", lambda: maxsim_cpu.maxsim_scores_variable(q1, docs_list),
+                                          "peer", note="maxsim_scores_variable"))
+        else:
+            w.contenders.append(Contender("maxsim-cpu", lambda: [maxsim_cpu.maxsim_scores_variable(
+                qb[b], docs_list) for b in range(B)], "peer", note="per query"))
         if _ext.cpu_reason() is None:
             w.contenders.append(Contender("vkern cpu f32", lambda qarg=qarg: vkern.maxsim(
                 qarg, docs, doc_offsets=offsets, backend="cpu"), "vkern"))
             w.contenders.append(Contender("vkern cpu f32 top-10", lambda qarg=qarg: vkern.maxsim(
                 qarg, docs, doc_offsets=offsets, topk=10, backend="cpu"), "vkern"))
-            if torch is not None:
-                tq = torch.from_numpy(qarg)
-                tdocs_bf16 = torch.from_numpy(docs).bfloat16()
-                toff = torch.from_numpy(offsets)
-                w.contenders.append(Contender("vkern cpu bf16 docs", lambda tq=tq: vkern.maxsim(
-                    tq, tdocs_bf16, doc_offsets=toff, backend="cpu"), "vkern", note="half the bytes"))
+            docs_bf16 = bfloat16_of(docs, torch)
+            if docs_bf16 is None:
+                w.contenders.append(missing("vkern cpu bf16 docs", "vkern", BF16_HINT))
+            else:
+                # torch in, torch out; ml_dtypes' bfloat16 is a NumPy dtype, so NumPy inputs stay NumPy.
+                tq = torch.from_numpy(qarg) if torch is not None else qarg
+                toff = torch.from_numpy(offsets) if torch is not None else offsets
+                w.contenders.append(Contender("vkern cpu bf16 docs", lambda tq=tq, toff=toff, d=docs_bf16: vkern.maxsim(
+                    tq, d, doc_offsets=toff, backend="cpu"), "vkern",
+                    note="half the bytes" + ("" if torch is not None else " (ml_dtypes bfloat16)")))
             docs16 = docs.astype(np.float16)
             w.contenders.append(Contender("vkern cpu f16 docs", lambda qarg=qarg: vkern.maxsim(
                 qarg, docs16, doc_offsets=offsets, backend="cpu"), "vkern", note="half the bytes"))
@@ -239,6 +272,8 @@ def time_workload(w: Workload, repeat: int, budget_s: float) -> Dict[str, dict]:
     res = {c.name: [] for c in w.contenders}
     errors = {}
     for c in w.contenders:  # warm-up (and correctness of the call itself)
+        if c.missing:
+            continue
         try:
             t0 = time.perf_counter()
             c.fn()
@@ -249,7 +284,7 @@ def time_workload(w: Workload, repeat: int, budget_s: float) -> Dict[str, dict]:
             errors[c.name] = f"{type(exc).__name__}: {exc}"
     for r in range(repeat):
         for c in w.contenders:
-            if c.name in errors or sum(res[c.name]) > budget_s:  # slow ones: fewer runs
+            if c.missing or c.name in errors or sum(res[c.name]) > budget_s:  # slow ones: fewer runs
                 continue
             # BLAS and OpenMP pools spin for a while after a call; let them go
             # idle so that they do not steal the cores from the next contender.
@@ -261,6 +296,9 @@ def time_workload(w: Workload, repeat: int, budget_s: float) -> Dict[str, dict]:
             res[c.name].append(time.perf_counter() - t0)
     out = {}
     for c in w.contenders:
+        if c.missing:
+            out[c.name] = {"missing": c.missing, "kind": c.kind}
+            continue
         if c.name in errors:
             out[c.name] = {"error": errors[c.name], "kind": c.kind}
             continue
@@ -274,26 +312,29 @@ def run(args) -> int:
     threads = max(1, args.threads)
     vkern.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    repeat = args.repeat or (5 if args.quick else 15)
-    budget = 3.0 if args.quick else 10.0
+    size = "tiny" if getattr(args, "tiny", False) else "quick" if args.quick else "full"
+    repeat = args.repeat or {"tiny": 2, "quick": 5, "full": 15}[size]
+    budget = {"tiny": 0.5, "quick": 3.0, "full": 10.0}[size]
+    limit_mb = {"tiny": 16, "quick": 128, "full": 256}[size]
+    gemm_n = {"tiny": 256, "quick": 1024, "full": 2048}[size]
     ops = [o.strip() for o in (args.ops or "all").split(",") if o.strip()]
     if ops == ["all"]:
         ops = list(WORKLOADS)
     info = vkern.info()
     _progress(f"[limits] copy bandwidth and BLAS GEMM with {threads} threads ...")
-    bw = copy_bandwidth(threads, 128 if args.quick else 256)
-    gemm = gemm_flops(threads, 1024 if args.quick else 2048)
-    gather = gather_bandwidth(128 if args.quick else 256)
+    bw = copy_bandwidth(threads, limit_mb)
+    gemm = gemm_flops(threads, gemm_n)
+    gather = gather_bandwidth(limit_mb)
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "threads": threads, "copy_bytes_per_s": bw, "gemm_flops": gemm,
                           "gather_read_bytes_per_s": gather,
                           "simd_level": info.get("simd_level"), "cuda_devices": info.get("cuda_devices")},
-              "vkern": info.get("vkern"), "results": []}
+              "vkern": info.get("vkern"), "size": size, "results": []}
     for op_name in ops:
         if op_name not in WORKLOADS:
             print(f"unknown op {op_name!r}; known: {', '.join(WORKLOADS)}", file=sys.stderr)
             return 2
-        for w in workloads_for(op_name)(args.quick, threads):
+        for w in workloads_for(op_name)(size, threads):
             _progress(f"[{op_name}] {w.name}: {', '.join(c.name for c in w.contenders)}")
             timings = time_workload(w, repeat, budget)
             report["results"].append({"op": w.op, "workload": w.name, "bytes": w.bytes, "flops": w.flops,
@@ -301,11 +342,10 @@ def run(args) -> int:
     # The limits again at the end: on a shared machine keep the better reading.
     _progress("[limits] measuring again ...")
     m = report["machine"]
-    m["copy_bytes_per_s"] = max(m["copy_bytes_per_s"], copy_bandwidth(threads, 128 if args.quick else 256))
-    m["gemm_flops"] = max(m["gemm_flops"], gemm_flops(threads, 1024 if args.quick else 2048))
+    m["copy_bytes_per_s"] = max(m["copy_bytes_per_s"], copy_bandwidth(threads, limit_mb))
+    m["gemm_flops"] = max(m["gemm_flops"], gemm_flops(threads, gemm_n))
     if m.get("gather_read_bytes_per_s"):
-        m["gather_read_bytes_per_s"] = max(m["gather_read_bytes_per_s"],
-                                           gather_bandwidth(128 if args.quick else 256) or 0.0)
+        m["gather_read_bytes_per_s"] = max(m["gather_read_bytes_per_s"], gather_bandwidth(limit_mb) or 0.0)
     _progress("done")
     text = render(report)
     print(text)
@@ -327,7 +367,7 @@ def render(report: dict) -> str:
                 f"1 in 8, ascending)" if m.get("gather_read_bytes_per_s") else ""), ""]
     for r in report["results"]:
         t = r["timings"]
-        ok = {k: v for k, v in t.items() if "error" not in v}
+        ok = {k: v for k, v in t.items() if "median_s" in v}
         ref = next((v["median_s"] for v in ok.values() if v["kind"] == "reference"), None)
         peers = {k: v["median_s"] for k, v in ok.items() if v["kind"] == "peer"}
         best_peer = min(peers, key=peers.get) if peers else None
@@ -341,19 +381,28 @@ def render(report: dict) -> str:
                      f"| {'GB/s':>6} | {'% copy BW':>9} | {'GFLOP/s':>7} | {'% GEMM':>6} |")
         lines.append("|" + "|".join("-" * n for n in (36, 11, 10, 8, 13, 8, 11, 9, 8)) + "|")
         for name, v in t.items():
+            if "missing" in v:
+                lines.append(f"| {name:<34} | not measured: {v['missing']}")
+                continue
             if "error" in v:
                 lines.append(f"| {name:<34} | error: {v['error'][:80]}")
                 continue
             s = v["median_s"]
             gbs = r["bytes"] / s / 1e9
             gf = r["flops"] / s / 1e9
-            x_ref = f"{ref / s:.1f}" if ref else "-"
-            x_peer = f"{peers[best_peer] / s:.2f}" if best_peer else "-"
+            x_ref = f"{ref / s:.1f}" if ref else "no ref"
+            x_peer = f"{peers[best_peer] / s:.2f}" if best_peer else "no peer"
             lines.append(f"| {name:<34} | {s * 1e3:>9.2f} | {v['min_s'] * 1e3:>8.2f} | {x_ref:>6} | {x_peer:>11} "
                          f"| {gbs:>6.1f} | {100 * gbs * 1e9 / m['copy_bytes_per_s']:>8.0f}% "
                          f"| {gf:>7.1f} | {100 * gf * 1e9 / m['gemm_flops']:>5.0f}% |")
+        if ref is None:
+            lines.append("x ref: the NumPy reference is not timed at this size (float64: minutes per call)")
         if best_peer:
             lines.append(f"best peer: {best_peer}")
+        else:
+            absent = [f"{k} ({v['missing']})" for k, v in t.items() if v["kind"] == "peer" and "missing" in v]
+            lines.append("best peer: none measured in this run" + (f"; not installed: {'; '.join(absent)}"
+                                                                     if absent else ""))
         lines.append("")
     return "\n".join(lines)
 
@@ -371,7 +420,7 @@ def plot(report: dict, path: str) -> None:
     fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.2 + 0.45 * max(len(r["timings"]) for r in results)
                                                         * len(results)), squeeze=False)
     for ax, r in zip(axes[:, 0], results):
-        items = [(k, v["median_s"] * 1e3, v["kind"]) for k, v in r["timings"].items() if "error" not in v]
+        items = [(k, v["median_s"] * 1e3, v["kind"]) for k, v in r["timings"].items() if "median_s" in v]
         items.sort(key=lambda x: x[1])
         colors = {"vkern": "tab:blue", "peer": "tab:orange", "reference": "tab:gray", "limit": "tab:green"}
         ax.barh([i[0] for i in items], [i[1] for i in items], color=[colors[i[2]] for i in items])
