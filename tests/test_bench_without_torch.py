@@ -87,3 +87,19 @@ def test_no_silent_dash_in_the_tables(bench):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert "-" not in cells, line
         assert not re.fullmatch(r"-+", cells[0]), line
+
+
+def test_plot_draws_every_workload(bench, tmp_path):
+    pytest.importorskip("matplotlib")
+    from vkern.bench import _panel_data, plot
+
+    _, report = bench
+    path = tmp_path / "bench.png"
+    plot(report, str(path))
+    assert path.stat().st_size > 10_000
+    for r in report["results"]:
+        rows, base_name, _ = _panel_data(r, report["machine"])
+        assert base_name is not None and len(rows) == len(r["timings"])
+        # bar length = speed-up against the best peer (1.0 for that peer itself), linear
+        assert dict((n, x) for n, _, x, _ in rows)[base_name] == pytest.approx(1.0)
+        assert all(x is None or x > 0 for _, _, x, _ in rows)

@@ -407,27 +407,92 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+KIND_COLOURS = {"vkern": "#1f77b4", "peer": "#ff7f0e", "reference": "#7f7f7f", "limit": "#2ca02c"}
+KIND_LABELS = {"vkern": "vkern", "peer": "peer library / plain formulation", "reference": "vkern NumPy reference",
+               "limit": "memory traffic alone (no math)"}
+
+
+def _panel_data(r: dict, m: dict):
+    """Rows of one workload's panel: (name, kind, speed-up or None, label), and the baseline's name.
+    The speed-up is against the best measured peer (else the reference); the label adds the share
+    of the machine limit that binds this workload (copy bandwidth or BLAS GEMM)."""
+    t = r["timings"]
+    ok = {k: v for k, v in t.items() if "median_s" in v}
+    peers = {k: v["median_s"] for k, v in ok.items() if v["kind"] == "peer"}
+    ref = {k: v["median_s"] for k, v in ok.items() if v["kind"] == "reference"}
+    base_name = min(peers, key=peers.get) if peers else (next(iter(ref)) if ref else None)
+    base = (peers or ref).get(base_name) if base_name else None
+    compute = r["flops"] / r["bytes"] > m["gemm_flops"] / m["copy_bytes_per_s"]
+    rows = []
+    for name, v in t.items():
+        if "median_s" not in v:
+            why = v.get("missing") or ("error: " + v.get("error", "?"))
+            rows.append((name, v["kind"], None, why))
+            continue
+        s = v["median_s"]
+        share = (r["flops"] / s / m["gemm_flops"]) if compute else (r["bytes"] / s / m["copy_bytes_per_s"])
+        x = base / s if base else None
+        label = (f"{x:.2f}x" if x is not None and x < 10 else f"{x:.0f}x" if x is not None else "") + \
+            f"  {1e3 * s:.3g} ms, {100 * share:.0f}% {'GEMM' if compute else 'copy BW'}"
+        rows.append((name, v["kind"], x, label))
+    return rows, base_name, ("peer" if peers else "reference")
+
+
 def plot(report: dict, path: str) -> None:
+    """One panel per workload: bars of speed-up against the best peer measured in the run
+    (linear axis, 1 = that peer, marked), numbers on every bar (speed-up, median time, % of the
+    machine limit that binds), colours by kind with a legend, rows that could not run listed
+    with the reason."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except Exception as exc:
         print(f"--plot needs matplotlib (pip install 'vkern[plot]'): {exc}", file=sys.stderr)
         return
+    import textwrap
+
+    m = report["machine"]
     results = report["results"]
-    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.2 + 0.45 * max(len(r["timings"]) for r in results)
-                                                        * len(results)), squeeze=False)
-    for ax, r in zip(axes[:, 0], results):
-        items = [(k, v["median_s"] * 1e3, v["kind"]) for k, v in r["timings"].items() if "median_s" in v]
-        items.sort(key=lambda x: x[1])
-        colors = {"vkern": "tab:blue", "peer": "tab:orange", "reference": "tab:gray", "limit": "tab:green"}
-        ax.barh([i[0] for i in items], [i[1] for i in items], color=[colors[i[2]] for i in items])
-        ax.set_xscale("log")
-        ax.set_xlim(left=min(i[1] for i in items) / 2)
-        ax.set_xlabel("median ms (log)")
-        ax.set_title(f"{r['op']}: {r['workload']}", fontsize=9)
-        ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    panels = [(r, *_panel_data(r, m)) for r in results]
+    ncols = 2 if len(panels) > 3 else 1
+    nrows = -(-len(panels) // ncols)
+    heights = []
+    for i in range(nrows):
+        group = panels[i * ncols:(i + 1) * ncols]
+        heights.append(max(len(p[1]) for p in group) * 0.32 + 1.3)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(9.5 * ncols, sum(heights) + 1.0), squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for i, (ax, (r, rows, base_name, base_kind)) in enumerate(zip(axes.flat, panels)):
+        slots = max(len(p[1]) for p in panels[(i // ncols) * ncols:(i // ncols + 1) * ncols])
+        ys = list(range(len(rows)))
+        xs = [x if x is not None else 0.0 for _, _, x, _ in rows]
+        xmax = max(xs + [1.0])
+        ax.barh(ys, xs, color=[KIND_COLOURS[k] for _, k, _, _ in rows], height=0.7)
+        ax.set_xlim(0, xmax * 1.45)      # room for the numbers right of the longest bar
+        ax.axvline(1.0, color="black", lw=0.8, ls="--")
+        for y, (name, kind, x, label) in zip(ys, rows):
+            if x is None:
+                ax.text(xmax * 0.01, y, textwrap.shorten(label, 70), va="center", fontsize=7, color="#b00000")
+            else:
+                ax.text(x + xmax * 0.01, y, label, va="center", fontsize=7)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([textwrap.shorten(n, 38) for n, _, _, _ in rows], fontsize=7.5)
+        ax.set_ylim(slots - 0.5, -0.5)   # the same bar thickness in every panel of a row, top to bottom
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlabel(f"speed-up vs {base_kind} '{textwrap.shorten(base_name or '?', 40)}' (= 1, dashed); "
+                      "longer is faster", fontsize=7.5)
+        ax.set_title("\n".join(textwrap.wrap(f"{r['op']}: {r['workload']}", 90)), fontsize=8, loc="left")
+        ax.spines[["top", "right"]].set_visible(False)
+    title = (f"vkern {report.get('vkern')} bench: {m['processor']}, {m['threads']} threads, limits measured in the "
+             f"run: copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s, sgemm {m['gemm_flops'] / 1e9:.0f} GFLOP/s. "
+             "Bar label: speed-up, median time, % of the limit that binds the workload")
+    handles = [Patch(color=c, label=KIND_LABELS[k]) for k, c in KIND_COLOURS.items()]
+    fig.legend(handles=handles, loc="outside upper center", ncol=4, fontsize=8, frameon=False,
+               title="\n".join(textwrap.wrap(title, 150)), title_fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
