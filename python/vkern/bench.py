@@ -433,9 +433,14 @@ def _panel_data(r: dict, m: dict):
         share = (r["flops"] / s / m["gemm_flops"]) if compute else (r["bytes"] / s / m["copy_bytes_per_s"])
         x = base / s if base else None
         label = (f"{x:.2f}x" if x is not None and x < 10 else f"{x:.0f}x" if x is not None else "") + \
-            f"  {1e3 * s:.3g} ms, {100 * share:.0f}% {'GEMM' if compute else 'copy BW'}"
+            f"  {_ms(s)} ms, {100 * share:.0f}% {'GEMM' if compute else 'copy BW'}"
         rows.append((name, v["kind"], x, label))
     return rows, base_name, ("peer" if peers else "reference")
+
+
+def _ms(s: float) -> str:
+    ms = 1e3 * s
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
 
 
 def plot(report: dict, path: str) -> None:
