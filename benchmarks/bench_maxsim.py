@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import vkern
-from vkern.bench import colbert_like, numpy_flat_gemm
+from vkern.bench_maxsim import colbert_like, numpy_flat_gemm
 
 N_DOCS = int(os.environ.get("VKERN_BENCH_DOCS", "1000"))
 QUERIES, DOCS, OFFSETS = colbert_like(N_DOCS, 16)

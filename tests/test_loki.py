@@ -637,7 +637,7 @@ def test_backend_unavailable_lists_every_reason(rng):
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
 def test_torch_custom_ops_opcheck(rng):
-    import vkern._torch_ops  # noqa: F401
+    import vkern._torch  # noqa: F401
 
     q, k, v = (torch.from_numpy(a) for a in make(rng, 2, 4, 2, 9, 8))
     lens = torch.tensor([9, 5])

@@ -439,7 +439,7 @@ def test_reference_fallback_without_extension(tmp_path):
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
 def test_torch_custom_op_opcheck(rng):
     needs("cpu")
-    import vkern._torch_ops  # noqa: F401
+    import vkern._torch  # noqa: F401
 
     docs, off = packed(rng, [3, 0, 5], 8)
     q = torch.randn(2, 4, 8)

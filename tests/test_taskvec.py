@@ -600,7 +600,7 @@ def test_device_mismatch_is_reported(rng):
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
 def test_torch_custom_ops_opcheck(rng):
     needs("cpu")
-    from vkern import _torch_ops_taskvec as _torch_ops
+    from vkern._torch import taskvec as _torch_ops
 
     N, K = 4, 40
     base = torch.randn(N, K)

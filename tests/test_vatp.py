@@ -638,7 +638,7 @@ def test_backend_unavailable_lists_reasons(rng):
 
 @pytest.mark.skipif(torch is None, reason="needs torch")
 def test_torch_custom_ops_opcheck(rng):
-    from vkern import _torch_ops  # noqa: F401
+    from vkern import _torch  # noqa: F401
 
     be = "cpu" if _ext.C is not None else "reference"   # "auto" would take the slow Triton interpreter here
     q = torch.randn(2, 4, 6, 8)

@@ -56,7 +56,7 @@ def _register_torch_ops() -> None:
 
     if "torch" in sys.modules:
         try:
-            from . import _torch_ops  # noqa: F401
+            from . import _torch  # noqa: F401
         except Exception:  # pragma: no cover - an old torch without custom_op
             pass
 

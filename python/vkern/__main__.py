@@ -35,7 +35,9 @@ def main(argv=None, prog=None) -> int:
     p_info = sub.add_parser("info", help="what was built and what can run here")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_bench = sub.add_parser("bench", help="time every backend, the NumPy reference and installed peers")
-    p_bench.add_argument("--quick", action="store_true", help="smaller workloads, finishes in under a minute")
+    p_bench.add_argument("--quick", action="store_true", help="smaller workloads, finishes in about a minute")
+    p_bench.add_argument("--tiny", action="store_true",
+                         help="the smallest workloads (seconds): checks that every row runs, measures nothing useful")
     p_bench.add_argument("--json", metavar="PATH", help="save the results as JSON")
     p_bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     p_bench.add_argument("--threads", type=int, default=2, help="CPU threads for every contender (default 2)")

@@ -3,7 +3,7 @@ reference and the installed peers, on built-in synthetic data, measured in
 one run, with the machine's own limits (copy bandwidth, BLAS GEMM) measured
 in that same run.
 
-Each op contributes workloads (see ``maxsim_workloads``); a workload is a list
+Each op contributes workloads (``vkern/bench_<op>.py``); a workload is a list
 of contenders timed round-robin, so that a drift in machine load hits all of
 them alike.
 """
@@ -28,10 +28,43 @@ from vkern import _ext
 @dataclass
 class Contender:
     name: str
-    fn: Callable[[], object]
+    fn: Optional[Callable[[], object]]
     kind: str                   # "vkern", "reference", "peer" or "limit" (only the memory traffic, no work)
     sync: Optional[Callable[[], None]] = None   # for GPU work
     note: str = ""
+    missing: str = ""           # why this row cannot be measured here and how to get it (then fn is None)
+
+
+# What a row says when the library it needs is not installed (a row, never a silent omission).
+TORCH_HINT = "torch not installed: pip install torch==2.13.0"
+BF16_HINT = "needs torch or ml_dtypes for bfloat16 arrays: pip install ml_dtypes"
+
+
+def missing(name: str, kind: str, why: str) -> Contender:
+    """A row for a contender that cannot run here: named, with the reason and the install command."""
+    return Contender(name, None, kind, missing=why)
+
+
+def optional_torch(threads: int):
+    """torch with `threads` intra-op threads, or None when it is not installed."""
+    try:
+        import torch
+    except Exception:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def bfloat16_of(x: np.ndarray, torch=None):
+    """x as a bfloat16 array: a torch tensor when torch is there, else a NumPy array of
+    ml_dtypes' bfloat16 (every vkern op takes both); None when neither is installed."""
+    if torch is not None:
+        return torch.from_numpy(np.ascontiguousarray(x)).bfloat16()
+    try:
+        import ml_dtypes
+    except Exception:
+        return None
+    return x.astype(ml_dtypes.bfloat16)
 
 
 @dataclass
@@ -110,112 +143,10 @@ def gemm_flops(threads: int, n: int = 2048, repeat: int = 4) -> float:
     return 2 * n**3 / best
 
 
-# ------------------------------------------------------------- MaxSim data
-
-def colbert_like(n_docs: int, n_queries: int, seed: int = 0, D: int = 128, Lq: int = 32):
-    """Normalised token vectors: n_docs documents of 64..300 tokens, packed."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(64, 301, n_docs)
-    offsets = np.zeros(n_docs + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    docs = rng.standard_normal((int(offsets[-1]), D), dtype=np.float32)
-    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
-    queries = rng.standard_normal((n_queries, Lq, D), dtype=np.float32)
-    queries /= np.linalg.norm(queries, axis=2, keepdims=True)
-    return queries, docs, offsets
-
-
-def numpy_flat_gemm(q: np.ndarray, docs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The best plain NumPy formulation: one GEMM over all tokens, then a
-    segmented max (documents must be non-empty)."""
-    sims = q @ docs.T                                   # [Lq, T]
-    return np.maximum.reduceat(sims, offsets[:-1], axis=1).sum(axis=0)
-
-
-def maxsim_workloads(quick: bool, threads: int) -> List[Workload]:
-    n_docs = 300 if quick else 1000
-    queries, docs, offsets = colbert_like(n_docs, 16)
-    q1 = queries[0]
-    T, D = docs.shape
-    Lq = q1.shape[0]
-    out = []
-    docs_list = [docs[offsets[i]:offsets[i + 1]] for i in range(n_docs)]
-    torch = None
-    try:
-        import torch  # noqa: F401
-        torch.set_num_threads(threads)
-    except Exception:
-        torch = None
-
-    for B in (1, 16):
-        qb = queries[:B]
-        w = Workload("maxsim", f"{B} x {Lq}x{D} query vs {n_docs} docs ({T} tokens, {docs.nbytes / 1e6:.0f} MB)",
-                     bytes=docs.nbytes, flops=2.0 * B * Lq * D * T)
-        qarg = q1 if B == 1 else qb
-        w.contenders.append(Contender("vkern reference", lambda qarg=qarg: vkern.maxsim(
-            qarg, docs, doc_offsets=offsets, backend="reference"), "reference", note="NumPy, float64"))
-        if B == 1:
-            w.contenders.append(Contender("numpy flat GEMM + reduceat", lambda: numpy_flat_gemm(q1, docs, offsets),
-                                          "peer"))
-        else:
-            w.contenders.append(Contender("numpy flat GEMM + reduceat", lambda: [
-                numpy_flat_gemm(qb[b], docs, offsets) for b in range(B)], "peer", note="per query"))
-        try:
-            import maxsim_cpu
-
-            if B == 1:
-                w.contenders.append(Contender("maxsim-cpu", lambda: maxsim_cpu.maxsim_scores_variable(q1, docs_list),
-                                              "peer", note="maxsim_scores_variable"))
-            else:
-                w.contenders.append(Contender("maxsim-cpu", lambda: [maxsim_cpu.maxsim_scores_variable(
-                    qb[b], docs_list) for b in range(B)], "peer", note="per query"))
-        except Exception:
-            pass
-        if _ext.cpu_reason() is None:
-            w.contenders.append(Contender("vkern cpu f32", lambda qarg=qarg: vkern.maxsim(
-                qarg, docs, doc_offsets=offsets, backend="cpu"), "vkern"))
-            w.contenders.append(Contender("vkern cpu f32 top-10", lambda qarg=qarg: vkern.maxsim(
-                qarg, docs, doc_offsets=offsets, topk=10, backend="cpu"), "vkern"))
-            if torch is not None:
-                tq = torch.from_numpy(qarg)
-                tdocs_bf16 = torch.from_numpy(docs).bfloat16()
-                toff = torch.from_numpy(offsets)
-                w.contenders.append(Contender("vkern cpu bf16 docs", lambda tq=tq: vkern.maxsim(
-                    tq, tdocs_bf16, doc_offsets=toff, backend="cpu"), "vkern", note="half the bytes"))
-            docs16 = docs.astype(np.float16)
-            w.contenders.append(Contender("vkern cpu f16 docs", lambda qarg=qarg: vkern.maxsim(
-                qarg, docs16, doc_offsets=offsets, backend="cpu"), "vkern", note="half the bytes"))
-        if torch is not None and torch.cuda.is_available():
-            dev = "cuda"
-            tq = torch.from_numpy(qarg).to(dev)
-            tdocs = torch.from_numpy(docs).to(dev)
-            toff = torch.from_numpy(offsets).to(dev)
-            tdocs16 = tdocs.half()
-            tq16 = tq.half()
-            sync = torch.cuda.synchronize
-            for backend in ("cuda", "triton"):
-                if vkern.available_backends("maxsim")[backend][0]:
-                    w.contenders.append(Contender(f"vkern {backend} f32", lambda b=backend, tq=tq: vkern.maxsim(
-                        tq, tdocs, doc_offsets=toff, backend=b), "vkern", sync=sync))
-                    w.contenders.append(Contender(f"vkern {backend} f16", lambda b=backend, tq16=tq16: vkern.maxsim(
-                        tq16, tdocs16, doc_offsets=toff, backend=b), "vkern", sync=sync))
-            lens = toff[1:] - toff[:-1]
-
-            def torch_flat(tq=tq):
-                sims = torch.einsum("...qd,td->...qt", tq, tdocs)
-                m = torch.segment_reduce(sims.reshape(-1, T).T, "max", lengths=lens, axis=0)  # [N, B*Lq]
-                return m.reshape(m.shape[0], -1, Lq).sum(-1)
-
-            w.contenders.append(Contender("torch cuda flat GEMM + segment_reduce", torch_flat, "peer", sync=sync))
-            # flash-maxsim is not a contender until it is called for real (a row must measure something).
-        out.append(w)
-    return out
-
-
-# op -> workloads function, or "module:function" imported on first use (each
-# op keeps its bench data in python/vkern/bench_<op>.py).
+# op -> "module:function" imported on first use (each op keeps its bench data and
+# contenders in python/vkern/bench_<op>.py; this module is the harness).
 WORKLOADS = {
-    "maxsim": maxsim_workloads,
+    "maxsim": "vkern.bench_maxsim:maxsim_workloads",
     "loki": "vkern.bench_loki:loki_workloads",
     "vatp": "vkern.bench_vatp:vatp_workloads",
     "taskvec": "vkern.bench_taskvec:taskvec_workloads",
@@ -239,6 +170,8 @@ def time_workload(w: Workload, repeat: int, budget_s: float) -> Dict[str, dict]:
     res = {c.name: [] for c in w.contenders}
     errors = {}
     for c in w.contenders:  # warm-up (and correctness of the call itself)
+        if c.missing:
+            continue
         try:
             t0 = time.perf_counter()
             c.fn()
@@ -249,7 +182,7 @@ def time_workload(w: Workload, repeat: int, budget_s: float) -> Dict[str, dict]:
             errors[c.name] = f"{type(exc).__name__}: {exc}"
     for r in range(repeat):
         for c in w.contenders:
-            if c.name in errors or sum(res[c.name]) > budget_s:  # slow ones: fewer runs
+            if c.missing or c.name in errors or sum(res[c.name]) > budget_s:  # slow ones: fewer runs
                 continue
             # BLAS and OpenMP pools spin for a while after a call; let them go
             # idle so that they do not steal the cores from the next contender.
@@ -261,6 +194,9 @@ def time_workload(w: Workload, repeat: int, budget_s: float) -> Dict[str, dict]:
             res[c.name].append(time.perf_counter() - t0)
     out = {}
     for c in w.contenders:
+        if c.missing:
+            out[c.name] = {"missing": c.missing, "kind": c.kind}
+            continue
         if c.name in errors:
             out[c.name] = {"error": errors[c.name], "kind": c.kind}
             continue
@@ -274,26 +210,29 @@ def run(args) -> int:
     threads = max(1, args.threads)
     vkern.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    repeat = args.repeat or (5 if args.quick else 15)
-    budget = 3.0 if args.quick else 10.0
+    size = "tiny" if getattr(args, "tiny", False) else "quick" if args.quick else "full"
+    repeat = args.repeat or {"tiny": 2, "quick": 5, "full": 15}[size]
+    budget = {"tiny": 0.5, "quick": 3.0, "full": 10.0}[size]
+    limit_mb = {"tiny": 16, "quick": 128, "full": 256}[size]
+    gemm_n = {"tiny": 256, "quick": 1024, "full": 2048}[size]
     ops = [o.strip() for o in (args.ops or "all").split(",") if o.strip()]
     if ops == ["all"]:
         ops = list(WORKLOADS)
     info = vkern.info()
     _progress(f"[limits] copy bandwidth and BLAS GEMM with {threads} threads ...")
-    bw = copy_bandwidth(threads, 128 if args.quick else 256)
-    gemm = gemm_flops(threads, 1024 if args.quick else 2048)
-    gather = gather_bandwidth(128 if args.quick else 256)
+    bw = copy_bandwidth(threads, limit_mb)
+    gemm = gemm_flops(threads, gemm_n)
+    gather = gather_bandwidth(limit_mb)
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "threads": threads, "copy_bytes_per_s": bw, "gemm_flops": gemm,
                           "gather_read_bytes_per_s": gather,
                           "simd_level": info.get("simd_level"), "cuda_devices": info.get("cuda_devices")},
-              "vkern": info.get("vkern"), "results": []}
+              "vkern": info.get("vkern"), "size": size, "results": []}
     for op_name in ops:
         if op_name not in WORKLOADS:
             print(f"unknown op {op_name!r}; known: {', '.join(WORKLOADS)}", file=sys.stderr)
             return 2
-        for w in workloads_for(op_name)(args.quick, threads):
+        for w in workloads_for(op_name)(size, threads):
             _progress(f"[{op_name}] {w.name}: {', '.join(c.name for c in w.contenders)}")
             timings = time_workload(w, repeat, budget)
             report["results"].append({"op": w.op, "workload": w.name, "bytes": w.bytes, "flops": w.flops,
@@ -301,11 +240,10 @@ def run(args) -> int:
     # The limits again at the end: on a shared machine keep the better reading.
     _progress("[limits] measuring again ...")
     m = report["machine"]
-    m["copy_bytes_per_s"] = max(m["copy_bytes_per_s"], copy_bandwidth(threads, 128 if args.quick else 256))
-    m["gemm_flops"] = max(m["gemm_flops"], gemm_flops(threads, 1024 if args.quick else 2048))
+    m["copy_bytes_per_s"] = max(m["copy_bytes_per_s"], copy_bandwidth(threads, limit_mb))
+    m["gemm_flops"] = max(m["gemm_flops"], gemm_flops(threads, gemm_n))
     if m.get("gather_read_bytes_per_s"):
-        m["gather_read_bytes_per_s"] = max(m["gather_read_bytes_per_s"],
-                                           gather_bandwidth(128 if args.quick else 256) or 0.0)
+        m["gather_read_bytes_per_s"] = max(m["gather_read_bytes_per_s"], gather_bandwidth(limit_mb) or 0.0)
     _progress("done")
     text = render(report)
     print(text)
@@ -327,7 +265,7 @@ def render(report: dict) -> str:
                 f"1 in 8, ascending)" if m.get("gather_read_bytes_per_s") else ""), ""]
     for r in report["results"]:
         t = r["timings"]
-        ok = {k: v for k, v in t.items() if "error" not in v}
+        ok = {k: v for k, v in t.items() if "median_s" in v}
         ref = next((v["median_s"] for v in ok.values() if v["kind"] == "reference"), None)
         peers = {k: v["median_s"] for k, v in ok.items() if v["kind"] == "peer"}
         best_peer = min(peers, key=peers.get) if peers else None
@@ -341,44 +279,123 @@ def render(report: dict) -> str:
                      f"| {'GB/s':>6} | {'% copy BW':>9} | {'GFLOP/s':>7} | {'% GEMM':>6} |")
         lines.append("|" + "|".join("-" * n for n in (36, 11, 10, 8, 13, 8, 11, 9, 8)) + "|")
         for name, v in t.items():
+            if "missing" in v:
+                lines.append(f"| {name:<34} | not measured: {v['missing']}")
+                continue
             if "error" in v:
                 lines.append(f"| {name:<34} | error: {v['error'][:80]}")
                 continue
             s = v["median_s"]
             gbs = r["bytes"] / s / 1e9
             gf = r["flops"] / s / 1e9
-            x_ref = f"{ref / s:.1f}" if ref else "-"
-            x_peer = f"{peers[best_peer] / s:.2f}" if best_peer else "-"
+            x_ref = f"{ref / s:.1f}" if ref else "no ref"
+            x_peer = f"{peers[best_peer] / s:.2f}" if best_peer else "no peer"
             lines.append(f"| {name:<34} | {s * 1e3:>9.2f} | {v['min_s'] * 1e3:>8.2f} | {x_ref:>6} | {x_peer:>11} "
                          f"| {gbs:>6.1f} | {100 * gbs * 1e9 / m['copy_bytes_per_s']:>8.0f}% "
                          f"| {gf:>7.1f} | {100 * gf * 1e9 / m['gemm_flops']:>5.0f}% |")
+        if ref is None:
+            lines.append("x ref: the NumPy reference is not timed at this size (float64: minutes per call)")
         if best_peer:
             lines.append(f"best peer: {best_peer}")
+        else:
+            absent = [f"{k} ({v['missing']})" for k, v in t.items() if v["kind"] == "peer" and "missing" in v]
+            lines.append("best peer: none measured in this run" + (f"; not installed: {'; '.join(absent)}"
+                                                                     if absent else ""))
         lines.append("")
     return "\n".join(lines)
 
 
+KIND_COLOURS = {"vkern": "#1f77b4", "peer": "#ff7f0e", "reference": "#7f7f7f", "limit": "#2ca02c"}
+KIND_LABELS = {"vkern": "vkern", "peer": "peer library / plain formulation", "reference": "vkern NumPy reference",
+               "limit": "memory traffic alone (no math)"}
+
+
+def _panel_data(r: dict, m: dict):
+    """Rows of one workload's panel: (name, kind, speed-up or None, label), and the baseline's name.
+    The speed-up is against the best measured peer (else the reference); the label adds the share
+    of the machine limit that binds this workload (copy bandwidth or BLAS GEMM)."""
+    t = r["timings"]
+    ok = {k: v for k, v in t.items() if "median_s" in v}
+    peers = {k: v["median_s"] for k, v in ok.items() if v["kind"] == "peer"}
+    ref = {k: v["median_s"] for k, v in ok.items() if v["kind"] == "reference"}
+    base_name = min(peers, key=peers.get) if peers else (next(iter(ref)) if ref else None)
+    base = (peers or ref).get(base_name) if base_name else None
+    compute = r["flops"] / r["bytes"] > m["gemm_flops"] / m["copy_bytes_per_s"]
+    rows = []
+    for name, v in t.items():
+        if "median_s" not in v:
+            why = v.get("missing") or ("error: " + v.get("error", "?"))
+            rows.append((name, v["kind"], None, why))
+            continue
+        s = v["median_s"]
+        share = (r["flops"] / s / m["gemm_flops"]) if compute else (r["bytes"] / s / m["copy_bytes_per_s"])
+        x = base / s if base else None
+        label = (f"{x:.2f}x" if x is not None and x < 10 else f"{x:.0f}x" if x is not None else "") + \
+            f"  {_ms(s)} ms, {100 * share:.0f}% {'GEMM' if compute else 'copy BW'}"
+        rows.append((name, v["kind"], x, label))
+    return rows, base_name, ("peer" if peers else "reference")
+
+
+def _ms(s: float) -> str:
+    ms = 1e3 * s
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
 def plot(report: dict, path: str) -> None:
+    """One panel per workload: bars of speed-up against the best peer measured in the run
+    (linear axis, 1 = that peer, marked), numbers on every bar (speed-up, median time, % of the
+    machine limit that binds), colours by kind with a legend, rows that could not run listed
+    with the reason."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except Exception as exc:
         print(f"--plot needs matplotlib (pip install 'vkern[plot]'): {exc}", file=sys.stderr)
         return
+    import textwrap
+
+    m = report["machine"]
     results = report["results"]
-    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.2 + 0.45 * max(len(r["timings"]) for r in results)
-                                                        * len(results)), squeeze=False)
-    for ax, r in zip(axes[:, 0], results):
-        items = [(k, v["median_s"] * 1e3, v["kind"]) for k, v in r["timings"].items() if "error" not in v]
-        items.sort(key=lambda x: x[1])
-        colors = {"vkern": "tab:blue", "peer": "tab:orange", "reference": "tab:gray", "limit": "tab:green"}
-        ax.barh([i[0] for i in items], [i[1] for i in items], color=[colors[i[2]] for i in items])
-        ax.set_xscale("log")
-        ax.set_xlim(left=min(i[1] for i in items) / 2)
-        ax.set_xlabel("median ms (log)")
-        ax.set_title(f"{r['op']}: {r['workload']}", fontsize=9)
-        ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    panels = [(r, *_panel_data(r, m)) for r in results]
+    ncols = 2 if len(panels) > 3 else 1
+    nrows = -(-len(panels) // ncols)
+    heights = []
+    for i in range(nrows):
+        group = panels[i * ncols:(i + 1) * ncols]
+        heights.append(max(len(p[1]) for p in group) * 0.32 + 1.3)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(9.5 * ncols, sum(heights) + 1.0), squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for i, (ax, (r, rows, base_name, base_kind)) in enumerate(zip(axes.flat, panels)):
+        slots = max(len(p[1]) for p in panels[(i // ncols) * ncols:(i // ncols + 1) * ncols])
+        ys = list(range(len(rows)))
+        xs = [x if x is not None else 0.0 for _, _, x, _ in rows]
+        xmax = max(xs + [1.0])
+        ax.barh(ys, xs, color=[KIND_COLOURS[k] for _, k, _, _ in rows], height=0.7)
+        ax.set_xlim(0, xmax * 1.45)      # room for the numbers right of the longest bar
+        ax.axvline(1.0, color="black", lw=0.8, ls="--")
+        for y, (name, kind, x, label) in zip(ys, rows):
+            if x is None:
+                ax.text(xmax * 0.01, y, textwrap.shorten(label, 70), va="center", fontsize=7, color="#b00000")
+            else:
+                ax.text(x + xmax * 0.01, y, label, va="center", fontsize=7)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([textwrap.shorten(n, 38) for n, _, _, _ in rows], fontsize=7.5)
+        ax.set_ylim(slots - 0.5, -0.5)   # the same bar thickness in every panel of a row, top to bottom
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlabel(f"speed-up vs {base_kind} '{textwrap.shorten(base_name or '?', 40)}' (= 1, dashed); "
+                      "longer is faster", fontsize=7.5)
+        ax.set_title("\n".join(textwrap.wrap(f"{r['op']}: {r['workload']}", 90)), fontsize=8, loc="left")
+        ax.spines[["top", "right"]].set_visible(False)
+    title = (f"vkern {report.get('vkern')} bench: {m['processor']}, {m['threads']} threads, limits measured in the "
+             f"run: copy {m['copy_bytes_per_s'] / 1e9:.1f} GB/s, sgemm {m['gemm_flops'] / 1e9:.0f} GFLOP/s. "
+             "Bar label: speed-up, median time, % of the limit that binds the workload")
+    handles = [Patch(color=c, label=KIND_LABELS[k]) for k, c in KIND_COLOURS.items()]
+    fig.legend(handles=handles, loc="outside upper center", ncol=4, fontsize=8, frameon=False,
+               title="\n".join(textwrap.wrap(title, 150)), title_fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -78,31 +78,45 @@ def memory_floor(k, v, kp, idx: np.ndarray, gqa: str):
     return read
 
 
-def loki_workloads(quick: bool, threads: int) -> List[Workload]:
-    T = 8192 if quick else 32768
+def numpy_decode(q, k, v):
+    """Peer: dense GQA decode attention in plain NumPy float32 (matmul, softmax, matmul)."""
+    Bq, Hq, Dq = q.shape
+    H = k.shape[1]
+    qg = q.reshape(Bq, H, Hq // H, Dq)
+    s = np.matmul(qg, k.transpose(0, 1, 3, 2)) * np.float32(1.0 / np.sqrt(Dq))
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return np.matmul(s, v).reshape(Bq, Hq, -1)
+
+
+def loki_workloads(size: str, threads: int) -> List[Workload]:
+    from vkern.bench import TORCH_HINT, bfloat16_of, missing, optional_torch
+
+    T = {"tiny": 512, "quick": 8192, "full": 32768}[size]
     topk = T // 8
     q, k, v = decode_data(T)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except Exception:  # pragma: no cover - torch is optional
-        torch = None
+    torch = optional_torch(threads)
     have_cpu = _ext.cpu_reason() is None
     out: List[Workload] = []
     for dtype in ("float32", "bfloat16"):
-        if dtype == "bfloat16" and torch is None:
-            continue
-        if torch is not None:
-            tq = torch.from_numpy(q)
-            tk, tv = torch.from_numpy(k), torch.from_numpy(v)
-            if dtype == "bfloat16":
-                tq, tk, tv = tq.bfloat16(), tk.bfloat16(), tv.bfloat16()
-            args = (tq, tk, tv)
+        if dtype == "float32":
+            args = tuple(torch.from_numpy(a) for a in (q, k, v)) if torch is not None else (q, k, v)
+            how = ""
         else:
-            args = (q, k, v)
+            args = tuple(bfloat16_of(a, torch) for a in (q, k, v))
+            how = "" if torch is not None else " (ml_dtypes)"
         elem = 4 if dtype == "float32" else 2
-        shape = f"B={B} Hq={HQ} H_kv={HKV} D={D} T={T} {dtype}"
+        shape = f"B={B} Hq={HQ} H_kv={HKV} D={D} T={T} {dtype}{how}"
+        if args[0] is None:   # bfloat16 without torch and ml_dtypes: say so instead of a silent gap
+            w = Workload("loki", f"decode step, {shape}", bytes=float(2 * B * HKV * T * D * elem),
+                         flops=4.0 * B * HQ * T * D)
+            from vkern.bench import BF16_HINT
+
+            w.contenders += [missing("vkern cpu decode_attention", "vkern", BF16_HINT),
+                             missing("vkern cpu loki shared / per_head", "vkern", BF16_HINT)]
+            out.append(w)
+            continue
         peers = []
         if torch is not None:
             sq = args[0][:, :, None]           # [B, Hq, 1, D]
@@ -111,6 +125,12 @@ def loki_workloads(quick: bool, threads: int) -> List[Workload]:
                 return torch.nn.functional.scaled_dot_product_attention(sq, tk, tv, enable_gqa=True)
 
             peers.append(Contender("torch SDPA enable_gqa", sdpa, "peer"))
+        else:
+            peers.append(missing("torch SDPA enable_gqa", "peer", TORCH_HINT))
+        # NumPy has no bfloat16 matmul: its bf16 peer reads a float32 copy of the same (rounded) cache.
+        nargs = tuple(A.to_numpy(a, np.float32) for a in args)
+        peers.append(Contender("numpy matmul + softmax + matmul", lambda a=nargs: numpy_decode(*a), "peer",
+                               note="dense, float32" + (" copy of the bf16 cache" if dtype == "bfloat16" else "")))
         dense = []
         if have_cpu:
             dense.append(Contender("vkern cpu decode_attention", lambda a=args: vkern.decode_attention(
@@ -126,10 +146,8 @@ def loki_workloads(quick: bool, threads: int) -> List[Workload]:
         kp = vkern.loki.key_prefix(args[1], RANK)  # kept next to the cache by a serving loop (+25% of K here)
         for gqa in ("shared", "per_head"):
             kw = dict(rank=RANK, topk=topk, gqa=gqa)
-            if have_cpu:
-                _, idx = vkern.loki_attention(*args, return_indices=True, backend="cpu", **kw)
-            else:
-                _, idx = vkern.loki_attention(*args, return_indices=True, backend="reference", **kw)
+            _, idx = vkern.loki_attention(*args, return_indices=True, backend="cpu" if have_cpu else "reference",
+                                          **kw)
             idx = np.asarray(idx)
             nbytes = loki_bytes(idx, T, elem, gqa)
             w = Workload("loki", f"loki gqa={gqa} rank={RANK} topk=T/8, {shape} "

@@ -101,16 +101,29 @@ def torch_delta_sign(torch, x, base, qtvs, ids):
     return run
 
 
+def numpy_apply_4bit(base, qtvs, coeffs):
+    """Peer: the same in plain NumPy float32: unpack each task's nibbles, dequantize per group, add."""
+    def run():
+        w = base.copy()
+        for q, c in zip(qtvs, coeffs):
+            N, K = q.shape
+            codes = q.codes
+            nib = np.stack((codes & 15, codes >> 4), axis=-1).reshape(N, -1)[:, :K]
+            G = q.scales.shape[1]
+            deq = (nib.reshape(N, G, q.group_size).astype(np.float32) - q.zero_points[..., None]) * q.scales[..., None]
+            w += np.float32(c) * deq.reshape(N, K)
+        return w
+
+    return run
+
+
 # -------------------------------------------------------------- workloads
 
-def taskvec_workloads(quick: bool, threads: int) -> List[Workload]:
-    try:
-        import torch
+def taskvec_workloads(size: str, threads: int) -> List[Workload]:
+    from vkern.bench import TORCH_HINT, missing, optional_torch
 
-        torch.set_num_threads(threads)
-    except Exception:
-        torch = None
-    N = K = 2048 if quick else 4096
+    torch = optional_torch(threads)
+    N = K = {"tiny": 256, "quick": 2048, "full": 4096}[size]
     out: List[Workload] = []
 
     base, qtvs, coeffs = apply_data(N, K)
@@ -121,12 +134,16 @@ def taskvec_workloads(quick: bool, threads: int) -> List[Workload]:
     if torch is not None:
         w.contenders.append(Contender("torch dequantize each, then add", torch_apply_4bit(torch, base, qtvs, coeffs),
                                       "peer"))
+    else:
+        w.contenders.append(missing("torch dequantize each, then add", "peer", TORCH_HINT))
+    w.contenders.append(Contender("numpy dequantize each, then add", numpy_apply_4bit(base, qtvs, coeffs), "peer",
+                                  note="float32"))
     if _ext.cpu_reason() is None:
         out_buf = np.empty_like(base)
         w.contenders.append(Contender("vkern cpu (out= buffer)", lambda: vkern.apply_task_vectors(
             base, qtvs, coeffs, out=out_buf, backend="cpu"), "vkern"))
         w.contenders.append(Contender("vkern cpu (new array)", lambda: vkern.apply_task_vectors(
-            base, qtvs, coeffs, backend="cpu"), "vkern", note="includes first-touch of 64 MB"))
+            base, qtvs, coeffs, backend="cpu"), "vkern", note="includes first-touch of the result"))
         inplace = base.copy()
         w.contenders.append(Contender("vkern cpu (out=base, in place)", lambda: vkern.apply_task_vectors(
             inplace, qtvs, coeffs, out=inplace, backend="cpu"), "vkern", note="a copy of base, updated each run"))
@@ -150,6 +167,10 @@ def taskvec_workloads(quick: bool, threads: int) -> List[Workload]:
                                           "peer", note="floor, not a delta_linear"))
             w.contenders.append(Contender("torch unpack + dense matmul per task",
                                           torch_delta_sign(torch, x, dbase, dq, ids), "peer"))
+        else:
+            w.contenders.append(missing("torch unpack + dense matmul per task", "peer", TORCH_HINT))
+        w.contenders.append(Contender("numpy x @ base^T (no deltas: the bar)", lambda x=x: x @ dbase.T, "peer",
+                                      note="floor, not a delta_linear"))
         if _ext.cpu_reason() is None:
             w.contenders.append(Contender("vkern cpu", lambda x=x, ids=ids: vkern.delta_linear(
                 x, dbase, dq, task_ids=ids, backend="cpu"), "vkern"))

@@ -63,19 +63,54 @@ def eager_colsum(q, k, causal: bool = True):
     return a.softmax(-1).sum(-2).view(B, H, Hq // H, T).sum(2)
 
 
+def numpy_prune(k, v, scores, n_keep: int):
+    """Peer: the same formulation in plain NumPy: argpartition for the top n_keep scores per
+    head, sort back into positional order, then take_along_axis of K and V."""
+    idx = np.argpartition(-scores, n_keep - 1, axis=-1)[..., :n_keep]
+    idx.sort(axis=-1)
+    e = idx[..., None]
+    return np.take_along_axis(k, e, axis=2), np.take_along_axis(v, e, axis=2), idx
+
+
+def numpy_colsum(q, k, causal: bool = True):
+    """Peer: eager NumPy, one query head at a time (so that it holds one Tq x T matrix, not Hq of them):
+    scores, causal mask, softmax, column sum, summed over the GQA group."""
+    B, Hq, Tq, D = q.shape
+    H, T = k.shape[1], k.shape[2]
+    G = Hq // H
+    out = np.zeros((B, H, T), np.float32)
+    mask = np.triu(np.ones((Tq, T), bool), T - Tq + 1) if causal else None
+    for b in range(B):
+        for h in range(Hq):
+            a = q[b, h] @ k[b, h // G].T
+            a *= np.float32(1.0 / np.sqrt(D))
+            if mask is not None:
+                a[mask] = -np.inf
+            a -= a.max(axis=-1, keepdims=True)
+            np.exp(a, out=a)
+            a /= a.sum(axis=-1, keepdims=True)
+            out[b, h // G] += a.sum(axis=0)
+    return out
+
+
 _PEAK_SCRIPT = r"""
-import json, sys, torch, vkern
+import json, sys, numpy as np, vkern
 which, Tq, T, Hq, H, D, threads = sys.argv[1], *map(int, sys.argv[2:8])
-torch.set_num_threads(threads); vkern.set_num_threads(threads)
-from vkern.bench_vatp import eager_colsum
+vkern.set_num_threads(threads)
 
 def status_kb(field):   # this process's own counters (ru_maxrss would carry the parent's peak across exec)
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1])
 
-g = torch.Generator().manual_seed(0)
-q = torch.randn(1, Hq, Tq, D, generator=g); k = torch.randn(1, H, T, D, generator=g)
+rng = np.random.default_rng(0)
+q = rng.standard_normal((1, Hq, Tq, D), dtype=np.float32); k = rng.standard_normal((1, H, T, D), dtype=np.float32)
+if which == "torch":
+    import torch
+    from vkern.bench_vatp import eager_colsum
+    torch.set_num_threads(threads)
+    q, k = torch.from_numpy(q), torch.from_numpy(k)
+    eager_colsum(q[:, :, :64], k[:, :, :64])
 vkern.vatp.attention_colsum(q[:, :, :64], k[:, :, :64], backend="cpu")   # load everything first
 open("/proc/self/clear_refs", "w").write("5")   # reset the peak (VmHWM) to the current RSS
 base = status_kb("VmRSS")
@@ -85,7 +120,7 @@ print(json.dumps({"extra_mb": (status_kb("VmHWM") - base) / 1024.0}))
 
 
 def peak_extra_mb(which: str, Tq: int, T: int, Hq: int, H: int, D: int, threads: int) -> float:
-    """Peak resident-memory growth (MB) of one attention_colsum call ("vkern") or
+    """Peak resident-memory growth (MB) of one attention_colsum call ("vkern", NumPy inputs) or
     the eager torch formulation ("torch"), each in a fresh process."""
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, which, str(Tq), str(T), str(Hq), str(H), str(D),
                           str(threads)], capture_output=True, text=True, timeout=600,
@@ -95,48 +130,55 @@ def peak_extra_mb(which: str, Tq: int, T: int, Hq: int, H: int, D: int, threads:
     return float(json.loads(out.stdout.strip().splitlines()[-1])["extra_mb"])
 
 
-def vatp_workloads(quick: bool, threads: int) -> List[Workload]:
-    try:
-        import torch
+def vatp_workloads(size: str, threads: int) -> List[Workload]:
+    from vkern.bench import BF16_HINT, TORCH_HINT, bfloat16_of, missing, optional_torch
 
-        torch.set_num_threads(threads)
-    except Exception:  # pragma: no cover
-        torch = None
+    torch = optional_torch(threads)
     out: List[Workload] = []
     cpu_ok = vkern.available_backends("vatp_prune")["cpu"][0]
 
     # ---- pruning
-    B, H, T, D = 1, 8, (8192 if quick else 32768), 128
+    B, H, T, D = 1, 8, {"tiny": 512, "quick": 8192, "full": 32768}[size], 128
     n = T // 2
     k, v, scores = make_cache(B, H, T, D)
     for dtype in ("float32", "bfloat16"):
-        if dtype == "bfloat16" and torch is None:
-            continue
-        if torch is not None:
-            tk = torch.from_numpy(k).to(getattr(torch, dtype))
-            tv = torch.from_numpy(v).to(getattr(torch, dtype))
-            ts = torch.from_numpy(scores)
+        if dtype == "float32":
+            tk, tv = (torch.from_numpy(k), torch.from_numpy(v)) if torch is not None else (k, v)
+            nk, nv = k, v                           # the NumPy peer's arrays
+        else:
+            tk, tv = bfloat16_of(k, torch), bfloat16_of(v, torch)
+            nk, nv = bfloat16_of(k), bfloat16_of(v)  # ml_dtypes arrays, or None
+        ts = torch.from_numpy(scores) if torch is not None else scores
         es = 4 if dtype == "float32" else 2
         moved = 2.0 * 2 * B * H * n * D * es           # K and V kept rows, read + written
+        how = " (ml_dtypes)" if dtype == "bfloat16" and torch is None else ""
         # flops: one comparison per score (the selection); the work is the bytes.
-        w = Workload("vatp", f"vatp_prune B={B} H_kv={H} T={T} D={D} keep 50% {dtype}, scores given",
+        w = Workload("vatp", f"vatp_prune B={B} H_kv={H} T={T} D={D} keep 50% {dtype}{how}, scores given",
                      bytes=moved, flops=float(B * H * T))
-        if dtype == "float32":
-            w.contenders.append(Contender("vkern reference", lambda: vkern.vatp_prune(
-                k, v, scores, budget=n, num_sink=4, num_recent=32, backend="reference"), "reference",
-                note="NumPy lexsort + fancy indexing"))
-        elif torch is not None:
-            w.contenders.append(Contender("vkern reference", lambda tk=tk, tv=tv: vkern.vatp_prune(
-                tk, tv, ts, budget=n, num_sink=4, num_recent=32, backend="reference"), "reference",
-                note="NumPy selection, torch gather"))
+        out.append(w)
+        if tk is None:
+            w.contenders += [missing("vkern cpu in place / out of place / out=", "vkern", BF16_HINT),
+                             missing("numpy argpartition + sort + take", "peer", BF16_HINT)]
+            continue
+        w.contenders.append(Contender("vkern reference", lambda tk=tk, tv=tv: vkern.vatp_prune(
+            tk, tv, ts, budget=n, num_sink=4, num_recent=32, backend="reference"), "reference",
+            note="NumPy lexsort + fancy indexing"))
         if torch is not None:
             w.contenders.append(Contender("torch topk + sort + gather", lambda tk=tk, tv=tv: torch_prune(
                 tk, tv, ts, n), "peer", note="kvpress / H2O formulation"))
             tbuf = (torch.empty((B, H, n, D), dtype=tk.dtype), torch.empty((B, H, n, D), dtype=tk.dtype))
             w.contenders.append(Contender("torch topk+sort+gather(out=)", lambda tk=tk, tv=tv, tbuf=tbuf: torch_prune(
                 tk, tv, ts, n, out=tbuf), "peer", note="the same into reused buffers"))
-        if cpu_ok and torch is not None:
-            bk, bv = tk.clone(), tv.clone()
+        else:
+            w.contenders.append(missing("torch topk + sort + gather", "peer", TORCH_HINT))
+        if nk is not None:
+            w.contenders.append(Contender("numpy argpartition + sort + take", lambda nk=nk, nv=nv: numpy_prune(
+                nk, nv, scores, n), "peer", note="the same formulation in NumPy"))
+        else:
+            w.contenders.append(missing("numpy argpartition + sort + take", "peer", "bfloat16 NumPy arrays need "
+                                        "ml_dtypes: pip install ml_dtypes"))
+        if cpu_ok:
+            bk, bv = (tk.clone(), tv.clone()) if torch is not None else (tk.copy(), tv.copy())
             # Re-pruning the same buffer with the same scores makes the same moves: a fair repeat.
             w.contenders.append(Contender("vkern cpu in place", lambda bk=bk, bv=bv: vkern.vatp_prune(
                 bk, bv, ts, budget=n, num_sink=4, num_recent=32, inplace=True, backend="cpu"), "vkern",
@@ -144,37 +186,44 @@ def vatp_workloads(quick: bool, threads: int) -> List[Workload]:
             w.contenders.append(Contender("vkern cpu out of place (fresh)", lambda tk=tk, tv=tv: vkern.vatp_prune(
                 tk, tv, ts, budget=n, num_sink=4, num_recent=32, backend="cpu"), "vkern",
                 note="new outputs each call: first-touch page faults inside the call"))
-            vbuf = (torch.empty((B, H, n, D), dtype=tk.dtype), torch.empty((B, H, n, D), dtype=tk.dtype))
+            if torch is not None:
+                vbuf = (torch.empty((B, H, n, D), dtype=tk.dtype), torch.empty((B, H, n, D), dtype=tk.dtype))
+            else:
+                vbuf = (np.empty((B, H, n, D), dtype=tk.dtype), np.empty((B, H, n, D), dtype=tk.dtype))
             w.contenders.append(Contender("vkern cpu out= (reused buffers)", lambda tk=tk, tv=tv, vbuf=vbuf:
                                           vkern.vatp_prune(tk, tv, ts, budget=n, num_sink=4, num_recent=32,
                                                            out=vbuf, backend="cpu"), "vkern",
                                           note="caller-provided outputs, e.g. a preallocated pool"))
-        out.append(w)
 
     # ---- attention column sums
-    Tq = Tc = 1024 if quick else 4096
+    Tq = Tc = {"tiny": 128, "quick": 1024, "full": 4096}[size]
     Hq, Hk = 32, 8
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((1, Hq, Tq, D), dtype=np.float32)
+    kk = rng.standard_normal((1, Hk, Tc, D), dtype=np.float32)
+    flops = 2.0 * Hq * D * Tq * Tc / 2               # the least work: QK^T over the causal half, once
+    w = Workload("vatp", f"attention_colsum Tq=T={Tc} Hq={Hq} H_kv={Hk} D={D} causal float32",
+                 bytes=float(q.nbytes + kk.nbytes + 4 * Hk * Tc), flops=flops)
+    # Peak extra memory, each in a fresh process; shown in the contender names (the table has no notes).
+    mem = {}
+    for which in ("vkern", "torch") if torch is not None else ("vkern",):
+        try:
+            mem[which] = f"peak +{peak_extra_mb(which, Tq, Tc, Hq, Hk, D, threads):.0f} MB"
+        except Exception as exc:  # pragma: no cover
+            mem[which] = f"peak ? ({type(exc).__name__})"
+    tq, tk = (torch.from_numpy(q), torch.from_numpy(kk)) if torch is not None else (q, kk)
+    if cpu_ok:
+        w.contenders.append(Contender(f"vkern cpu ({mem['vkern']})", lambda: vkern.vatp.attention_colsum(
+            tq, tk, backend="cpu"), "vkern", note="flash-style strips, never Tq x T"))
     if torch is not None:
-        g = torch.Generator().manual_seed(0)
-        q = torch.randn(1, Hq, Tq, D, generator=g)
-        kk = torch.randn(1, Hk, Tc, D, generator=g)
-        flops = 2.0 * Hq * D * Tq * Tc / 2               # the least work: QK^T over the causal half, once
-        w = Workload("vatp", f"attention_colsum Tq=T={Tc} Hq={Hq} H_kv={Hk} D={D} causal float32",
-                     bytes=float(q.nbytes + kk.nbytes + 4 * Hk * Tc), flops=flops)
-        # Peak extra memory, each in a fresh process; shown in the contender names (the table has no notes).
-        mem = {}
-        for which in ("vkern", "torch"):
-            try:
-                mem[which] = f"peak +{peak_extra_mb(which, Tq, Tc, Hq, Hk, D, threads):.0f} MB"
-            except Exception as exc:  # pragma: no cover
-                mem[which] = f"peak ? ({type(exc).__name__})"
-        if cpu_ok:
-            w.contenders.append(Contender(f"vkern cpu ({mem['vkern']})", lambda: vkern.vatp.attention_colsum(
-                q, kk, backend="cpu"), "vkern", note="flash-style strips, never Tq x T"))
-        w.contenders.append(Contender(f"torch eager ({mem['torch']})", lambda: eager_colsum(q, kk), "peer",
+        w.contenders.append(Contender(f"torch eager ({mem['torch']})", lambda: eager_colsum(tq, tk), "peer",
                                       note="softmax(QK^T).sum: materialises [Hq, Tq, T]"))
-        if quick:
-            w.contenders.append(Contender("vkern reference", lambda: vkern.vatp.attention_colsum(
-                q, kk, backend="reference"), "reference", note="NumPy float64"))
-        out.append(w)
+    else:
+        w.contenders.append(missing("torch eager", "peer", TORCH_HINT))
+    w.contenders.append(Contender("numpy eager, one head at a time", lambda: numpy_colsum(q, kk), "peer",
+                                  note="holds one Tq x T matrix"))
+    if size != "full":
+        w.contenders.append(Contender("vkern reference", lambda: vkern.vatp.attention_colsum(
+            tq, tk, backend="reference"), "reference", note="NumPy float64"))
+    out.append(w)
     return out

@@ -399,7 +399,7 @@ def dequantize(qtv: QTaskVector, *, backend: str = "auto"):
     if isinstance(qtv, QTaskVector) and A.is_torch(qtv.codes):
         torch = A.torch_module()
         if torch.compiler.is_compiling():
-            from ._torch_ops import call_dequantize
+            from ._torch.taskvec import call_dequantize
 
             return call_dequantize(qtv, backend)
     return dequantize_impl(qtv, backend=backend)

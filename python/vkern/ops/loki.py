@@ -589,7 +589,7 @@ def loki_attention(q, k_cache, v_cache, *, rank: int, topk, seq_lens=None, num_s
         ([4.0, 5.0, 6.0, 7.0], [1])
     """
     if A.is_torch(q):
-        from .. import _torch_ops
+        from .._torch import loki as _torch_ops
 
         if A.torch_module().compiler.is_compiling():
             return _torch_ops.call_loki_attention(q, k_cache, v_cache, seq_lens, rank, topk, num_sink,
@@ -618,7 +618,7 @@ def decode_attention(q, k_cache, v_cache, *, seq_lens=None, scale: Optional[floa
         [2.0, 1.0]
     """
     if A.is_torch(q):
-        from .. import _torch_ops
+        from .._torch import loki as _torch_ops
 
         if A.torch_module().compiler.is_compiling():
             return _torch_ops.call_decode_attention(q, k_cache, v_cache, seq_lens, scale, backend)

@@ -383,7 +383,7 @@ def maxsim(queries, docs, *, doc_offsets=None, doc_lengths=None, query_lengths=N
     """
     torch = A.torch_module() if A.is_torch(queries) else None
     if torch is not None:
-        from .. import _torch_ops  # registers vkern::maxsim on first use of torch inputs
+        from .._torch import maxsim as _torch_ops  # registers the vkern:: ops on first use of torch inputs
 
         if not isinstance(docs, (list, tuple)) and torch.compiler.is_compiling():
             return _torch_ops.call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, backend)

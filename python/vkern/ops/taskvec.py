@@ -666,7 +666,7 @@ def apply_task_vectors(base, qtvs: Sequence[QTaskVector], coeffs, *, method: str
     """
     torch = A.torch_module() if A.is_torch(base) else None
     if torch is not None and torch.compiler.is_compiling():
-        from .._torch_ops import call_apply_task_vectors
+        from .._torch.taskvec import call_apply_task_vectors
 
         return call_apply_task_vectors(base, qtvs, coeffs, method, density, out, backend)
     return apply_task_vectors_impl(base, qtvs, coeffs, method=method, density=density, out=out, backend=backend)
@@ -700,7 +700,7 @@ def delta_linear(x, base, qtvs: Sequence[QTaskVector], coeffs=None, *, task_ids=
     """
     torch = A.torch_module() if A.is_torch(x) else None
     if torch is not None and torch.compiler.is_compiling():
-        from .._torch_ops import call_delta_linear
+        from .._torch.taskvec import call_delta_linear
 
         return call_delta_linear(x, base, qtvs, coeffs, task_ids, backend)
     return delta_linear_impl(x, base, qtvs, coeffs, task_ids=task_ids, backend=backend)

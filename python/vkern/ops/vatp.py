@@ -487,7 +487,7 @@ def attention_colsum(q, k, *, causal: bool = True, seq_lens=None, scale: Optiona
         [[[1.5, 0.5]]]
     """
     if _compiling(q):
-        from .. import _torch_ops_vatp as T_ops
+        from .._torch import vatp as T_ops
 
         return T_ops.attention_colsum_op(q, k, seq_lens, bool(causal), scale, backend)
     return attention_colsum_impl(q, k, causal=causal, seq_lens=seq_lens, scale=scale, backend=backend)
@@ -502,7 +502,7 @@ def value_l1(v, *, backend: str = "auto"):
         [[[3.0]]]
     """
     if _compiling(v):
-        from .. import _torch_ops_vatp as T_ops
+        from .._torch import vatp as T_ops
 
         return T_ops.value_l1_op(v, backend)
     return value_l1_impl(v, backend=backend)
@@ -546,7 +546,7 @@ def vatp_prune(k, v, scores, *, budget: Union[int, float], num_sink: int = 4, nu
         [[[0, 3, 5]]]
     """
     if _compiling(k):
-        from .. import _torch_ops_vatp as T_ops
+        from .._torch import vatp as T_ops
 
         return T_ops.call_vatp_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, backend, out)
     return vatp_prune_impl(k, v, scores, budget=budget, num_sink=num_sink, num_recent=num_recent,

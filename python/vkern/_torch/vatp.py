@@ -1,14 +1,14 @@
 """torch.library custom ops for VATP (vkern::attention_colsum, vkern::value_l1,
 vkern::vatp_prune and the in-place vkern::vatp_prune_), with fake
-implementations for torch.compile. Imported from _torch_ops."""
+implementations for torch.compile. Registered with the others by vkern._torch."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
 
-from .ops import vatp as _vatp
-from .reference import vatp as _ref
+from ..ops import vatp as _vatp
+from ..reference import vatp as _ref
 
 
 @torch.library.custom_op("vkern::attention_colsum", mutates_args=())

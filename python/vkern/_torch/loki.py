@@ -1,12 +1,12 @@
 """torch.library custom ops for Loki (vkern::loki_attention, vkern::loki_attention_indices,
-vkern::decode_attention, vkern::loki_rotate) with fake implementations; imported by _torch_ops."""
+vkern::decode_attention, vkern::loki_rotate) with fake implementations; registered with the others by vkern._torch."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
 
-from .ops import loki as _loki
+from ..ops import loki as _loki
 
 
 def _topk_value(topk_count: int, topk_frac: float):

@@ -14,8 +14,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .ops import taskvec as _ops
-from .taskvec import QTaskVector
+from ..ops import taskvec as _ops
+from ..taskvec import QTaskVector
 
 _GRAN = ("tensor", "row", "group")
 _META = 8

@@ -1,12 +1,12 @@
-"""torch.library custom ops (vkern::<name>) with fake implementations, so the
-ops work under torch.compile. Registered on first use of torch inputs."""
+"""torch.library custom ops for MaxSim (vkern::maxsim, vkern::maxsim_topk) with fake
+implementations, so the op works under torch.compile. Registered with the others by vkern._torch."""
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
 import torch
 
-from .ops import maxsim as _maxsim
+from ..ops import maxsim as _maxsim
 
 
 @torch.library.custom_op("vkern::maxsim", mutates_args=())
@@ -46,9 +46,3 @@ def call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, ba
         return maxsim_op(queries, docs, doc_offsets, doc_lengths, query_lengths, backend)
     return maxsim_topk_op(queries, docs, doc_offsets, doc_lengths, query_lengths, int(topk), backend)
 
-
-# Task-vector ops (SPEC §4) live in their own module.
-from ._torch_ops_taskvec import call_apply_task_vectors, call_delta_linear, call_dequantize  # noqa: E402,F401
-from . import _torch_ops_vatp  # noqa: E402,F401  (vkern::attention_colsum, value_l1, vatp_prune, vatp_prune_)
-from . import _torch_ops_loki  # noqa: E402,F401  (vkern::loki_attention, decode_attention, loki_rotate)
-from ._torch_ops_loki import call_decode_attention, call_loki_attention  # noqa: E402,F401
