@@ -421,6 +421,7 @@ def _build_classes():
             self.pending = False       # update() ran, no vkern attention function has read it yet
             self.returned = None
             self.colsum = None
+            self.kept_idx = None
             self.kpre = None
             self._lens_t = None
             self.keys = self.values = None
@@ -674,10 +675,10 @@ def _build_classes():
             cap = max(n) + reserve
             k_out = k.new_zeros((B, H, cap, k.shape[3]))
             v_out = v.new_zeros((B, H, cap, v.shape[3]))
-            kept = vatp_prune(k, v, scores, budget=budget, num_sink=num_sink, num_recent=num_recent,
-                              seq_lens=lens, out=(k_out, v_out))[3]
+            _, _, self.kept_idx, kept = vatp_prune(k, v, scores, budget=budget, num_sink=num_sink,
+                                                   num_recent=num_recent, seq_lens=lens, out=(k_out, v_out))
             self.keys, self.values = k_out, v_out
-            n = [int(x) for x in kept.tolist()]
+            n = [int(x) for x in kept.tolist()]   # kept_idx [B, H_kv, n]: rows of the front-aligned cache
             if self.kpre is not None:
                 self.kpre = k_out[..., :self.kpre.shape[-1]].clone()
             self.lens = n
