@@ -425,3 +425,18 @@ def test_models_bypassing_the_attention_interface_are_refused():
         vt.enable(m, "vkern")
     with pytest.raises(ValueError, match="impl"):
         vt.enable(m, "flash")
+
+
+# --------------------------------------------------------------------------- docs
+
+def test_readme_snippet_runs(tmp_path, capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    sec = text.split("## transformers: Loki and VATP inside `model.generate`", 1)[1]
+    code = re.search(r"```python\n(.*?)```", sec, re.S).group(1)
+    torch.manual_seed(0)
+    exec(compile(code, "README.md[transformers]", "exec"), {})
+    seen = capsys.readouterr().out.split()[0]
+    assert int(seen) == 40 + 8 - 1                        # positions seen, not the pruned length

@@ -685,6 +685,7 @@ def _build_classes():
             self._lens_t = None
             self.aligned = False
             self.colsum = None
+            self.pending = False
 
     class VkernCache(Cache):
         """A transformers Cache of VkernLayers (see the module docstring).
