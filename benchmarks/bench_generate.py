@@ -138,6 +138,8 @@ def main(argv=None):
     ap.add_argument("--calib", type=int, default=2048, help="calibration tokens for Loki's PCA")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args(argv)
+    # On a shared, oversubscribed machine OpenMP's spinning workers made one decode step 10x slower.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     smollm2.setup_threads(args.threads)
     torch = smollm2.torch
     import vkern

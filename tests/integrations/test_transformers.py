@@ -399,6 +399,50 @@ def test_vatp_press_in_kvpress(model):
         torch.testing.assert_close(layer.keys, want)
 
 
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w95"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="w95", pad_token="w95", bos_token="w94",
+                                   eos_token="w93")
+
+
+def test_vatp_press_in_the_kvpress_pipeline_matches_vatp_generate():
+    """kvpress's own pipeline with VATPPress (kvpress prunes, decodes with explicit positions)
+    answers as vatp_prune_cache + generate on a VkernCache does with the same budget and no
+    protected tokens: the same tokens kept, the same positions."""
+    pytest.importorskip("kvpress", reason="kvpress not installed (see .ci/run)")
+    from transformers import pipeline
+
+    tok = _word_tokenizer()
+    model = tiny_llama(seed=11, initializer_range=0.3)    # larger weights: a greedy answer that varies
+    g = torch.Generator().manual_seed(9)
+    words = [f"w{int(i)}" for i in torch.randint(0, 93, (41,), generator=g)]
+    context, question = " ".join(words[:35]), " ".join(words[35:])
+    model.generation_config.eos_token_id = 93
+    model.generation_config.pad_token_id = 95            # generate would mask a pad id found in the input
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device="cpu")
+    with torch.inference_mode():
+        answer = pipe(context, question=question, press=vt.VATPPress(compression_ratio=0.5),
+                      max_new_tokens=8)["answer"]
+    ctx = tok.encode("w94" + context, return_tensors="pt", add_special_tokens=False)    # the pipeline's context
+    q = tok.encode(question, return_tensors="pt", add_special_tokens=False)
+    cache = vt.VkernCache(model, collect_vatp=True)
+    vt.enable(model, "vkern")
+    try:
+        with torch.inference_mode():
+            model(ctx, past_key_values=cache)
+            vt.vatp_prune_cache(cache, budget=int(ctx.shape[1] * 0.5), num_sink=0, num_recent=0)
+            out = model.generate(torch.cat([ctx, q], 1), past_key_values=cache, max_new_tokens=8, do_sample=False)
+    finally:
+        model.set_attn_implementation("sdpa")
+    ours = tok.decode(out[0, ctx.shape[1] + q.shape[1]:], skip_special_tokens=True)
+    assert len(answer.split()) >= 2
+    assert ours == answer
+
+
 # --------------------------------------------------------------------------- 5. what is refused
 
 def test_sliding_window_models_are_refused_by_the_vkern_attention():
