@@ -8,8 +8,8 @@ Per prompt length, one exact prefill (through ``attn_implementation="vkern"`` wi
 sums gathered) gives the K/V every setting starts from (each gets its own copy, so every
 setting decodes from the same prefill). Then, per setting:
 
-- decode ms/token: wall time of ``model.generate(..., max_new_tokens=new)`` (greedy; every step is
-  a decode step) divided by ``new``;
+- decode ms/token: the median time between two tokens of ``model.generate(..., max_new_tokens=new)``
+  (greedy; every step is a decode step; the median, as other jobs share the machine);
 - KV-cache bytes after prefill (and after pruning) measured from the cache's tensors (allocated
   buffers; "held" = the rows holding tokens);
 - quality: perplexity of the text's true continuation (teacher-forced through the same cache
@@ -20,7 +20,6 @@ Ratios are against transformers' default (DynamicCache + sdpa) from the same run
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -66,6 +65,25 @@ def seeded(kind, model, kv, src, opts, total):
     return c
 
 
+class StepClock:
+    """A generate streamer that stamps the time of every token (the first put is the prompt)."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def median_step(self):
+        import statistics
+
+        d = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        return statistics.median(d)
+
+
 def nbytes(cache, held=False):
     import vkern.integrations.transformers as vt
 
@@ -100,10 +118,10 @@ def run(model, tok, n_prompt, new, bases, settings):
         else:
             model.set_attn_implementation(impl)
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            clock = StepClock()
             out = model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False,
-                                 min_new_tokens=new, pad_token_id=tok.eos_token_id or 0)
-            dt = time.perf_counter() - t0
+                                 min_new_tokens=new, pad_token_id=tok.eos_token_id or 0, streamer=clock)
+            dt = clock.median_step() * new       # median step: robust to other jobs on a shared machine
             gen_tokens = out[0, n_prompt:]
             # teacher-forced perplexity of the true continuation, on a fresh copy of the same cache
             c2 = seeded(kind, model, kv, src, opts, total)
@@ -137,6 +155,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib", type=int, default=2048, help="calibration tokens for Loki's PCA")
     ap.add_argument("--json", type=str, default=None)
+    ap.add_argument("--only", type=str, default=None,
+                    help="comma-separated substrings: run only the settings whose name contains one "
+                         "(the first, DynamicCache + sdpa, always runs: it is the reference)")
     args = ap.parse_args(argv)
     # On a shared, oversubscribed machine OpenMP's spinning workers made one decode step 10x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -162,6 +183,9 @@ def main(argv=None):
         ("VATP 50% (4+32) + vkern dense", "vatp", "vkern", dict(budget=0.5, reserve=args.new + 8)),
         ("VATP 25% (4+32) + vkern dense", "vatp", "vkern", dict(budget=0.25, reserve=args.new + 8)),
     ]
+    if args.only:
+        keys = [k.strip() for k in args.only.split(",") if k.strip()]
+        settings = settings[:1] + [s for s in settings[1:] if any(k in s[0] for k in keys)]
     print(f"# {smollm2.MODEL_NAME}; torch {torch.__version__}, {args.threads} threads; greedy, {args.new} new tokens")
     results = []
     for n in args.lengths:

@@ -43,7 +43,7 @@ import hashlib
 import json
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
 __all__ = ["IMPL_DENSE", "IMPL_LOKI", "register", "enable", "VkernCache", "VkernLayer", "LokiBases",
@@ -201,7 +201,8 @@ class LokiBases:
         name, h = model_fingerprint(model)
         if h != self.config_hash:
             raise ValueError(f"bases: calibrated on {self.name!r} (config hash {self.config_hash[:12]}...), but the "
-                             f"model is {name!r} (config hash {h[:12]}...); recalibrate with calibrate_loki(model, ids)")
+                             f"model is {name!r} (config hash {h[:12]}...); recalibrate with "
+                             f"calibrate_loki(model, ids)")
 
     def save(self, path) -> None:
         """Safetensors file with P, explained and the model's name and config hash as metadata."""
