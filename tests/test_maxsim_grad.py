@@ -246,3 +246,64 @@ def test_bad_grad_shape_raises():
     _, a = G.maxsim_argmax_impl(q, d, doc_offsets=off, backend="reference")
     with pytest.raises(ValueError, match="grad"):
         G.maxsim_backward_impl(np.ones((2, 3), np.float32), a, q, d, doc_offsets=off, backend="reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_zero_mask_mode_is_pylates_mask_multiply(backend, dtype):
+    """doc_mask (internal, used by the PyLate integration): a masked token's similarity is 0 and
+    passes no gradient -- the same numbers and gradients as multiplying the mask in (float64 torch)."""
+    needs(backend, "maxsim")
+    g = torch.Generator().manual_seed(13)
+    dev = _dev(backend)
+    dt = getattr(torch, dtype)
+    q = torch.randn(3, 10, 16, generator=g).to(dt)
+    d = torch.randn(5, 60, 16, generator=g).to(dt)
+    m = torch.rand(5, 60, generator=g) > 0.4
+    m[1] = False                                          # fully masked: scores 0 within its span
+    lens = torch.tensor([60, 7, 0, 33, 59])
+    fn = lambda a, b: torch.ops.vkern.maxsim_argmax(a, b, None, lens.to(dev), None, backend, m.to(dev))[0]
+    got, (gq, gd) = grads(fn, q.to(dev), d.to(dev))
+
+    def want_fn(a, b):
+        sim = torch.einsum("bid,njd->bnij", a, b * m[:, :, None])
+        sim = sim.masked_fill(~(torch.arange(60)[None] < lens[:, None])[None, :, None, :], float("-inf"))
+        return sim.amax(-1).sum(-1)
+    want, (wq, wd) = grads(want_fn, q.double(), d.double())
+    tol = 1e-4 if dtype == "float32" else 2e-3
+    torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(gq.cpu().double(), wq, rtol=tol, atol=tol)
+    torch.testing.assert_close(gd.cpu().double(), wd, rtol=tol, atol=tol)
+    assert bool((gd.cpu()[~m] == 0).all())
+    _, arg = G.maxsim_argmax_impl(q.to(dev), d.to(dev), doc_lengths=lens.to(dev), backend=backend, doc_mask=m.to(dev))
+    rows = arg.cpu().long()
+    hit = rows >= 0
+    assert bool(m[torch.arange(5)[None, :, None].expand_as(rows)[hit], rows[hit]].all())
+
+
+@pytest.mark.parametrize("level", ["generic", "avx2", "avx512shape"])
+def test_zero_mask_every_simd_level(level):
+    if level not in _ext.C.simd_supported():
+        pytest.skip(f"{level} not supported on this CPU")
+    rng = np.random.default_rng(14)
+    q = rng.standard_normal((2, 19, 24)).astype(np.float32)
+    d = rng.standard_normal((4, 70, 24)).astype(np.float32)
+    m = rng.random((4, 70)) > 0.5
+    want_s, want_a = G.maxsim_argmax_impl(q, d, backend="reference", doc_mask=m)
+    try:
+        vkern.set_simd_level(level)
+        s, a = G.maxsim_argmax_impl(q, d, backend="cpu", doc_mask=m)
+    finally:
+        vkern.set_simd_level("auto")
+    np.testing.assert_allclose(s, want_s, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(a, want_a)
+    np.testing.assert_allclose(s, vkern.maxsim(q, d * m[:, :, None], backend="cpu"), rtol=1e-6, atol=1e-5)
+
+
+def test_zero_mask_bad_inputs():
+    q = np.ones((2, 3, 4), np.float32)
+    d = np.ones((5, 6, 4), np.float32)
+    with pytest.raises(ValueError, match="doc_mask"):
+        G.maxsim_argmax_impl(q, d, doc_mask=np.ones((5, 5), bool))
+    with pytest.raises(TypeError, match="doc_mask"):
+        G.maxsim_argmax_impl(q, d, doc_mask=np.ones((5, 6), np.float32))

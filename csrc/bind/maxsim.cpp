@@ -13,7 +13,8 @@ namespace {
 void maxsim_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Lq, int64_t D, int64_t q_sb, int64_t q_si,
                 int64_t q_sd, uintptr_t q_lengths, uintptr_t docs, int d_dtype, int64_t d_row_stride,
                 uintptr_t doc_starts, uintptr_t doc_lens, int64_t N, uintptr_t scores, int64_t topk,
-                uintptr_t topk_scores, uintptr_t topk_idx, uintptr_t argmax) {
+                uintptr_t topk_scores, uintptr_t topk_idx, uintptr_t argmax, uintptr_t doc_mask,
+                uintptr_t mask_starts) {
   check_dtype(q_dtype, "queries");
   check_dtype(d_dtype, "docs");
   require(B >= 0 && Lq >= 0 && D >= 1 && N >= 0, "maxsim: sizes must be non-negative and D >= 1");
@@ -21,11 +22,12 @@ void maxsim_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Lq, int64_t D, int6
   require(N == 0 || (doc_starts != 0 && doc_lens != 0), "maxsim: null document offsets");
   require(scores != 0 || topk > 0, "maxsim: no output");
   require(topk == 0 || (topk_scores != 0 && topk_idx != 0), "maxsim: null top-k output");
+  require(doc_mask == 0 || N == 0 || mask_starts != 0, "maxsim: null mask offsets");
   cpu::MaxsimCall call{ptr<const void>(q), q_dtype, B, Lq, D, q_sb, q_si, q_sd,
                        ptr<const int64_t>(q_lengths), ptr<const void>(docs), d_dtype, d_row_stride,
                        ptr<const int64_t>(doc_starts), ptr<const int64_t>(doc_lens), N,
                        ptr<float>(scores), topk, ptr<float>(topk_scores), ptr<int64_t>(topk_idx),
-                       ptr<int32_t>(argmax)};
+                       ptr<int32_t>(argmax), ptr<const uint8_t>(doc_mask), ptr<const int64_t>(mask_starts)};
   py::gil_scoped_release release;
   cpu::maxsim(call);
 }

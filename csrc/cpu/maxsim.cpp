@@ -114,13 +114,14 @@ void maxsim(const MaxsimCall& c) {
     Scratch& s = scratch[worker];
     MaxsimDocJob job{qt.data(), B, nblk_max, D, nblocks.data(), nullptr, c.d_dtype,
                      c.d_row_stride, 0, s.conv.data(), s.maxbuf.data(), s.nanbuf.data(),
-                     c.argmax ? s.argbuf.data() : nullptr};
+                     c.argmax ? s.argbuf.data() : nullptr, nullptr};
     const size_t elem = c.d_dtype == kF32 ? 4 : 2;
     for (int64_t n = task_start[task]; n < task_start[task + 1]; ++n) {
       const int64_t len = c.doc_lens[n];
       if (len > 0) {
         job.doc = static_cast<const char*>(c.docs) + c.doc_starts[n] * elem;
         job.len = len;
+        job.mask = c.doc_mask ? c.doc_mask + c.mask_starts[n] : nullptr;
         lv.score_doc(job);
       }
       for (int64_t b = 0; b < B; ++b) {
@@ -138,6 +139,9 @@ void maxsim(const MaxsimCall& c) {
           const int32_t* ab = s.argbuf.data() + b * nblk_max * QB;
           const int64_t valid = len > 0 ? qlen[b] : 0;
           for (int64_t i = 0; i < valid; ++i) out[i] = ab[i];
+          if (job.mask)
+            for (int64_t i = 0; i < valid; ++i)
+              if (out[i] >= 0 && !job.mask[out[i]]) out[i] = -1;
           for (int64_t i = valid; i < c.Lq; ++i) out[i] = -1;
         }
         if (c.topk > 0) s.heaps[b].offer({score, n}, c.topk);

@@ -21,6 +21,7 @@ struct MaxsimDocJob {
   float* maxbuf;              // thread-private [B][nblk_max * qblock]: running max per query token
   int32_t* nanbuf;            // same shape: nonzero where a NaN similarity was seen
   int32_t* argbuf;            // same shape, or nullptr: token index of each running max
+  const uint8_t* mask;        // [len] or nullptr: 0 = token masked, its similarities count as exactly 0
 };
 
 // What one SIMD level offers. Each level lives in its own translation unit,
@@ -57,6 +58,9 @@ struct MaxsimCall {
   int32_t* argmax;            // [B, N, Lq] or nullptr: per (query, doc, query token) the document token
                               // (index within the document) of the max; lower index on ties; -1 for
                               // masked query tokens and empty documents
+  const uint8_t* doc_mask;    // or nullptr. Zero-mask mode (PyLate's semantics): token t of document n is
+  const int64_t* mask_starts; // doc_mask[mask_starts[n] + t]; a masked token's similarity is 0 (it still
+                              // counts in the max); an argmax landing on one is reported as -1 (no gradient)
 };
 
 void maxsim(const MaxsimCall& call);

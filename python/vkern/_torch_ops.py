@@ -50,9 +50,9 @@ def _(queries, docs, doc_offsets, doc_lengths, query_lengths, k, backend):
 @torch.library.custom_op("vkern::maxsim_argmax", mutates_args=())
 def maxsim_argmax_op(queries: torch.Tensor, docs: torch.Tensor, doc_offsets: Optional[torch.Tensor],
                      doc_lengths: Optional[torch.Tensor], query_lengths: Optional[torch.Tensor],
-                     backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                     backend: str, doc_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     scores, arg = _maxsim_grad.maxsim_argmax_impl(queries, docs, doc_offsets=doc_offsets, doc_lengths=doc_lengths,
-                                                  query_lengths=query_lengths, backend=backend)
+                                                  query_lengths=query_lengths, backend=backend, doc_mask=doc_mask)
     return scores, arg
 
 
@@ -61,7 +61,7 @@ def _num_docs(docs, doc_offsets):
 
 
 @maxsim_argmax_op.register_fake
-def _(queries, docs, doc_offsets, doc_lengths, query_lengths, backend):
+def _(queries, docs, doc_offsets, doc_lengths, query_lengths, backend, doc_mask=None):
     N = _num_docs(docs, doc_offsets)
     B = 1 if queries.dim() == 2 else queries.shape[0]
     shape: List = [N] if queries.dim() == 2 else [B, N]
@@ -90,7 +90,7 @@ def _(grad, argmax, queries, docs, doc_offsets, doc_lengths, query_lengths, back
 
 
 def _argmax_setup(ctx, inputs, output):
-    queries, docs, doc_offsets, doc_lengths, query_lengths, backend = inputs
+    queries, docs, doc_offsets, doc_lengths, query_lengths, backend = inputs[:6]
     ctx.save_for_backward(queries, docs, doc_offsets, doc_lengths, query_lengths, output[1])
     ctx.backend = backend
 
@@ -99,10 +99,10 @@ def _argmax_backward(ctx, grad_scores, grad_argmax):
     queries, docs, doc_offsets, doc_lengths, query_lengths, arg = ctx.saved_tensors
     need_q, need_d = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_q or need_d):
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     gq, gd = maxsim_backward_op(grad_scores, arg, queries, docs, doc_offsets, doc_lengths, query_lengths,
                                 ctx.backend, need_q, need_d)
-    return (gq if need_q else None), (gd if need_d else None), None, None, None, None
+    return (gq if need_q else None), (gd if need_d else None), None, None, None, None, None
 
 
 torch.library.register_autograd("vkern::maxsim_argmax", _argmax_backward, setup_context=_argmax_setup)

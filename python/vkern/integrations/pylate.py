@@ -153,25 +153,20 @@ def _scores(q, d, qm, dm, exact: bool):
     # PyLate's semantics: a document with a masked token also "has" a 0 similarity.
     # When the mask is a prefix and the first padding row is already zero (zero-padded
     # batches), including that row gives exactly that 0 without copying the documents.
-    # With gradients, the documents are multiplied by the mask as PyLate does (one copy of d, not of
-    # the similarities), so that row -- the 0 of a masked similarity -- passes no gradient to d.
-    if prefix:
+    if prefix and not _needs_grad(d):
         short = lengths < Ld
-        if _needs_grad(d):
-            return vkern.maxsim(q2, d * dm[:, :, None].to(d.dtype), doc_lengths=torch.clamp(lengths + 1, max=Ld), **kw)
         rows = d[torch.nonzero(short).flatten(), lengths[short]]
         if not bool(rows.any()):
             return vkern.maxsim(q2, d, doc_lengths=torch.clamp(lengths + 1, max=Ld), **kw)
-    # Any other mask: each document's unmasked tokens plus, where it has a masked one, that first
-    # masked token multiplied to a zero row (PyLate's 0 similarity), packed: scored tokens only.
-    keep = dm.clone()
-    has_masked = ~dm.all(1)
-    first_masked = torch.argmax((~dm).to(torch.int8), dim=1)
-    keep[torch.nonzero(has_masked).flatten(), first_masked[has_masked]] = True
-    packed = (d * dm[:, :, None].to(d.dtype))[keep]
-    offsets = torch.zeros(N + 1, dtype=torch.int64, device=d.device)
-    torch.cumsum(keep.sum(1), 0, out=offsets[1:])
-    return vkern.maxsim(q2, packed, doc_offsets=offsets, **kw)
+    # Otherwise vkern's zero-mask mode reads the padded documents in place: a masked token's
+    # similarities are exactly 0 (and pass no gradient), as PyLate's mask multiply makes them.
+    # Each document is scored up to its last unmasked token, plus one masked token where it has one.
+    pos = torch.arange(Ld, device=d.device)
+    last = torch.where(dm, pos[None, :], -1).amax(1) + 1
+    masked_inside = last > lengths
+    span = torch.where(~dm.all(1) & ~masked_inside, last + 1, last)
+    from vkern import _torch_ops
+    return _torch_ops.maxsim_argmax_op(q2, d, None, span, qlen, "auto", dm)[0]
 
 
 def colbert_scores(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None,

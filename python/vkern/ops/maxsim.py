@@ -268,7 +268,7 @@ def _cpu_run(call: MaxsimCall):
         A.data_ptr(q), A.DTYPE_CODE[A.dtype_name(q)], B, Lq, D, qs[0], qs[1], qs[2], qlens.ctypes.data,
         A.data_ptr(docs), A.DTYPE_CODE[A.dtype_name(docs)], int(row_stride), starts.ctypes.data, lens.ctypes.data,
         call.N, 0 if scores is None else A.data_ptr(scores), k,
-        0 if vals is None else A.data_ptr(vals), 0 if idx is None else A.data_ptr(idx), 0)
+        0 if vals is None else A.data_ptr(vals), 0 if idx is None else A.data_ptr(idx), 0, 0, 0)
     return scores, vals, idx
 
 

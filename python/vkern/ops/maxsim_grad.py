@@ -32,13 +32,46 @@ def _host_packed(call: M.MaxsimCall):
 
 # ------------------------------------------------------------------ forward
 
-def _argmax_reference(call):
+def _zero_masked(call, mask):
+    """The call with masked document tokens replaced by zero rows (one copy; the fallback backends'
+    way to the zero-mask mode), and the mask packed like the documents [T]."""
+    import dataclasses
+    keep = mask.reshape(tuple(call.docs.shape[:-1]) + (1,))
+    docs = call.docs * (keep.astype(call.docs.dtype) if isinstance(keep, np.ndarray) else keep.to(call.docs.dtype))
+    zcall = dataclasses.replace(call, docs=docs)
+    if call.packed:
+        return zcall, mask
+    flat, _ = M._packed_offsets(dataclasses.replace(call, docs=mask[..., None]))
+    return zcall, flat[:, 0]
+
+
+def _drop_masked_argmax(arg, packed_mask, off):
+    """argmax entries that landed on a masked token -> -1 (a masked similarity passes no gradient)."""
+    T = int(packed_mask.shape[0])
+    if T == 0:
+        return arg
+    if isinstance(arg, np.ndarray):
+        rows = np.minimum(off[:-1][None, :, None] + np.maximum(arg, 0), T - 1)
+        arg[(arg >= 0) & ~packed_mask[rows].astype(bool)] = -1
+        return arg
+    torch = A.torch_module()
+    starts = torch.from_numpy(off[:-1]).to(arg.device)
+    rows = (starts[None, :, None] + arg.clamp(min=0).long()).clamp(max=T - 1)
+    return torch.where((arg >= 0) & packed_mask.bool()[rows], arg, torch.full_like(arg, -1))
+
+
+def _argmax_reference(call, mask=None):
+    if mask is not None:
+        zcall, pmask = _zero_masked(call, mask)
+        scores, arg = _argmax_reference(zcall)
+        return scores, _drop_masked_argmax(arg, A.to_numpy(pmask) if isinstance(arg, np.ndarray) else pmask,
+                                           _host_packed(zcall)[1])
     docs, off = _host_packed(call)
     scores, arg = M.ref.maxsim_argmax(A.to_numpy(call.q), call.host_q_lengths, A.to_numpy(docs), off)
     return A.as_kind(scores, call.q), A.as_kind(arg, call.q)
 
 
-def _argmax_cpu(call):
+def _argmax_cpu(call, mask=None):
     q = call.q
     if isinstance(q, np.ndarray) and any(s < 0 or s % q.itemsize for s in q.strides):
         q = np.ascontiguousarray(q)
@@ -51,10 +84,17 @@ def _argmax_cpu(call):
     qs = A.elem_strides(q)
     scores = A.empty_like_kind((B, call.N), "float32", call.q)
     arg = A.empty_like_kind((B, call.N, Lq), "int32", call.q)
+    mask_starts = None
+    if mask is not None:
+        mask = np.ascontiguousarray(A.to_numpy(mask), dtype=np.uint8) if isinstance(mask, np.ndarray) else \
+            mask.to(A.torch_module().uint8).contiguous()
+        mask_starts = np.ascontiguousarray(call.host_offsets[:-1] if call.packed else
+                                           np.arange(call.N, dtype=np.int64) * int(call.docs.shape[1]), dtype=np.int64)
     _ext.C.maxsim_cpu(
         A.data_ptr(q), A.DTYPE_CODE[A.dtype_name(q)], B, Lq, D, qs[0], qs[1], qs[2], call.host_q_lengths.ctypes.data,
         A.data_ptr(docs), A.DTYPE_CODE[A.dtype_name(docs)], int(row_stride), starts.ctypes.data, lens.ctypes.data,
-        call.N, A.data_ptr(scores), 0, 0, 0, A.data_ptr(arg))
+        call.N, A.data_ptr(scores), 0, 0, 0, A.data_ptr(arg), 0 if mask is None else A.data_ptr(mask),
+        0 if mask_starts is None else mask_starts.ctypes.data)
     return scores, arg
 
 
@@ -74,10 +114,14 @@ def _doc_groups(off: np.ndarray, B: int, Lq: int):
         start = stop
 
 
-def _argmax_torch(call):
+def _argmax_torch(call, mask=None):
     """Chunked torch ops on the tensors' device: float32 similarities of a group of documents,
     padded to the group's longest, max and the first index reaching it."""
     torch = A.torch_module()
+    if mask is not None:
+        zcall, pmask = _zero_masked(call, mask)
+        scores, arg = _argmax_torch(zcall)
+        return scores, _drop_masked_argmax(arg, pmask, _host_packed(zcall)[1])
     docs, off = _host_packed(call)
     q = call.q
     B, Lq, D = (int(s) for s in q.shape)
@@ -108,12 +152,24 @@ def _argmax_torch(call):
 
 
 def maxsim_argmax_impl(queries, docs, *, doc_offsets=None, doc_lengths=None, query_lengths=None,
-                       backend: str = "auto"):
-    """(scores as ``vkern.maxsim`` gives them, argmax int32 ``[B, N, Lq]``; B = 1 for one query)."""
+                       backend: str = "auto", doc_mask=None):
+    """(scores as ``vkern.maxsim`` gives them, argmax int32 ``[B, N, Lq]``; B = 1 for one query).
+
+    ``doc_mask`` (internal, for PyLate's semantics): bool/uint8 with the docs' token shape ([T] packed,
+    [N, Ld] padded); a masked token's similarities count as exactly 0 (it still takes part in the max,
+    as PyLate's mask multiply makes it) and an argmax on it is reported as -1 (no gradient)."""
     call = M._prepare(queries, docs, doc_offsets, doc_lengths, query_lengths, None)
+    if doc_mask is not None:
+        doc_mask, _ = A.to_native(doc_mask, "doc_mask")
+        want = tuple(int(s) for s in call.docs.shape[:-1])
+        if tuple(doc_mask.shape) != want:
+            raise ValueError(f"doc_mask: expected shape {want} (the documents' tokens), got {tuple(doc_mask.shape)}")
+        if A.is_float(doc_mask):
+            raise TypeError(f"doc_mask: expected a bool or integer mask, got {A.dtype_name(doc_mask)}")
+        A.same_place({"docs": call.docs, "doc_mask": doc_mask})
     name = M._OP.pick(backend, call).name
     run = {"reference": _argmax_reference, "cpu": _argmax_cpu}.get(name, _argmax_torch)
-    scores, arg = run(call)
+    scores, arg = run(call, doc_mask)
     return (scores[0] if call.single else scores), arg
 
 
