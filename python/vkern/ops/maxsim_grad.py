@@ -214,8 +214,11 @@ def _backward_cpu(call, g, arg, need_q, need_d):
     gd = gd_starts = None
     if need_d:
         shape = tuple(int(s) for s in call.docs.shape)
-        gd = A.empty_like_kind(shape, "float32", call.q)
-        gd[...] = 0
+        # zero-filled fresh pages (calloc): rows no argmax reaches (padding) are never touched
+        if isinstance(call.q, np.ndarray):
+            gd = np.zeros(shape, dtype=np.float32)
+        else:
+            gd = A.torch_module().zeros(shape, dtype=A.torch_module().float32, device=call.q.device)
         if call.packed:
             gd_starts = np.ascontiguousarray(call.host_offsets[:-1] * D, dtype=np.int64)
         else:
