@@ -307,3 +307,18 @@ def test_zero_mask_bad_inputs():
         G.maxsim_argmax_impl(q, d, doc_mask=np.ones((5, 5), bool))
     with pytest.raises(TypeError, match="doc_mask"):
         G.maxsim_argmax_impl(q, d, doc_mask=np.ones((5, 6), np.float32))
+
+
+def _readme_block(heading):
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split(heading + "\n", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_gradients_example_runs():
+    ns = {}
+    exec(_readme_block("### Gradients"), ns)
+    assert ns["q"].grad.shape == (4, 32, 128) and ns["d"].grad.shape == (8, 300, 128)
+    assert bool((ns["d"].grad[4, 1:] == 0).all())        # past doc_lengths: no gradient

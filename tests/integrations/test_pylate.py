@@ -242,3 +242,15 @@ def test_bad_inputs():
         vp.colbert_scores("abc", d)
     with pytest.raises(ValueError, match="documents_embeddings"):
         vp.colbert_kd_scores(q, torch.randn(3, 2, 5, 8))
+
+
+def test_readme_training_with_pylate_example_runs():
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text.split("## Training with PyLate\n", 1)[1], re.S).group(1)
+    ns = {}
+    exec(block, ns)
+    assert ns["q"].grad is not None and bool((ns["d"].grad[..., 200:, :] == 0).all())
+    want = pylate_scores.ColBERTScores()(ns["q"], ns["d"], documents_mask=ns["mask"], backend="torch")
+    torch.testing.assert_close(ns["scores"], want, rtol=1e-5, atol=1e-4)
