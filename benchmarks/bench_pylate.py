@@ -1,8 +1,15 @@
 """Rerank 32 queries x 32 tokens against 1,000 docs of 64-300 tokens (padded to 300, masks), D=128:
 vkern.integrations.pylate.colbert_scores vs pylate.scores.colbert_scores (torch), same run, 2 threads.
 
-    python benchmarks/bench_pylate.py
+Training step: forward + backward of ColBERTScores (in-batch contrastive cross-entropy on the scores),
+16 queries x 32 tokens, 16 documents per query of 512 tokens (masked: lengths 256-512, ~5% skipped
+inside, as PyLate's Contrastive masks punctuation), D=128: vkern vs PyLate's torch path and the NumPy
+reference, same run; peak extra memory of each in a fresh process.
+
+    python benchmarks/bench_pylate.py            # both
+    python benchmarks/bench_pylate.py train      # the training step only
 """
+import sys
 import time
 
 import torch
@@ -43,5 +50,34 @@ def main():
     print(f"vkern exact=True    {t_ex*1e3:9.1f} ms   {t_pl/t_ex:5.2f}x PyLate")
 
 
+def train(Q=16, Lq=32, N=16, Ld=512, D=128, threads=2):
+    import vkern
+    from vkern.bench_maxsim_train import make_batch, peak_extra_mb, scorer, train_step
+
+    torch.set_num_threads(threads)
+    vkern.set_num_threads(threads)
+    q, d, dm = make_batch(Q, Lq, N, Ld, D)
+    fns = {w: scorer(w) for w in ("pylate", "vkern", "reference")}
+    res = {w: train_step(f, q, d, dm) for w, f in fns.items()}
+    for w in ("vkern", "reference"):
+        dl = abs(res[w][0].item() - res["pylate"][0].item())
+        dg = max((a - b).abs().max().item() for a, b in zip(res[w][1:], res["pylate"][1:]))
+        print(f"{w:9s} vs PyLate: |loss diff| {dl:.2e}, max |grad diff| {dg:.2e}")
+    t = {w: best(lambda f=f: train_step(f, q, d, dm), reps=2 if w == "reference" else 3) for w, f in fns.items()}
+    mem = {w: peak_extra_mb(w, Q, Lq, N, Ld, D, threads) for w in ("pylate", "vkern")}
+    grads_mb = 4 * (q.numel() + d.numel()) / 2**20
+    print(f"training step (fwd+bwd of ColBERTScores): {Q} queries x {Lq} tok, {N} docs/query x {Ld} tok (masked), "
+          f"D={D}, {threads} threads")
+    print(f"pylate torch        {t['pylate']*1e3:9.1f} ms   peak +{mem['pylate']:.0f} MB")
+    print(f"vkern reference     {t['reference']*1e3:9.1f} ms")
+    print(f"vkern cpu           {t['vkern']*1e3:9.1f} ms   peak +{mem['vkern']:.0f} MB   "
+          f"{t['pylate']/t['vkern']:5.2f}x PyLate, {t['reference']/t['vkern']:5.2f}x reference; "
+          f"memory 1/{mem['pylate']/mem['vkern']:.1f} of PyLate's")
+    print(f"(the gradients themselves are {grads_mb:.0f} MB of both peaks; beyond them: vkern "
+          f"+{mem['vkern'] - grads_mb:.0f} MB, PyLate +{mem['pylate'] - grads_mb:.0f} MB)")
+
+
 if __name__ == "__main__":
-    main()
+    if "train" not in sys.argv[1:]:
+        main()
+    train()

@@ -2,9 +2,10 @@
 # The one command to run on a GPU node (no package registry there; it has
 # torch, triton, pybind11, scikit-build-core, cmake, ninja and nvcc):
 #   build with the CUDA kernels required, run the test suite on the GPU
-#   (CUDA and Triton for real), benchmarks/gpu_checks.py (CUDA-graph capture of a
-#   decode step, > 2**31-element tensors, grids past 65,535, tensors on a second
-#   GPU), then the bench, writing everything to $OUT.
+#   (CUDA and Triton for real; tests/test_maxsim_grad.py checks MaxSim's gradients on CUDA
+#   tensors -- chunked torch ops on the device, no fused backward kernel yet -- against float64),
+#   benchmarks/gpu_checks.py (CUDA-graph capture of a decode step, > 2**31-element tensors,
+#   grids past 65,535, tensors on a second GPU), then the bench, writing everything to $OUT.
 # Budget: under 10 minutes (one device call): the bench runs --quick (every op,
 # CUDA/Triton rows included). `benchmarks/gpu_check.sh full` also runs the
 # full-size bench afterwards (a second call on the same warm machine, where the

@@ -96,7 +96,7 @@ void maxsim(const MaxsimCall& c) {
 
   struct Scratch {
     std::vector<float> conv, maxbuf;
-    std::vector<int32_t> nanbuf;
+    std::vector<int32_t> nanbuf, argbuf;
     std::vector<TopK> heaps;
   };
   std::vector<Scratch> scratch(threads);
@@ -104,6 +104,7 @@ void maxsim(const MaxsimCall& c) {
     s.conv.resize(static_cast<size_t>(lv.scratch_floats(D)));
     s.maxbuf.resize(static_cast<size_t>(std::max<int64_t>(1, B * nblk_max * QB)));
     s.nanbuf.resize(s.maxbuf.size());
+    if (c.argmax) s.argbuf.resize(s.maxbuf.size());
     if (c.topk > 0) s.heaps.resize(B);
   }
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -112,13 +113,15 @@ void maxsim(const MaxsimCall& c) {
   parallel_for(n_tasks, [&](int64_t task, int worker) {
     Scratch& s = scratch[worker];
     MaxsimDocJob job{qt.data(), B, nblk_max, D, nblocks.data(), nullptr, c.d_dtype,
-                     c.d_row_stride, 0, s.conv.data(), s.maxbuf.data(), s.nanbuf.data()};
+                     c.d_row_stride, 0, s.conv.data(), s.maxbuf.data(), s.nanbuf.data(),
+                     c.argmax ? s.argbuf.data() : nullptr, nullptr};
     const size_t elem = c.d_dtype == kF32 ? 4 : 2;
     for (int64_t n = task_start[task]; n < task_start[task + 1]; ++n) {
       const int64_t len = c.doc_lens[n];
       if (len > 0) {
         job.doc = static_cast<const char*>(c.docs) + c.doc_starts[n] * elem;
         job.len = len;
+        job.mask = c.doc_mask ? c.doc_mask + c.mask_starts[n] : nullptr;
         lv.score_doc(job);
       }
       for (int64_t b = 0; b < B; ++b) {
@@ -131,6 +134,16 @@ void maxsim(const MaxsimCall& c) {
           score = static_cast<float>(sum);
         }
         if (c.scores) c.scores[b * N + n] = score;
+        if (c.argmax) {
+          int32_t* out = c.argmax + (b * N + n) * c.Lq;
+          const int32_t* ab = s.argbuf.data() + b * nblk_max * QB;
+          const int64_t valid = len > 0 ? qlen[b] : 0;
+          for (int64_t i = 0; i < valid; ++i) out[i] = ab[i];
+          if (job.mask)
+            for (int64_t i = 0; i < valid; ++i)
+              if (out[i] >= 0 && !job.mask[out[i]]) out[i] = -1;
+          for (int64_t i = valid; i < c.Lq; ++i) out[i] = -1;
+        }
         if (c.topk > 0) s.heaps[b].offer({score, n}, c.topk);
       }
     }
@@ -148,6 +161,66 @@ void maxsim(const MaxsimCall& c) {
       c.topk_scores[b * c.topk + r] = have ? merged[r].score : neg_inf;
       c.topk_idx[b * c.topk + r] = have ? merged[r].idx : -1;
     }
+  }
+}
+
+void maxsim_backward(const MaxsimBackwardCall& c) {
+  const int64_t B = c.B, Lq = c.Lq, D = c.D, N = c.N;
+  // Queries widened once to fp32 [B, Lq, D] (small): the grad_d pass reads them per (doc, token).
+  std::vector<float> qf;
+  if (c.grad_d) {
+    qf.resize(static_cast<size_t>(std::max<int64_t>(1, B * Lq * D)));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < Lq; ++i)
+        for (int64_t k = 0; k < D; ++k)
+          qf[(b * Lq + i) * D + k] = load_scalar(c.q, c.q_dtype, b * c.q_stride_b + i * c.q_stride_i + k * c.q_stride_d);
+  }
+  const size_t elem = c.d_dtype == kF32 ? 4 : 2;
+  if (c.grad_q) {
+    // One task per query: each owns its grad_q rows (no races).
+    parallel_for(B, [&](int64_t b, int) {
+      float* gq = c.grad_q + b * Lq * D;
+      std::fill(gq, gq + Lq * D, 0.0f);
+      std::vector<float> row(static_cast<size_t>(D));
+      for (int64_t n = 0; n < N; ++n) {
+        const float g = c.grad[b * N + n];
+        const int32_t* arg = c.argmax + (b * N + n) * Lq;
+        const char* doc = static_cast<const char*>(c.docs) + c.doc_starts[n] * elem;
+        for (int64_t i = 0; i < Lq; ++i) {
+          if (arg[i] < 0) continue;
+          const int64_t base = int64_t(arg[i]) * c.d_row_stride;
+          float* out = gq + i * D;
+          if (c.d_dtype == kF32) {
+            const float* r = reinterpret_cast<const float*>(doc) + base;
+            for (int64_t k = 0; k < D; ++k) out[k] += g * r[k];
+          } else {
+            for (int64_t k = 0; k < D; ++k) row[k] = load_scalar(doc, c.d_dtype, base + k);
+            for (int64_t k = 0; k < D; ++k) out[k] += g * row[k];
+          }
+        }
+      }
+    });
+  }
+  if (c.grad_d) {
+    // Documents in contiguous ranges: each task owns its documents' grad rows.
+    const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(N, int64_t(num_threads()) * 8));
+    parallel_for(n_tasks, [&](int64_t t, int) {
+      const int64_t n0 = N * t / n_tasks, n1 = N * (t + 1) / n_tasks;
+      for (int64_t n = n0; n < n1; ++n) {
+        if (c.doc_lens[n] <= 0) continue;
+        float* gd = c.grad_d + c.grad_d_starts[n];
+        for (int64_t b = 0; b < B; ++b) {
+          const float g = c.grad[b * N + n];
+          const int32_t* arg = c.argmax + (b * N + n) * Lq;
+          for (int64_t i = 0; i < Lq; ++i) {
+            if (arg[i] < 0) continue;
+            float* out = gd + int64_t(arg[i]) * D;
+            const float* qi = qf.data() + (b * Lq + i) * D;
+            for (int64_t k = 0; k < D; ++k) out[k] += g * qi[k];
+          }
+        }
+      }
+    });
   }
 }
 

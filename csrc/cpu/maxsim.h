@@ -20,6 +20,8 @@ struct MaxsimDocJob {
   float* scratch;             // thread-private, scratch_floats(D) floats
   float* maxbuf;              // thread-private [B][nblk_max * qblock]: running max per query token
   int32_t* nanbuf;            // same shape: nonzero where a NaN similarity was seen
+  int32_t* argbuf;            // same shape, or nullptr: token index of each running max
+  const uint8_t* mask;        // [len] or nullptr: 0 = token masked, its similarities count as exactly 0
 };
 
 // What one SIMD level offers. Each level lives in its own translation unit,
@@ -53,9 +55,38 @@ struct MaxsimCall {
   int64_t topk;               // 0 = no top-k
   float* topk_scores;         // [B, topk]
   int64_t* topk_idx;          // [B, topk]
+  int32_t* argmax;            // [B, N, Lq] or nullptr: per (query, doc, query token) the document token
+                              // (index within the document) of the max; lower index on ties; -1 for
+                              // masked query tokens and empty documents
+  const uint8_t* doc_mask;    // or nullptr. Zero-mask mode (PyLate's semantics): token t of document n is
+  const int64_t* mask_starts; // doc_mask[mask_starts[n] + t]; a masked token's similarity is 0 (it still
+                              // counts in the max); an argmax landing on one is reported as -1 (no gradient)
 };
 
 void maxsim(const MaxsimCall& call);
+
+// Backward of the scores, from the forward's argmax: no similarity matrix.
+//   grad_q[b, i]                 = sum_n grad[b, n] * d_n[argmax[b, n, i]]
+//   grad_d[n][argmax[b, n, i]]  += grad[b, n] * q[b, i]
+struct MaxsimBackwardCall {
+  const void* q;              // as in MaxsimCall
+  int q_dtype;
+  int64_t B, Lq, D;
+  int64_t q_stride_b, q_stride_i, q_stride_d;
+  const void* docs;
+  int d_dtype;
+  int64_t d_row_stride;
+  const int64_t* doc_starts;  // [N] element offsets of each document's first row in docs
+  const int64_t* doc_lens;    // [N]
+  int64_t N;
+  const int32_t* argmax;      // [B, N, Lq] from the forward
+  const float* grad;          // [B, N] contiguous
+  float* grad_q;              // [B, Lq, D] contiguous, or nullptr; fully written
+  float* grad_d;              // float32, or nullptr; caller zeroes it; rows at grad_d_starts, stride D
+  const int64_t* grad_d_starts;  // [N] element offsets of each document's first row in grad_d
+};
+
+void maxsim_backward(const MaxsimBackwardCall& call);
 
 }  // namespace cpu
 }  // namespace vkern

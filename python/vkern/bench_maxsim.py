@@ -116,4 +116,6 @@ def maxsim_workloads(size: str, threads: int) -> List[Workload]:
             w.contenders.append(Contender("torch cuda flat GEMM + segment_reduce", torch_flat, "peer", sync=sync))
             # flash-maxsim is not a contender until it is called for real (a row must measure something).
         out.append(w)
+    from vkern.bench_maxsim_train import train_workloads   # training step: forward + backward of the scoring
+    out.extend(train_workloads(size != "full", threads))
     return out

@@ -90,17 +90,115 @@ def test_exact_matches_vkern_maxsim_and_disagrees_with_default():
                                         documents_mask=torch.tensor([[1., 0.]]), backend="torch").item() == 0.0
 
 
-def test_grad_mode_falls_back_and_matches():
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 4, 8, generator=g, requires_grad=True)
-    d = torch.randn(3, 6, 8, generator=g)
-    dm = (torch.rand(3, 6, generator=g) > 0.4).float()
-    got = vp.colbert_scores(q, d, documents_mask=dm)
-    want = pylate_scores.colbert_scores(q, d, documents_mask=dm, backend="torch")
-    torch.testing.assert_close(got, want)
-    (ga,) = torch.autograd.grad(got.sum(), q)
-    (gb,) = torch.autograd.grad(want.sum(), q)
-    torch.testing.assert_close(ga, gb)
+def _grads(fn, *xs):
+    xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    out = fn(*xs)
+    w = torch.linspace(-1.0, 2.0, out.numel()).reshape(out.shape)
+    return out, torch.autograd.grad((out * w).sum(), xs)
+
+
+@pytest.mark.parametrize("mask_kind", ["random", "prefix", "none"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_grads_match_pylate_torch(mask_kind, exact):
+    g = torch.Generator().manual_seed(5 + hash(mask_kind) % 100)
+    q = torch.randn(3, 7, 16, generator=g)
+    d = torch.randn(5, 23, 16, generator=g)
+    qm = (torch.rand(3, 7, generator=g) > 0.3).float()
+    if mask_kind == "random":
+        dm = (torch.rand(5, 23, generator=g) > 0.4).float()
+        dm[2] = 0
+    elif mask_kind == "prefix":
+        dm = (torch.arange(23)[None] < torch.tensor([23, 1, 9, 22, 4])[:, None]).float()
+    else:
+        dm = None
+    got, (gq, gd) = _grads(lambda a, b: vp.colbert_scores(a, b, qm, dm, exact=exact), q, d)
+    if exact:     # vkern's semantics: the same as float64 torch with -inf at masked similarities
+        def want_fn(a, b):
+            sim = torch.einsum("ash,bth->abst", a, b)
+            if dm is not None:
+                sim = sim.masked_fill(~dm.bool()[None, :, None, :], float("-inf"))
+            best = sim.max(-1).values.masked_fill(~qm.bool()[:, None, :], 0.0)
+            return best.sum(-1)
+        keep = slice(None) if dm is None else dm.bool().any(1)
+        want, (wq, wd) = _grads(lambda a, b: want_fn(a, b)[:, keep] if dm is not None else want_fn(a, b),
+                                q.double(), d.double())
+        out, (gq, gd) = _grads(lambda a, b: vp.colbert_scores(a, b, qm, dm, exact=True)[:, keep], q, d)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-4)
+    else:
+        want, (wq, wd) = _grads(lambda a, b: pylate_scores.colbert_scores(a, b, qm, dm, backend="torch"),
+                                q.double(), d.double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gq.double(), wq, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gd.double(), wd, rtol=1e-5, atol=1e-4)
+    if dm is not None:
+        assert bool((gd[~dm.bool()] == 0).all())        # masked document tokens get no gradient
+
+
+def test_no_torch_fallback_when_training():
+    # the gradient path is vkern's own op: its backward node, not einsum's
+    q = torch.randn(2, 4, 8, requires_grad=True)
+    d = torch.randn(3, 6, 8, requires_grad=True)
+    s = vp.colbert_scores(q, d)
+    assert "vkern_maxsim_argmax" in type(s.grad_fn).__name__
+
+
+def test_colbertscores_and_kd_grads_match_pylate():
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(4, 8, 16, generator=g)
+    d = torch.randn(4, 3, 19, 16, generator=g)
+    dm = (torch.rand(4, 3, 19, generator=g) > 0.25).float()
+    got, ga = _grads(lambda a, b: vp.ColBERTScores()(a, b, None, dm), q, d)
+    want, gb = _grads(lambda a, b: pylate_scores.ColBERTScores()(a, b, None, dm, backend="torch"), q, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
+    got, ga = _grads(lambda a, b: vp.colbert_kd_scores(a, b, None, dm), q, d)
+    want, gb = _grads(lambda a, b: pylate_scores.colbert_kd_scores(a, b, None, dm, backend="torch"), q, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
+
+
+class _TinyEncoder(torch.nn.Module):
+    """Stands in for a ColBERT model inside PyLate's real Contrastive loss: token embeddings
+    from an embedding table (what the loss reads: model(features)["token_embeddings"])."""
+
+    skiplist = [3, 4]
+    do_query_expansion = False
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+
+    def forward(self, features):
+        return {"token_embeddings": self.emb(features["input_ids"])}
+
+
+def test_patch_routes_pylate_contrastive_loss_same_loss_and_grads():
+    losses = pytest.importorskip("pylate.losses")     # imports sentence-transformers
+    g = torch.Generator().manual_seed(12)
+
+    def feats(B, L):
+        ids = torch.randint(0, 50, (B, L), generator=g)
+        lens = torch.randint(2, L + 1, (B,), generator=g)
+        return {"input_ids": ids, "attention_mask": (torch.arange(L)[None] < lens[:, None]).long()}
+
+    batch = [feats(6, 8), feats(6, 21), feats(6, 21)]     # query, positive, negative (docs padded alike)
+    torch.manual_seed(0)
+    model = _TinyEncoder()
+    loss_fn = losses.Contrastive(model)
+    want = loss_fn(batch)
+    want_g = torch.autograd.grad(want, model.emb.weight)[0]
+    with vp.patch():
+        got = loss_fn(batch)                    # the instance built before patching is routed too
+        got_g = torch.autograd.grad(got, model.emb.weight)[0]
+        s = loss_fn.score_metric(torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 2, 5, 16))
+        assert "vkern_maxsim_argmax" in type(s.grad_fn).__name__
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-5)
+    assert "__call__" in pylate_scores.ColBERTScores.__dict__
+    s = loss_fn.score_metric(torch.randn(2, 3, 16, requires_grad=True), torch.randn(2, 2, 5, 16))
+    assert "vkern" not in type(s.grad_fn).__name__         # restored on exit
 
 
 def test_patch_rerank_same_ranking_and_restores():
@@ -144,3 +242,15 @@ def test_bad_inputs():
         vp.colbert_scores("abc", d)
     with pytest.raises(ValueError, match="documents_embeddings"):
         vp.colbert_kd_scores(q, torch.randn(3, 2, 5, 8))
+
+
+def test_readme_training_with_pylate_example_runs():
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text.split("## Training with PyLate\n", 1)[1], re.S).group(1)
+    ns = {}
+    exec(block, ns)
+    assert ns["q"].grad is not None and bool((ns["d"].grad[..., 200:, :] == 0).all())
+    want = pylate_scores.ColBERTScores()(ns["q"], ns["d"], documents_mask=ns["mask"], backend="torch")
+    torch.testing.assert_close(ns["scores"], want, rtol=1e-5, atol=1e-4)

@@ -17,16 +17,23 @@ They disagree when the unmasked similarities are negative::
     colbert_scores(q, d, documents_mask=dmask)             -> [[0.]]   (PyLate)
     colbert_scores(q, d, documents_mask=dmask, exact=True) -> [[-2.]]
 
-vkern.maxsim has no backward yet: when gradients are needed (grad mode on and
-an input that requires grad) these functions compute the same numbers with
-plain torch ops, so ``patch()``-ed training keeps working, unaccelerated.
+Training: every function here is differentiable (queries and documents) through
+``vkern.maxsim``'s own backward: the forward keeps the argmax document token per
+(query, document, query token) and the backward scatters from it, so no
+``[Q, N, Lq, Ld]`` tensor exists in either pass. The gradients equal PyLate's
+(einsum, mask multiply, max, sum) within float32 tolerance: masked document
+tokens get none (PyLate multiplies them by a 0 mask), and where the max is a
+masked token's 0 nothing flows either. Exact ties between document tokens send
+the gradient to the lower token index (torch's ``max`` picks one of them too,
+without promising which).
 
 ``patch()`` routes ``pylate.scores.colbert_scores`` / ``colbert_kd_scores`` /
 ``colbert_scores_pairwise`` (and the names ``pylate.rank.rank``,
-``pylate.scores.colbert`` -- used by ``ColBERTScores`` -- and
-``pylate.losses.distillation`` imported) through this module; as a context
-manager it restores PyLate's functions on exit, ``patch().start()`` /
-``unpatch()`` is the global switch.
+``pylate.scores.colbert`` and ``pylate.losses.distillation`` imported) and
+``pylate.scores.ColBERTScores.__call__`` (the default ``score_metric`` of
+``pylate.losses.Contrastive`` / ``CachedContrastive``, existing instances
+included) through this module; as a context manager it restores PyLate's
+functions on exit, ``patch().start()`` / ``unpatch()`` is the global switch.
 """
 from __future__ import annotations
 
@@ -105,21 +112,6 @@ def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def _torch_path(q, d, qm, dm, exact):
-    """Same semantics with differentiable torch ops (used only when gradients are needed)."""
-    torch = _torch()
-    sim = torch.einsum("ash,bth->abst", q.float(), d.float())
-    if dm is not None:
-        dmb = dm[None, :, None, :]
-        sim = sim.masked_fill(~dmb, float("-inf")) if exact else sim * dmb
-    per_token = sim.max(dim=-1).values
-    if dm is not None and exact:
-        per_token = per_token.masked_fill(~dm.any(-1)[None, :, None], float("-inf"))
-    if qm is not None:
-        per_token = per_token.masked_fill(~qm[:, None, :], 0.0)
-    return per_token.sum(-1)
-
-
 def _compact_queries(q, qm):
     """Move each query's unmasked tokens to the front -> (queries, query_lengths)."""
     torch = _torch()
@@ -141,8 +133,6 @@ def _scores(q, d, qm, dm, exact: bool):
     """q [Q, Lq, H], d [N, Ld, H] (torch), bool masks or None -> [Q, N] float32."""
     torch = _torch()
     import vkern
-    if _needs_grad(q, d):
-        return _torch_path(q, d, qm, dm, exact)
     N, Ld, H = d.shape
     if q.shape[0] == 0 or N == 0:
         return torch.zeros(q.shape[0], N, dtype=torch.float32, device=q.device)
@@ -163,12 +153,20 @@ def _scores(q, d, qm, dm, exact: bool):
     # PyLate's semantics: a document with a masked token also "has" a 0 similarity.
     # When the mask is a prefix and the first padding row is already zero (zero-padded
     # batches), including that row gives exactly that 0 without copying the documents.
-    if prefix:
+    if prefix and not _needs_grad(d):
         short = lengths < Ld
         rows = d[torch.nonzero(short).flatten(), lengths[short]]
         if not bool(rows.any()):
             return vkern.maxsim(q2, d, doc_lengths=torch.clamp(lengths + 1, max=Ld), **kw)
-    return vkern.maxsim(q2, d * dm[:, :, None].to(d.dtype), **kw)
+    # Otherwise vkern's zero-mask mode reads the padded documents in place: a masked token's
+    # similarities are exactly 0 (and pass no gradient), as PyLate's mask multiply makes them.
+    # Each document is scored up to its last unmasked token, plus one masked token where it has one.
+    pos = torch.arange(Ld, device=d.device)
+    last = torch.where(dm, pos[None, :], -1).amax(1) + 1
+    masked_inside = last > lengths
+    span = torch.where(~dm.all(1) & ~masked_inside, last + 1, last)
+    from vkern._torch import maxsim as _torch_maxsim
+    return _torch_maxsim.maxsim_argmax_op(q2, d, None, span, qlen, "auto", dm)[0]
 
 
 def colbert_scores(queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None,
@@ -243,6 +241,11 @@ class ColBERTScores:
         return colbert_scores(q, d.reshape(Qd * N, Dt, H), queries_mask, documents_mask, exact=self.exact)
 
 
+def _colbert_scores_call(self, queries_embeddings, documents_embeddings, queries_mask=None, documents_mask=None,
+                         backend: Optional[str] = None):
+    return ColBERTScores()(queries_embeddings, documents_embeddings, queries_mask, documents_mask)
+
+
 # ------------------------------------------------------------------- patching
 
 _NAMES = {"colbert_scores": colbert_scores, "colbert_kd_scores": colbert_kd_scores,
@@ -272,6 +275,10 @@ def _start():
             if hasattr(mod, name):
                 _saved.append((mod, name, getattr(mod, name)))
                 setattr(mod, name, fn)
+    cls = getattr(sys.modules["pylate.scores"], "ColBERTScores", None)
+    if cls is not None:    # the losses' default score_metric: one vkern call for all document groups
+        _saved.append((cls, "__call__", cls.__dict__["__call__"]))
+        cls.__call__ = _colbert_scores_call
 
 
 def unpatch() -> None:

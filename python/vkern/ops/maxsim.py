@@ -270,7 +270,7 @@ def _cpu_run(call: MaxsimCall):
         A.data_ptr(q), A.DTYPE_CODE[A.dtype_name(q)], B, Lq, D, qs[0], qs[1], qs[2], qlens.ctypes.data,
         A.data_ptr(docs), A.DTYPE_CODE[A.dtype_name(docs)], int(row_stride), starts.ctypes.data, lens.ctypes.data,
         call.N, 0 if scores is None else A.data_ptr(scores), k,
-        0 if vals is None else A.data_ptr(vals), 0 if idx is None else A.data_ptr(idx))
+        0 if vals is None else A.data_ptr(vals), 0 if idx is None else A.data_ptr(idx), 0, 0, 0)
     return scores, vals, idx
 
 
@@ -374,6 +374,12 @@ def maxsim(queries, docs, *, doc_offsets=None, doc_lengths=None, query_lengths=N
         An empty document scores -inf. Masked document tokens never take part. Results are
         the same array kind (NumPy / torch) and device as ``queries``.
 
+    Gradients: with torch inputs that require grad (and no ``topk``), the scores are
+    differentiable for queries and documents (packed, padded or a list). The forward keeps only
+    the argmax document token per (query, document, query token); the backward scatters from it
+    (memory O(B * N * Lq), never the [B, N, Lq, Ld] similarities). On ties the gradient goes to
+    the lower token index; masked tokens and empty documents get zero gradient.
+
     Example:
         >>> import numpy as np, vkern
         >>> q = np.eye(2, 4, dtype=np.float32)              # 2 query tokens, D = 4
@@ -385,7 +391,11 @@ def maxsim(queries, docs, *, doc_offsets=None, doc_lengths=None, query_lengths=N
     if torch is not None:
         from .._torch import maxsim as _torch_ops  # registers the vkern:: ops on first use of torch inputs
 
-        if not isinstance(docs, (list, tuple)) and torch.compiler.is_compiling():
+        if isinstance(docs, (list, tuple)) and topk is None and torch.is_grad_enabled() and (
+                queries.requires_grad or any(A.is_torch(d) and d.requires_grad for d in docs)):
+            docs, doc_offsets = _pack_list(docs, int(queries.shape[-1]))   # torch.cat: grads flow to each item
+        if not isinstance(docs, (list, tuple)) and (
+                torch.compiler.is_compiling() or (topk is None and A.is_torch(docs) and _torch_ops.needs_grad(queries, docs))):
             return _torch_ops.call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, backend)
     return maxsim_impl(queries, docs, doc_offsets=doc_offsets, doc_lengths=doc_lengths,
                        query_lengths=query_lengths, topk=topk, backend=backend)

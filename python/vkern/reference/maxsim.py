@@ -53,3 +53,50 @@ def topk(scores: np.ndarray, k: int):
         order = np.lexsort((np.arange(N), -np.where(nan, 0.0, s), nan))
         idx[b] = order[:k]
     return np.take_along_axis(scores, idx, axis=1), idx
+
+
+def maxsim_argmax(queries: np.ndarray, query_lengths: np.ndarray, docs: np.ndarray,
+                  doc_offsets: np.ndarray):
+    """Scores as ``maxsim_scores`` plus, per (query b, document n, query token i), the token of
+    document n (index within it) holding the max: int32 ``[B, N, Lq]``, the lower index on ties,
+    -1 for masked query tokens and empty documents. The backward of MaxSim needs only this."""
+    q = np.asarray(queries, dtype=np.float64)
+    d = np.asarray(docs, dtype=np.float64)
+    B, Lq, D = q.shape
+    offsets = np.asarray(doc_offsets, dtype=np.int64)
+    N = len(offsets) - 1
+    valid = np.arange(Lq)[None, :] < np.asarray(query_lengths)[:, None]   # [B, Lq]
+    scores = np.full((B, N), -np.inf)
+    arg = np.full((B, N, Lq), -1, dtype=np.int32)
+    q_rows = q.reshape(B * Lq, D)
+    for n in range(N):
+        lo, hi = offsets[n], offsets[n + 1]
+        if hi == lo:
+            continue
+        sims = (q_rows @ d[lo:hi].T).reshape(B, Lq, hi - lo)
+        best = sims.max(axis=2)                                   # NaN propagates, as np.max does
+        scores[:, n] = np.where(valid, best, 0.0).sum(axis=1)
+        arg[:, n, :] = np.where(valid, np.argmax(sims, axis=2), -1)  # first maximum: the lower index
+    return scores.astype(np.float32), arg
+
+
+def maxsim_backward(grad: np.ndarray, argmax: np.ndarray, queries: np.ndarray, docs: np.ndarray,
+                    doc_offsets: np.ndarray):
+    """Gradients of sum(grad * scores) from the forward's argmax, in float64 (returned float32):
+    grad_q[b, i] = sum_n grad[b, n] * d_n[argmax[b, n, i]], and grad_d gets grad[b, n] * q[b, i]
+    added at row argmax[b, n, i] of document n. -> (grad_q [B, Lq, D], grad_d [T, D])."""
+    g = np.asarray(grad, dtype=np.float64)
+    q = np.asarray(queries, dtype=np.float64)
+    d = np.asarray(docs, dtype=np.float64)
+    offsets = np.asarray(doc_offsets, dtype=np.int64)
+    arg = np.asarray(argmax, dtype=np.int64)
+    B, N, Lq = arg.shape
+    grad_q = np.zeros(q.shape)
+    grad_d = np.zeros(d.shape)
+    for b in range(B):
+        nn, ii = np.nonzero(arg[b] >= 0)                          # the (document, query token) pairs that count
+        rows = offsets[nn] + arg[b, nn, ii]
+        w = g[b, nn][:, None]
+        np.add.at(grad_q[b], ii, w * d[rows])
+        np.add.at(grad_d, rows, w * q[b, ii])
+    return grad_q.astype(np.float32), grad_d.astype(np.float32)
