@@ -182,6 +182,22 @@ def maxsim_workloads(quick: bool, threads: int) -> List[Workload]:
                 toff = torch.from_numpy(offsets)
                 w.contenders.append(Contender("vkern cpu bf16 docs", lambda tq=tq: vkern.maxsim(
                     tq, tdocs_bf16, doc_offsets=toff, backend="cpu"), "vkern", note="half the bytes"))
+            qdocs = vkern.quantize_docs(docs, doc_offsets=offsets)   # once, like building an index
+            w.contenders.append(Contender("vkern cpu int8 docs", lambda qarg=qarg: vkern.maxsim(
+                qarg, qdocs, backend="cpu"), "vkern",
+                note=f"{vkern.ops.maxsim_int8.kernel_name()}, a quarter of the bytes"))
+            if "vnni" in vkern.ops.maxsim_int8.kernel_name():
+                def int8_no_vnni(qarg=qarg):
+                    _ext.C.maxsim_int8_allow_vnni(False)
+                    try:
+                        return vkern.maxsim(qarg, qdocs, backend="cpu")
+                    finally:
+                        _ext.C.maxsim_int8_allow_vnni(True)
+
+                w.contenders.append(Contender("vkern cpu int8 docs, no VNNI", int8_no_vnni, "vkern",
+                                              note="vpmaddubsw + vpmaddwd"))
+            w.contenders.append(Contender("vkern reference int8 docs", lambda qarg=qarg: vkern.maxsim(
+                qarg, qdocs, backend="reference"), "vkern", note="NumPy, exact integer dots"))
             docs16 = docs.astype(np.float16)
             w.contenders.append(Contender("vkern cpu f16 docs", lambda qarg=qarg: vkern.maxsim(
                 qarg, docs16, doc_offsets=offsets, backend="cpu"), "vkern", note="half the bytes"))
@@ -354,6 +370,10 @@ def render(report: dict) -> str:
                          f"| {gf:>7.1f} | {100 * gf * 1e9 / m['gemm_flops']:>5.0f}% |")
         if best_peer:
             lines.append(f"best peer: {best_peer}")
+        base = ok.get("vkern cpu f32")
+        for name, v in ok.items():
+            if base and "int8" in name:
+                lines.append(f"{name} vs vkern cpu f32: {base['median_s'] / v['median_s']:.2f}x")
         lines.append("")
     return "\n".join(lines)
 
