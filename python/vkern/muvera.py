@@ -210,7 +210,8 @@ def encode_documents(docs, config: MuveraConfig, *, doc_offsets=None, doc_length
         >>> vkern.muvera.encode_documents(np.eye(3, 4, dtype=np.float32), cfg, doc_offsets=np.array([0, 3])).shape
         (1, 32)
     """
-    return _encode(docs, config, doc_offsets, doc_lengths, True, config.fill_empty_partitions, backend, "docs")
+    cfg = _check_config(config)
+    return _encode(docs, cfg, doc_offsets, doc_lengths, True, cfg.fill_empty_partitions, backend, "docs")
 
 
 def encode_queries(queries, config: MuveraConfig, *, query_lengths=None, backend: str = "auto"):
