@@ -235,6 +235,7 @@ WORKLOADS = {
     "loki": "vkern.bench_loki:loki_workloads",
     "vatp": "vkern.bench_vatp:vatp_workloads",
     "taskvec": "vkern.bench_taskvec:taskvec_workloads",
+    "retrieval": "vkern.bench_retrieval:retrieval_workloads",
 }
 
 
