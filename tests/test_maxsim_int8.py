@@ -274,3 +274,13 @@ def test_bad_inputs_raise_before_any_kernel(rng):
         vkern.quantize_docs(docs, doc_offsets=np.array([0, 9]))
     with pytest.raises(TypeError, match="docs: expected float32"):
         vkern.quantize_docs(docs.astype(np.float64), doc_offsets=off)
+
+
+def test_big_endian_inputs(rng):
+    docs, off = packed(rng, [5, 7], 16)
+    qd = vkern.quantize_docs(docs, doc_offsets=off)
+    q = rng.standard_normal((3, 16)).astype(np.float32)
+    want = vkern.maxsim(q, qd)
+    be = vkern.maxsim(q.astype(">f4"), qd.codes, doc_offsets=off.astype(">i8"), doc_scales=qd.scales.astype(">f4"))
+    np.testing.assert_array_equal(be, want)
+    np.testing.assert_array_equal(vkern.quantize_docs(docs.astype(">f4"), doc_offsets=off).codes, qd.codes)

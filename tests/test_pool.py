@@ -217,3 +217,12 @@ def test_bad_inputs():
         vkern.segment_mean(x, np.array([0, 1]))
     with pytest.raises(TypeError, match="segment_ids: expected an integer"):
         vkern.segment_mean(x, np.zeros(4))
+
+
+def test_big_endian_inputs(rng):
+    x, off = normalised(rng, [9, 14], 8)
+    want = vkern.pool_tokens(x, doc_offsets=off)
+    got = vkern.pool_tokens(x.astype(">f4"), doc_offsets=off.astype(">i8"))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(vkern.segment_mean(x.astype(">f4"), np.arange(23) % 3),
+                                  vkern.segment_mean(x, np.arange(23) % 3))
