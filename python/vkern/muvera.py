@@ -20,6 +20,7 @@ from . import _arrays as A
 from . import _ext
 from ._backend import Backend, cpu_reason, host_reason, op
 from .ops.maxsim import maxsim
+from .ops.maxsim_int8 import QuantizedDocs
 from .ops.pool import packed_docs
 from .reference import muvera as ref
 
@@ -244,8 +245,10 @@ def search(queries, docs, *, doc_fdes, config: MuveraConfig, doc_offsets=None, k
            candidates: int = 100, backend: str = "auto"):
     """Top-k documents by exact MaxSim among the top ``candidates`` by FDE dot product.
 
-    queries: [Lq, D] or [B, Lq, D]. docs: packed [T, D] with ``doc_offsets`` (or a list),
-    ``doc_fdes`` [N, config.fde_dim] from ``encode_documents`` with the same config.
+    queries: [Lq, D] or [B, Lq, D]. docs: packed [T, D] with ``doc_offsets`` (float32, float16,
+    bfloat16), a list, or ``QuantizedDocs``; the CPU kernel reads only the candidates' rows, in
+    place (an ``np.memmap`` store stays on disk but for those). ``doc_fdes``
+    [N, config.fde_dim] from ``encode_documents`` with the same config.
     Returns (scores float32 [k] / [B, k], doc ids int64), best first, exact MaxSim scores.
     """
     cfg = _check_config(config)
@@ -254,8 +257,14 @@ def search(queries, docs, *, doc_fdes, config: MuveraConfig, doc_offsets=None, k
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
     if candidates < k:
         raise ValueError(f"candidates: must be >= k={k}, got {candidates}")
-    x, off, _ = packed_docs(docs, doc_offsets, None, "docs")
-    N = len(off) - 1
+    if isinstance(docs, (list, tuple)):
+        docs, doc_offsets, _ = packed_docs(docs, None, None, "docs")
+    if isinstance(docs, QuantizedDocs):
+        N = docs.num_docs
+    elif doc_offsets is None:
+        raise ValueError("doc_offsets: required with packed docs [T, D] (or pass docs as a list)")
+    else:
+        N = int(A.to_native(doc_offsets, "doc_offsets")[0].shape[0]) - 1   # the rest is checked by maxsim
     q = A.to_numpy(A.to_native(queries, "queries")[0], np.float32)
     single = q.ndim == 2
     qb = q[None] if single else q
@@ -264,15 +273,9 @@ def search(queries, docs, *, doc_fdes, config: MuveraConfig, doc_offsets=None, k
     if s.shape[1] != N:
         raise ValueError(f"doc_fdes: {s.shape[1]} rows but docs hold {N} documents")
     c = min(candidates, N)
-    lens = np.diff(off)
-    out_s = np.full((qb.shape[0], min(k, N)), -np.inf, np.float32)
-    out_i = np.full((qb.shape[0], min(k, N)), -1, np.int64)
-    for b in range(qb.shape[0]):
-        cand = np.argpartition(-s[b], c - 1)[:c] if c < N else np.arange(N)
-        cand = np.sort(cand)
-        rows = np.concatenate([np.arange(off[i], off[i + 1]) for i in cand]) if len(cand) else np.zeros(0, np.int64)
-        sub_off = np.zeros(len(cand) + 1, np.int64)
-        np.cumsum(lens[cand], out=sub_off[1:])
-        vals, idx = maxsim(qb[b], x[rows], doc_offsets=sub_off, topk=min(k, N), backend=backend)
-        out_s[b], out_i[b] = vals, cand[idx]
+    # top candidates per query by FDE score, then exact MaxSim over those rows only (in place)
+    cand = np.argpartition(-s, c - 1, axis=1)[:, :c] if c < N else np.broadcast_to(np.arange(N), (len(qb), N))
+    cand = np.sort(cand, axis=1)
+    out_s, out_i = maxsim(qb, docs, doc_offsets=doc_offsets, doc_ids=np.ascontiguousarray(cand), topk=min(k, N),
+                          backend=backend)
     return (out_s[0], out_i[0]) if single else (out_s, out_i)
