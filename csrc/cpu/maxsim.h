@@ -88,5 +88,55 @@ struct MaxsimBackwardCall {
 
 void maxsim_backward(const MaxsimBackwardCall& call);
 
+// ---- int8 documents (simd/maxsim_int8_kernel.inc explains the arithmetic)
+
+struct MaxsimI8DocJob {
+  const uint32_t* qt;         // packed query codes [B][nblk_max][ceil(D/4)][qblock], 4 bytes (code + 64) a word
+  int64_t B, nblk_max, D;
+  const int64_t* q_nblocks;   // [B]
+  const int8_t* doc;          // first token row
+  int64_t row_stride;         // bytes between token rows
+  int64_t len;                // tokens, > 0
+  const float* scales;        // [len] per-token scales of this document
+  unsigned char* scratch;     // thread-private, scratch_bytes(D) bytes, 4-byte aligned
+  float* maxbuf;              // thread-private [B][nblk_max * qblock]: running max of scale * dot
+};
+
+struct MaxsimI8Level {
+  const char* name;
+  int qblock;
+  int64_t (*scratch_bytes)(int64_t D);
+  void (*score_doc)(const MaxsimI8DocJob& job);
+};
+
+const MaxsimI8Level& maxsim_i8_level_generic();
+const MaxsimI8Level& maxsim_i8_level_avx2();
+const MaxsimI8Level& maxsim_i8_level_avx512();       // AVX-512BW: vpmaddubsw + vpmaddwd
+const MaxsimI8Level& maxsim_i8_level_avx512vnni();   // AVX-512 VNNI: vpdpbusd (chosen when the CPU has it)
+const MaxsimI8Level& maxsim_i8_level_avx512shape();
+// Name of the int8 kernel the next call would use; allow_vnni(false) makes the
+// AVX-512 level use its BW path even where VNNI exists (so tests cover both).
+const char* maxsim_int8_kernel_name();
+void maxsim_int8_allow_vnni(bool allow);
+
+struct MaxsimI8Call {
+  const int8_t* q_codes;      // [B, Lq, D] contiguous, |code| <= 63
+  const float* q_scales;      // [B, Lq]
+  int64_t B, Lq, D;
+  const int64_t* q_lengths;   // [B] or nullptr
+  const int8_t* docs;         // base of the document codes
+  int64_t d_row_stride;       // bytes between token rows
+  const float* doc_scales;    // [rows] per-token scales, contiguous, row r's scale at doc_scales[r]
+  const int64_t* doc_starts;  // [N] first row of each document (row index, not bytes)
+  const int64_t* doc_lens;    // [N]
+  int64_t N;
+  float* scores;              // [B, N] or nullptr
+  int64_t topk;
+  float* topk_scores;
+  int64_t* topk_idx;
+};
+
+void maxsim_int8(const MaxsimI8Call& call);
+
 }  // namespace cpu
 }  // namespace vkern

@@ -10,14 +10,16 @@ from __future__ import annotations
 from ._backend import BackendUnavailable, available_backends
 from . import _ext
 from .ops.maxsim import maxsim
+from .ops.maxsim_int8 import QuantizedDocs, quantize_docs
+from .ops.pool import pool_tokens, segment_mean
 from .ops.loki import decode_attention, loki_attention
 from .ops.taskvec import apply_task_vectors, delta_linear
 from .ops.vatp import vatp_prune
-from . import loki, taskvec, vatp
+from . import loki, muvera, taskvec, vatp
 
 __version__ = "0.1.0"
 
-__all__ = ["maxsim", "loki_attention", "decode_attention", "loki", "vatp_prune", "vatp", "apply_task_vectors",
+__all__ = ["maxsim", "quantize_docs", "QuantizedDocs", "muvera", "pool_tokens", "segment_mean", "loki_attention", "decode_attention", "loki", "vatp_prune", "vatp", "apply_task_vectors",
            "delta_linear", "taskvec", "BackendUnavailable", "available_backends", "set_num_threads",
            "get_num_threads", "set_simd_level", "info", "__version__"]
 

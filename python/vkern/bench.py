@@ -150,6 +150,7 @@ WORKLOADS = {
     "loki": "vkern.bench_loki:loki_workloads",
     "vatp": "vkern.bench_vatp:vatp_workloads",
     "taskvec": "vkern.bench_taskvec:taskvec_workloads",
+    "retrieval": "vkern.bench_retrieval:retrieval_workloads",
 }
 
 
@@ -301,6 +302,10 @@ def render(report: dict) -> str:
             absent = [f"{k} ({v['missing']})" for k, v in t.items() if v["kind"] == "peer" and "missing" in v]
             lines.append("best peer: none measured in this run" + (f"; not installed: {'; '.join(absent)}"
                                                                      if absent else ""))
+        base = ok.get("vkern cpu f32")
+        for name, v in ok.items():
+            if base and "int8" in name:
+                lines.append(f"{name} vs vkern cpu f32: {base['median_s'] / v['median_s']:.2f}x")
         lines.append("")
     return "\n".join(lines)
 

@@ -92,6 +92,22 @@ def maxsim_workloads(size: str, threads: int) -> List[Workload]:
             docs16 = docs.astype(np.float16)
             w.contenders.append(Contender("vkern cpu f16 docs", lambda qarg=qarg: vkern.maxsim(
                 qarg, docs16, doc_offsets=offsets, backend="cpu"), "vkern", note="half the bytes"))
+            qdocs = vkern.quantize_docs(docs, doc_offsets=offsets)   # once, like building an index
+            w.contenders.append(Contender("vkern cpu int8 docs", lambda qarg=qarg: vkern.maxsim(
+                qarg, qdocs, backend="cpu"), "vkern",
+                note=f"{vkern.ops.maxsim_int8.kernel_name()}, a quarter of the bytes"))
+            if "vnni" in vkern.ops.maxsim_int8.kernel_name():
+                def int8_no_vnni(qarg=qarg):
+                    _ext.C.maxsim_int8_allow_vnni(False)
+                    try:
+                        return vkern.maxsim(qarg, qdocs, backend="cpu")
+                    finally:
+                        _ext.C.maxsim_int8_allow_vnni(True)
+
+                w.contenders.append(Contender("vkern cpu int8 docs, no VNNI", int8_no_vnni, "vkern",
+                                              note="vpmaddubsw + vpmaddwd"))
+            w.contenders.append(Contender("vkern reference int8 docs", lambda qarg=qarg: vkern.maxsim(
+                qarg, qdocs, backend="reference"), "vkern", note="NumPy, exact integer dots"))
         if torch is not None and torch.cuda.is_available():
             dev = "cuda"
             tq = torch.from_numpy(qarg).to(dev)

@@ -354,7 +354,7 @@ def maxsim_impl(queries, docs, *, doc_offsets=None, doc_lengths=None, query_leng
 
 
 def maxsim(queries, docs, *, doc_offsets=None, doc_lengths=None, query_lengths=None,
-           topk: Optional[int] = None, backend: str = "auto"):
+           topk: Optional[int] = None, backend: str = "auto", doc_scales=None, doc_ids=None):
     """MaxSim (ColBERT late-interaction) scores of queries against documents.
 
     score(q, d) = sum over unmasked query tokens i of max over tokens j of d of <q_i, d_j>,
@@ -367,6 +367,12 @@ def maxsim(queries, docs, *, doc_offsets=None, doc_lengths=None, query_lengths=N
         query_lengths: [B] valid tokens per query; tokens past it add nothing.
         topk: if given, return only the k best documents per query.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (VKERN_BACKEND overrides "auto").
+        doc_scales: with int8 docs [T, D] only: float32 [T], one scale per token. Docs may also be a
+            ``vkern.QuantizedDocs`` (from ``vkern.quantize_docs``); both are scored in place with
+            integer dot products (queries quantised per call; docs/ops/retrieval_memory.md).
+        doc_ids: score only these documents: int [K] for every query, or [B, K] per query. Scores
+            are [K] / [B, K] in that order; top-k indices are the original document ids. The CPU
+            kernel reads the candidates' rows in place (e.g. from an ``np.memmap`` store).
 
     Returns:
         float32 scores [N] (or [B, N]); with ``topk=k``: ``(scores, indices)`` of shape [k]
@@ -387,6 +393,17 @@ def maxsim(queries, docs, *, doc_offsets=None, doc_lengths=None, query_lengths=N
         >>> vkern.maxsim(q, d, doc_offsets=np.array([0, 1, 3])).tolist()
         [1.0, 1.0]
     """
+    from . import maxsim_int8
+
+    if doc_ids is not None:
+        from .maxsim_subset import maxsim_subset_impl
+
+        return maxsim_subset_impl(queries, docs, doc_ids=doc_ids, doc_offsets=doc_offsets, doc_lengths=doc_lengths,
+                                  doc_scales=doc_scales, query_lengths=query_lengths, topk=topk, backend=backend)
+    if doc_scales is not None or maxsim_int8.is_int8_docs(docs):
+        return maxsim_int8.maxsim_int8_impl(queries, docs, doc_offsets=doc_offsets, doc_lengths=doc_lengths,
+                                            doc_scales=doc_scales, query_lengths=query_lengths, topk=topk,
+                                            backend=backend)
     torch = A.torch_module() if A.is_torch(queries) else None
     if torch is not None:
         from .._torch import maxsim as _torch_ops  # registers the vkern:: ops on first use of torch inputs

@@ -1,0 +1,285 @@
+"""int8 documents for MaxSim: ``vkern.quantize_docs`` and the int8 path of ``vkern.maxsim``.
+
+Contract: docs/ops/retrieval_memory.md. A document store quantised once to int8 codes with one
+float32 scale per token is 4x smaller than float32 (plus 4 bytes a token), and the CPU kernel
+scores it in place with integer dot products (no dequantised copy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import _arrays as A
+from .. import _ext
+from .._backend import Backend, cpu_reason, host_reason, op
+from ..reference import maxsim as ref_f32
+from ..reference import maxsim_int8 as ref
+
+_OP = op("maxsim_int8")
+
+
+@dataclass(frozen=True)
+class QuantizedDocs:
+    """Packed int8 documents: ``codes`` int8 [T, D], ``scales`` float32 [T] (token j is
+    ``codes[j] * scales[j]``), ``doc_offsets`` int64 [N+1]. Pass it to ``vkern.maxsim`` as docs."""
+    codes: Any
+    scales: Any
+    doc_offsets: Any
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.doc_offsets.shape[0]) - 1
+
+    @property
+    def dim(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes + scales + offsets."""
+        return sum(int(a.numel() * a.element_size()) if A.is_torch(a) else int(a.nbytes)
+                   for a in (self.codes, self.scales, self.doc_offsets))
+
+    def dequantize(self):
+        """float32 [T, D] (same kind as the codes)."""
+        if A.is_torch(self.codes):
+            return self.codes.float() * self.scales[:, None]
+        return self.codes.astype(np.float32) * self.scales[:, None]
+
+
+def _host(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if x.device.type != "cpu":
+        raise ValueError(f"int8 MaxSim runs on host memory only (got a tensor on {x.device})")
+    return x.detach().numpy()
+
+
+def _finite_or_raise(x: np.ndarray, name: str) -> None:
+    if x.size and not np.isfinite(x).all():
+        raise ValueError(f"{name}: contains NaN or inf, which int8 codes with a finite scale cannot represent")
+
+
+def quantize_docs(docs, *, doc_offsets=None, doc_lengths=None) -> QuantizedDocs:
+    """Quantise documents to int8, one symmetric scale per token (scale = max|d_j| / 127).
+
+    Args:
+        docs: packed [T, D] with ``doc_offsets`` [N+1], padded [N, Ld, D] with optional
+            ``doc_lengths`` [N], or a list of [L_i, D] arrays; float32, float16 or bfloat16, finite.
+
+    Returns:
+        QuantizedDocs (codes int8 [T, D], scales float32 [T], doc_offsets int64 [N+1]), packed,
+        of the same array kind as ``docs`` (host memory). Padding rows are dropped.
+
+    Example:
+        >>> import numpy as np, vkern
+        >>> qd = vkern.quantize_docs(np.array([[1.0, -0.5], [0.0, 0.0]], np.float32), doc_offsets=np.array([0, 2]))
+        >>> qd.codes.tolist(), qd.scales.tolist()
+        ([[127, -64], [0, 0]], [0.007874015718698502, 0.0])
+    """
+    from .maxsim import _pack_list
+
+    like = docs[0] if isinstance(docs, (list, tuple)) and docs else docs
+    if isinstance(docs, (list, tuple)):
+        if doc_offsets is not None or doc_lengths is not None:
+            raise ValueError("doc_offsets/doc_lengths: not accepted with a list of documents")
+        d, doc_offsets = _pack_list(docs, None)
+    else:
+        d, _ = A.to_native(docs, "docs")
+        if not A.is_float(d):
+            raise A.float_dtype_error("docs", d)
+    if d.ndim == 3:
+        if doc_offsets is not None:
+            raise ValueError("doc_offsets: only valid with packed docs [T, D]; padded docs use doc_lengths")
+        N, Ld, D = (int(s) for s in d.shape)
+        lens = np.full(N, Ld, np.int64) if doc_lengths is None else _host(A.to_native(doc_lengths, "doc_lengths")[0])
+        if not (isinstance(lens, np.ndarray) and lens.dtype.kind in "iu") or lens.shape != (N,):
+            raise ValueError(f"doc_lengths: expected integers of shape ({N},), got {getattr(lens, 'shape', None)}")
+        if np.any(lens < 0) or np.any(lens > Ld):
+            raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}]")
+        off = np.zeros(N + 1, np.int64)
+        np.cumsum(lens, out=off[1:])
+        x = A.to_numpy(d, np.float32)[np.arange(Ld)[None, :] < lens[:, None]]
+    elif d.ndim == 2:
+        if doc_lengths is not None:
+            raise ValueError("doc_lengths: only valid with padded docs [N, Ld, D]; packed docs use doc_offsets")
+        if doc_offsets is None:
+            raise ValueError("doc_offsets: required with packed docs [T, D]")
+        off = _check_offsets(doc_offsets, int(d.shape[0]))
+        x = A.to_numpy(d, np.float32)
+    else:
+        raise ValueError(f"docs: expected shape [T, D], [N, Ld, D] or a list of [L, D], got {tuple(d.shape)}")
+    _finite_or_raise(x, "docs")
+    codes, scales = ref.quantize_rows(x, ref.DOC_LEVELS)
+    if A.is_torch(like):
+        torch = A.torch_module()
+        return QuantizedDocs(torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(off))
+    return QuantizedDocs(codes, scales, off)
+
+
+def _check_offsets(doc_offsets, T: int) -> np.ndarray:
+    offsets, _ = A.to_native(doc_offsets, "doc_offsets")
+    if not A.is_integer(offsets):
+        raise TypeError(f"doc_offsets: expected an integer array, got {A.dtype_name(offsets)}")
+    off = _host(offsets).astype(np.int64, copy=False)
+    if off.ndim != 1 or off.shape[0] < 1:
+        raise ValueError(f"doc_offsets: expected shape (N+1,), got {tuple(off.shape)}")
+    if off[0] != 0 or off[-1] != T or np.any(np.diff(off) < 0):
+        raise ValueError(f"doc_offsets: must start at 0, be non-decreasing and end at T={T}; "
+                         f"got first={int(off[0])}, last={int(off[-1])}")
+    return np.ascontiguousarray(off)
+
+
+@dataclass
+class Int8Call:
+    q_codes: np.ndarray         # int8 [B, Lq, D], contiguous
+    q_scales: np.ndarray        # float32 [B, Lq]
+    q_lengths: np.ndarray       # int64 [B]
+    single: bool
+    codes: np.ndarray           # int8 [T, D] (rows may be strided)
+    scales: np.ndarray          # float32 [T] contiguous
+    offsets: np.ndarray         # int64 [N+1]
+    topk: Optional[int]
+    device: str
+    like: Any                   # the queries: results follow their kind
+
+    @property
+    def N(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+    def __repr__(self) -> str:
+        return (f"queries {self.q_codes.shape} (quantised), int8 docs {self.codes.shape}, N={self.N}, "
+                f"topk={self.topk}, on {self.device}")
+
+
+def is_int8_docs(docs) -> bool:
+    if isinstance(docs, QuantizedDocs):
+        return True
+    if isinstance(docs, (list, tuple)) or not (isinstance(docs, np.ndarray) or A.is_torch(docs)):
+        return False
+    return A.dtype_name(docs) == "int8"
+
+
+def _prepare(queries, docs, doc_offsets, doc_lengths, doc_scales, query_lengths, topk) -> Int8Call:
+    if isinstance(docs, QuantizedDocs):
+        if doc_offsets is not None or doc_scales is not None:
+            raise ValueError("doc_offsets/doc_scales: already held by the QuantizedDocs passed as docs")
+        codes, doc_scales, doc_offsets = docs.codes, docs.scales, docs.doc_offsets
+    else:
+        codes = docs
+        if doc_scales is None:
+            raise ValueError("doc_scales: required with int8 docs (one float32 scale per token; "
+                             "vkern.quantize_docs makes both)")
+    if doc_lengths is not None:
+        raise ValueError("doc_lengths: int8 docs are packed [T, D] with doc_offsets")
+    q, _ = A.to_native(queries, "queries")
+    if not A.is_float(q):
+        raise A.float_dtype_error("queries", q)
+    if q.ndim not in (2, 3):
+        raise ValueError(f"queries: expected shape [Lq, D] or [B, Lq, D], got {tuple(q.shape)}")
+    device = A.device_of(q)
+    single = q.ndim == 2
+    if single and query_lengths is not None:
+        raise ValueError("query_lengths: only valid with batched queries [B, Lq, D]")
+    codes = _host(A.to_native(codes, "docs")[0])
+    if codes.ndim != 2:
+        raise ValueError(f"docs: int8 docs must be packed [T, D], got shape {codes.shape}")
+    T, D = (int(s) for s in codes.shape)
+    if int(q.shape[-1]) != D:
+        raise ValueError(f"docs: expected last dim D={int(q.shape[-1])} (from queries), got {D}")
+    if D > 131072:
+        raise ValueError(f"docs: int8 MaxSim needs D <= 131072 (int32 accumulation), got {D}")
+    scales = _host(A.to_native(doc_scales, "doc_scales")[0])
+    if scales.dtype != np.float32:
+        raise TypeError(f"doc_scales: expected float32, got {scales.dtype}")
+    if scales.shape != (T,):
+        raise ValueError(f"doc_scales: expected shape ({T},) (one per token row), got {scales.shape}")
+    _finite_or_raise(scales, "doc_scales")
+    if doc_offsets is None:
+        raise ValueError("doc_offsets: required with packed int8 docs [T, D]")
+    off = _check_offsets(doc_offsets, T)
+    qh = A.to_numpy(q, np.float32)
+    if single:
+        qh = qh[None]
+    B, Lq = int(qh.shape[0]), int(qh.shape[1])
+    if query_lengths is not None:
+        ql = _host(A.to_native(query_lengths, "query_lengths")[0])
+        if ql.dtype.kind not in "iu":
+            raise TypeError(f"query_lengths: expected an integer array, got {ql.dtype}")
+        if ql.shape != (B,):
+            raise ValueError(f"query_lengths: expected shape ({B},) (one per query), got {ql.shape}")
+        if np.any(ql < 0) or np.any(ql > Lq):
+            raise ValueError(f"query_lengths: every length must be in [0, Lq={Lq}]")
+        ql = ql.astype(np.int64)
+    else:
+        ql = np.full(B, Lq, np.int64)
+    valid = np.arange(Lq)[None, :] < ql[:, None]
+    _finite_or_raise(qh[valid], "queries")
+    if topk is not None:
+        if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
+            raise TypeError(f"topk: expected an int or None, got {type(topk).__name__}")
+        if topk < 1:
+            raise ValueError(f"topk: expected k >= 1, got {int(topk)}")
+        topk = int(topk)
+    q_codes, q_scales = ref.quantize_rows(np.where(valid[:, :, None], qh, 0), ref.QUERY_LEVELS)
+    return Int8Call(np.ascontiguousarray(q_codes), np.ascontiguousarray(q_scales), ql, single, codes,
+                    np.ascontiguousarray(scales), off, topk, device, q)
+
+
+def _reference_run(call: Int8Call):
+    scores = ref.maxsim_int8_scores(call.q_codes, call.q_scales, call.q_lengths, call.codes, call.scales,
+                                    call.offsets)
+    if call.topk is None:
+        return scores, None, None
+    vals, idx = ref_f32.topk(scores, call.topk)
+    return None, vals, idx
+
+
+def _cpu_run(call: Int8Call):
+    codes = call.codes
+    if codes.shape[1] > 1 and codes.strides[1] != 1 or codes.strides[0] < 0:
+        codes = np.ascontiguousarray(codes)
+    row_stride = int(codes.strides[0]) if codes.shape[0] > 1 else int(codes.shape[1])
+    row_stride = max(row_stride, int(codes.shape[1]))
+    starts = np.ascontiguousarray(call.offsets[:-1])
+    lens = np.ascontiguousarray(np.diff(call.offsets))
+    B, Lq, D = call.q_codes.shape
+    N = call.N
+    scores = vals = idx = None
+    k = 0
+    if call.topk is None:
+        scores = np.empty((B, N), np.float32)
+    else:
+        k = min(call.topk, N)
+        vals = np.empty((B, k), np.float32)
+        idx = np.empty((B, k), np.int64)
+        if k == 0:
+            return None, vals, idx
+    _ext.C.maxsim_int8_cpu(
+        call.q_codes.ctypes.data, call.q_scales.ctypes.data, B, Lq, D, call.q_lengths.ctypes.data,
+        codes.ctypes.data if codes.size else 0, row_stride, call.scales.ctypes.data if N else 0,
+        starts.ctypes.data, lens.ctypes.data, N, 0 if scores is None else scores.ctypes.data, k,
+        0 if vals is None else vals.ctypes.data, 0 if idx is None else idx.ctypes.data)
+    return scores, vals, idx
+
+
+_OP.register(Backend("reference", host_reason, _reference_run))
+_OP.register(Backend("cpu", cpu_reason, _cpu_run))
+
+
+def kernel_name() -> str:
+    """The int8 CPU kernel the next call uses (e.g. 'i8_avx512vnni'), or '' without the extension."""
+    return str(_ext.C.maxsim_int8_kernel()) if _ext.C is not None else ""
+
+
+def maxsim_int8_impl(queries, docs, *, doc_offsets=None, doc_lengths=None, doc_scales=None, query_lengths=None,
+                     topk=None, backend: str = "auto"):
+    call = _prepare(queries, docs, doc_offsets, doc_lengths, doc_scales, query_lengths, topk)
+    scores, vals, idx = _OP.pick(backend, call).run(call)
+    if call.topk is None:
+        return A.as_kind(scores[0] if call.single else scores, call.like)
+    if call.single:
+        vals, idx = vals[0], idx[0]
+    return A.as_kind(vals, call.like), A.as_kind(idx, call.like)
