@@ -67,8 +67,13 @@ def main(argv=None, prog=None) -> int:
                         help="TVQ bit allocation: average bits per element over all tensors (2..8); "
                              "overrides --bits per tensor")
     p_comp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p_comp.add_argument("out", metavar="OUT", help="the store file to write (.safetensors)")
+    p_comp.add_argument("out", metavar="OUT", nargs="?", help="the store file to write (.safetensors)")
     args = parser.parse_args(argv)
+    if args.cmd == "taskvec" and args.out is None:
+        # `--finetuned A B OUT`: nargs="+" took OUT too; the last value is the store
+        if len(args.finetuned) < 2:
+            p_comp.error("the following arguments are required: OUT")
+        args.out = args.finetuned.pop()
 
     if args.cmd == "merge":
         from vkern.merge import main as merge_main

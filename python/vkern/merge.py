@@ -285,7 +285,12 @@ def plan_merge(recipe: Dict[str, Any], recipe_dir: str = ".") -> MergePlan:
     if not sources:
         raise RecipeError("models: no model besides the base to merge")
     plan = MergePlan(method, base, sources, globals_, DTYPE_NAMES.get(dtype) if dtype else None)
-    _check_tensors(plan)
+    from .taskvec_store import StoreError
+
+    try:
+        _check_tensors(plan)
+    except StoreError as exc:
+        raise RecipeError(str(exc)) from None
     _check_params(plan)
     return plan
 
@@ -294,7 +299,7 @@ def _check_tensors(plan: MergePlan) -> None:
     ref = plan.reference
     ref_name = "base_model" if plan.base is not None else plan.sources[0].label
     for name, info in ref.tensors.items():
-        is_float = info.dtype in FLOAT_DTYPES
+        is_float = info.dtype in FLOAT_DTYPES and info.numel > 0
         for src in plan.sources:
             if src.ckpt is not None:
                 other = src.ckpt.tensors.get(name)
@@ -303,7 +308,7 @@ def _check_tensors(plan: MergePlan) -> None:
                 if other.shape != info.shape:
                     raise RecipeError(f"tensor {name!r}: shape {list(other.shape)} in {src.label}, "
                                       f"{list(info.shape)} in {ref_name}")
-                if is_float != (other.dtype in FLOAT_DTYPES):
+                if (info.dtype in FLOAT_DTYPES) != (other.dtype in FLOAT_DTYPES):
                     raise RecipeError(f"tensor {name!r}: dtype {other.dtype} in {src.label}, {info.dtype} in {ref_name}")
             elif is_float:
                 src.store.check_tensor(name, info.shape, src.label)
