@@ -405,3 +405,15 @@ def test_writer_plan_order_is_enforced(tmp_path):
     w = ShardedWriter(str(tmp_path), [("a", "F32", (2,)), ("b", "F32", (3,))], 1 << 20)
     with pytest.raises(RuntimeError, match="expected tensor 'a' next"):
         w.write("b", np.zeros(3, np.float32))
+
+
+def test_readme_merge_snippet_runs():
+    """The README's model-merging Python block runs as written."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Model merging: `vkern merge`", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "README.md[model merging]", "exec"), {})
