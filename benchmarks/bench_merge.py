@@ -35,7 +35,8 @@ PRESETS = {  # hidden, intermediate, layers, heads, kv heads, vocab
 
 def llama_shapes(hidden, inter, layers, heads, kv, vocab):
     hd = hidden // heads
-    s = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    s = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+         "lm_head.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
         s.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv * hd, hidden),
@@ -232,24 +233,27 @@ def main():
             results[name]["out"] = out
         mk = results.get("mergekit run_merge", {})
         tl = results.get("torch loop (load all)", {})
-        print(f"\n{method} (lambda 0.9, weights 0.5/0.3/0.4" + (", densities 0.5/0.4/0.6)" if method == "ties" else ")"))
+        dens = ", densities 0.5/0.4/0.6)" if method == "ties" else ")"
+        print(f"\n{method} (lambda 0.9, weights 0.5/0.3/0.4" + dens)
         print(f"{'contender':<24}{'wall s':>9}{'peak RSS GB':>13}{'input GB/s':>12}{'time vs mergekit':>18}"
               f"{'RSS vs mergekit':>17}{'time vs torch':>15}")
         for name, r in results.items():
             if "error" in r:
                 print(f"{name:<24}  error: {r['error']}")
                 continue
-            row = f"{name:<24}{r['wall_s']:>9.2f}{r['maxrss_bytes'] / 1e9:>13.2f}{4 * model_bytes / r['wall_s'] / 1e9:>12.2f}"
+            row = (f"{name:<24}{r['wall_s']:>9.2f}{r['maxrss_bytes'] / 1e9:>13.2f}"
+                   f"{4 * model_bytes / r['wall_s'] / 1e9:>12.2f}")
             row += f"{r['wall_s'] / mk['wall_s']:>17.2f}x" if "wall_s" in mk else f"{'-':>18}"
             row += f"{r['maxrss_bytes'] / mk['maxrss_bytes']:>16.2f}x" if "wall_s" in mk else f"{'-':>17}"
             row += f"{r['wall_s'] / tl['wall_s']:>14.2f}x" if "wall_s" in tl else f"{'-':>15}"
             print(row)
         if "out" in results.get("vkern merge", {}) and "out" in mk:
             worst, frac, ulp = compare(results["vkern merge"]["out"], mk["out"])
+            note = "" if ulp or method != "ties" else (
+                " (bfloat16 inputs make many |delta| equal at the TIES trim threshold: vkern keeps the lower "
+                "indices, mergekit's argsort any)")
             print(f"vkern vs mergekit output: max |diff| {worst:.3g}, {100 * frac:.4f}% of elements differ, "
-                  f"all within one bfloat16 rounding: {ulp}" + ("" if ulp or method != "ties" else
-                  " (bfloat16 inputs make many |delta| equal at the TIES trim threshold: vkern keeps the lower "
-                  "indices, mergekit's argsort any)"))
+                  f"all within one bfloat16 rounding: {ulp}" + note)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_roundtrip_error_bound_per_bit_width(family, bits, group):
             q = store.qtv(name, task)
             assert q.bits == bits
             tau = taus_of(base, fts[i], name)
-            deq = taskvec.dequantize(q)
+            deq = taskvec.dequantize(q, backend="reference")
             # |tau - deq| <= step / 2 of the element's group (+ float32 rounding of tau)
             N, K = tau.shape
             gs = q.group_size
@@ -84,7 +84,7 @@ def test_error_falls_with_bits(family):
         compress(tmp, out=f"s{bits}.safetensors", bits=bits)
         store = ts.Store(str(tmp / f"s{bits}.safetensors"))
         t = taus_of(base, fts[0], "layers.0.up.weight")
-        errs.append(float(np.abs(taskvec.dequantize(store.qtv("layers.0.up.weight", "t0")) - t).mean()))
+        errs.append(float(np.abs(taskvec.dequantize(store.qtv("layers.0.up.weight", "t0"), backend="cpu") - t).mean()))
     assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 20
 
 
@@ -117,8 +117,8 @@ def test_rtvq_shares_one_base_and_is_smaller(family):
     pstore = ts.Store(str(tmp / "p.safetensors"))
     for i, task in enumerate(store.tasks):
         t = taus_of(base, fts[i], name)
-        e_res += float(np.square(taskvec.dequantize(store.qtv(name, task)) - t).sum())
-        e_plain += float(np.square(taskvec.dequantize(pstore.qtv(name, task)) - t).sum())
+        e_res += float(np.square(taskvec.dequantize(store.qtv(name, task), backend="cpu") - t).sum())
+        e_plain += float(np.square(taskvec.dequantize(pstore.qtv(name, task), backend="cpu") - t).sum())
     assert e_res < e_plain
 
 
@@ -156,7 +156,7 @@ def test_budget_allocation_rule_and_budget(tmp_path):
     # the model predicts the measured squared error
     store = ts.Store(str(tmp / "s.safetensors"))
     n = "layers.0.up.weight"
-    meas = sum(float(np.square(taskvec.dequantize(store.qtv(n, t)) - taus_of(base, fts[i], n)).sum())
+    meas = sum(float(np.square(taskvec.dequantize(store.qtv(n, t), backend="cpu") - taus_of(base, fts[i], n)).sum())
                for i, t in enumerate(store.tasks))
     pred = w[names.index(n)] / (2 ** s["bits"][n] - 1) ** 2
     assert 0.3 * pred < meas < 3 * pred
@@ -191,8 +191,8 @@ def _recipe(tmp, method, entries, params=None, name="r.yml"):
 def _dequantised_checkpoints(tmp, base, store):
     """ft_t = base + dequantize(tau_t), written as float32 checkpoints (the 'materialised' route)."""
     for task in store.tasks:
-        write(tmp / f"deq_{task}", {n: base[n] + taskvec.dequantize(store.qtv(n, task)).reshape(base[n].shape)
-                                    for n in base})
+        deq = {n: taskvec.dequantize(store.qtv(n, task), backend="cpu").reshape(base[n].shape) for n in base}
+        write(tmp / f"deq_{task}", {n: base[n] + deq[n] for n in base})
 
 
 def _out(tmp, d):
@@ -235,7 +235,7 @@ def test_ties_density_from_store_equals_definition_on_dequantised(family):
     for n in base:
         deltas = []
         for t, w in zip(store.tasks, ws):
-            d = taskvec.dequantize(store.qtv(n, t)).astype(np.float64).reshape(-1)
+            d = taskvec.dequantize(store.qtv(n, t), backend="cpu").astype(np.float64).reshape(-1)
             k = int(0.4 * d.size)
             keep = np.zeros(d.size, bool)
             keep[np.argsort(-np.abs(d), kind="stable")[:k]] = True

@@ -309,7 +309,8 @@ def _check_tensors(plan: MergePlan) -> None:
                     raise RecipeError(f"tensor {name!r}: shape {list(other.shape)} in {src.label}, "
                                       f"{list(info.shape)} in {ref_name}")
                 if (info.dtype in FLOAT_DTYPES) != (other.dtype in FLOAT_DTYPES):
-                    raise RecipeError(f"tensor {name!r}: dtype {other.dtype} in {src.label}, {info.dtype} in {ref_name}")
+                    raise RecipeError(f"tensor {name!r}: dtype {other.dtype} in {src.label}, "
+                                      f"{info.dtype} in {ref_name}")
             elif is_float:
                 src.store.check_tensor(name, info.shape, src.label)
         out_dtype = plan.out_dtype if (is_float and plan.out_dtype) else info.dtype
