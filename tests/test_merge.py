@@ -375,30 +375,37 @@ def test_cli_merge_progress_and_error_exit(family):
 
 # ------------------------------------------------------------------ memory
 
-def test_peak_memory_is_a_few_tensors_not_the_model(tmp_path):
-    """32 tensors of 256 KiB per model, 3 fine-tunes (32 MiB read in all): the traced peak of a
-    TIES merge stays under 10 tensors (T deltas + base + accumulators + I/O buffers), i.e. under
-    a third of ONE model, where loading the models would take 4 models."""
+@pytest.mark.parametrize("method,bound", [("ties", 2.5), ("task_arithmetic", 1.0), ("dare_ties", 1.0)])
+def test_peak_memory_is_blocks_not_tensors(tmp_path, monkeypatch, method, bound):
+    """32 tensors of 256 KiB per model, 3 fine-tunes (32 MiB read in all), streamed in blocks of
+    2048 elements: the traced peak stays under `bound` tensors: TIES holds one float32 |delta|
+    buffer of a tensor while it finds the trim threshold; task arithmetic and DARE only blocks
+    (plus the headers and plan: ~0.4 tensor here), never a whole tensor.
+    Loading the models would take 128 tensors."""
+    monkeypatch.setattr(vm, "BLOCK", 2048)
     rng = np.random.default_rng(0)
     shapes = {f"layers.{i}.weight": (256, 256) for i in range(32)}
     base = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     write_ckpt(str(tmp_path / "base"), base)
+    fts = []
     for i in range(3):
-        write_ckpt(str(tmp_path / f"ft{i}"), {k: v + 0.01 * np.float32(i + 1) for k, v in base.items()})
-    model_bytes = sum(v.nbytes for v in base.values())
+        fts.append({k: v + np.float32(0.01 * (i + 1)) * rng.standard_normal(v.shape).astype(np.float32)
+                    for k, v in base.items()})
+        write_ckpt(str(tmp_path / f"ft{i}"), fts[-1])
     tensor_bytes = 256 * 256 * 4
-    r = recipe(tmp_path, "ties", [{"model": str(tmp_path / f"ft{i}"), "parameters": {"weight": 0.3, "density": 0.5}}
+    r = recipe(tmp_path, method, [{"model": str(tmp_path / f"ft{i}"), "parameters": {"weight": 0.3, "density": 0.5}}
                                   for i in range(3)])
+    vm.run(r, str(tmp_path / "warm"), progress=False)       # first run imports what it needs (traced too)
     tracemalloc.start()
     try:
         vm.run(r, str(tmp_path / "out"), progress=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 10 * tensor_bytes, (peak, tensor_bytes)
-    assert peak < model_bytes / 3
+    assert peak < bound * tensor_bytes, (peak / tensor_bytes, bound)
     got, _ = load_out(tmp_path / "out")
-    assert set(got) == set(base)
+    if method != "dare_ties":   # blocked and whole-tensor merges agree
+        assert_close(got, oracle(method, base, fts, [0.3] * 3, [0.5] * 3))
 
 
 def test_writer_plan_order_is_enforced(tmp_path):

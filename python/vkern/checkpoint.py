@@ -156,20 +156,29 @@ class Checkpoint:
         return fingerprint(self.tensors.values())
 
 
-def read_bytes(info: TensorInfo) -> np.ndarray:
-    buf = np.empty(info.nbytes, dtype=np.uint8)
+def read_bytes(info: TensorInfo, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+    """Bytes [start, stop) of the tensor's data (all of it by default) as a fresh uint8 array."""
+    stop = info.nbytes if stop is None else stop
+    n = stop - start
+    buf = np.empty(n, dtype=np.uint8)
     fd = os.open(info.file, os.O_RDONLY)
     try:
         done = 0
         view = memoryview(buf)
-        while done < info.nbytes:
-            got = os.preadv(fd, [view[done:done + (1 << 30)]], info.offset + done)
+        while done < n:
+            got = os.preadv(fd, [view[done:done + (1 << 30)]], info.offset + start + done)
             if got <= 0:
                 raise CheckpointError(f"{info.file}: tensor {info.name!r}: unexpected end of file")
             done += got
     finally:
         os.close(fd)
     return buf
+
+
+def read_f32_range(info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    """Elements [start, stop) of a float tensor (flat order) as a fresh float32 array."""
+    size = ITEMSIZE[info.dtype]
+    return decode_f32(read_bytes(info, start * size, stop * size), info.dtype)
 
 
 def decode_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -281,6 +290,7 @@ class ShardedWriter:
         self.metadata = dict(metadata or {"format": "pt"})
         self._by_name = {it.name: it for it in self.items}
         self._next = 0
+        self._part = 0
         self._files = []
         self._shard_open = -1
 
@@ -305,17 +315,32 @@ class ShardedWriter:
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Writes the next planned tensor's bytes (uint8, or any array whose bytes are it)."""
-        if self._next >= len(self.items) or self.items[self._next].name != name:
-            want = self.items[self._next].name if self._next < len(self.items) else None
-            raise RuntimeError(f"ShardedWriter: expected tensor {want!r} next, got {name!r}")
-        it = self.items[self._next]
         raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-        if raw.nbytes != it.nbytes:
+        it = self._current(name)
+        if raw.nbytes != it.nbytes - self._part:
             raise RuntimeError(f"ShardedWriter: tensor {name!r}: {raw.nbytes} bytes, planned {it.nbytes}")
+        self.write_part(name, raw)
+
+    def write_part(self, name: str, data: np.ndarray) -> None:
+        """Writes the next bytes of the next planned tensor (in order; the tensor is done when all
+        its planned bytes are written)."""
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        it = self._current(name)
+        if self._part + raw.nbytes > it.nbytes:
+            raise RuntimeError(f"ShardedWriter: tensor {name!r}: more than the planned {it.nbytes} bytes")
         if it.shard != self._shard_open:
             self._open_shard(it.shard)
         self._files[-1].write(memoryview(raw))
-        self._next += 1
+        self._part += raw.nbytes
+        if self._part == it.nbytes:
+            self._next += 1
+            self._part = 0
+
+    def _current(self, name: str) -> "_Planned":
+        if self._next >= len(self.items) or self.items[self._next].name != name:
+            want = self.items[self._next].name if self._next < len(self.items) else None
+            raise RuntimeError(f"ShardedWriter: expected tensor {want!r} next, got {name!r}")
+        return self.items[self._next]
 
     def close(self) -> None:
         if self._next != len(self.items):

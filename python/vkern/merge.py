@@ -23,8 +23,10 @@ numbers) are not supported and are refused.
 Everything is checked before anything is written: the recipe's keys, every
 method and parameter name, every checkpoint's headers, that every tensor of the
 base exists in every model with the same shape, and that every store was made
-against this base. Then tensors are streamed one at a time: each input tensor is
-read once into a buffer, merged, written to the output shard and dropped.
+against this base. Then each tensor is streamed in blocks of ``BLOCK`` elements: the
+block of every input is read (``os.preadv``, no memory map), merged and written to the
+output shard at once. Only a TIES trim holds a whole tensor: one float32 buffer of
+``|delta|`` per task in turn, partitioned in place to find the threshold (a first pass).
 
 Definitions (per tensor, float32; ``delta_t = x_t - base``), as mergekit 0.1.5's
 ``GeneralizedTaskArithmeticMerge`` and ``linear`` compute them:
@@ -77,7 +79,6 @@ COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
               "chat_template.json", "preprocessor_config.json")
-CHUNK = 1 << 16   # elements per cache-resident block of the streamed merge
 
 
 class RecipeError(ValueError):
@@ -360,122 +361,164 @@ def _check_params(plan: MergePlan) -> None:
 
 # ------------------------------------------------------------------ merge math
 
-def _trim_magnitude(delta: np.ndarray, density: float) -> None:
-    """In place: zero all but the k = max(1, int(density * n)) largest |delta| (ties: lower index)."""
-    n = delta.size
+BLOCK = 1 << 18   # elements per streamed block (1 MiB of float32): inputs are read block by block
+
+
+def _blocks(n: int):
+    for s in range(0, n, BLOCK):
+        yield s, min(n, s + BLOCK)
+
+
+@dataclass
+class _Trim:
+    """A task's TIES trim of one tensor: keep |delta| > thr, and the first `ties` (flat order)
+    entries with |delta| == thr; everything when thr is None, nothing when thr is inf."""
+    thr: Optional[float]
+    ties: int = 0
+
+    def mask(self, mag: np.ndarray) -> Optional[np.ndarray]:
+        if self.thr is None:
+            return None
+        keep = mag > self.thr
+        if self.ties > 0:
+            at = np.flatnonzero(mag == self.thr)[: self.ties]
+            keep[at] = True
+            self.ties -= len(at)
+        return keep
+
+
+def _magnitude_trim(n: int, density: float, delta_block) -> _Trim:
+    """k = max(1, int(density * n)) largest |delta| (mergekit's count), ties to the lower flat index.
+    One float32 buffer of |delta| (filled block by block) is partitioned in place."""
     if density >= 1.0 or n == 0:
-        return
+        return _Trim(None)
     if density <= 0.0:
-        delta[:] = 0
-        return
+        return _Trim(float("inf"))
     k = max(1, int(density * n))
-    mag = np.abs(delta)
+    mag = np.empty(n, dtype=np.float32)
+    for s, e in _blocks(n):
+        np.abs(delta_block(s, e), out=mag[s:e])
     mag.partition(n - k)
-    kth = mag[n - k]                               # the k-th largest magnitude
-    np.abs(delta, out=mag)                         # (partitioned in place: one buffer, not two)
-    keep = mag > kth
-    need = k - int(np.count_nonzero(keep))
-    if need > 0:
-        ties = np.flatnonzero(mag == kth)[:need]
-        keep[ties] = True
-    delta[~keep] = 0
+    kth = float(mag[n - k])
+    greater = int(np.count_nonzero(mag[n - k + 1:] > kth))   # after the partition all > kth sit past n-k
+    return _Trim(kth, k - greater)
 
 
-def _drop_random(delta: np.ndarray, density: float, rescale: bool, rng: np.random.Generator) -> None:
-    """In place: DARE drop (keep with probability density), then L1 rescale (mergekit's)."""
-    if density >= 1.0:
-        return
-    keep = rng.random(delta.size, dtype=np.float32) < np.float32(density)
-    before = float(np.abs(delta).sum(dtype=np.float64)) if rescale else 0.0
-    delta[~keep] = 0
-    if rescale:
-        after = float(np.abs(delta).sum(dtype=np.float64))
-        if before >= 1e-7 and after >= 1e-7:
-            delta *= np.float32(before / after)
+def _dare_mask(seed: int, tensor: int, task: int, s: int, e: int, density: float) -> np.ndarray:
+    """DARE's keep mask of elements [s, e): Bernoulli(density), one seeded stream per
+    (seed, tensor, task, block), so a second pass draws the same mask."""
+    rng = np.random.default_rng((seed, tensor, task, s // BLOCK))
+    return rng.random(e - s, dtype=np.float32) < np.float32(density)
 
 
-def merge_tensor(plan: MergePlan, name: str, base: Optional[np.ndarray], read: Callable[[int], np.ndarray],
-                 rng: np.random.Generator) -> np.ndarray:
-    """One merged tensor (flat float32). `read(i)` returns source i's tensor as a fresh flat float32 array."""
+def merge_streamed(plan: MergePlan, name: str, index: int, emit: Callable[[np.ndarray], None], seed: int,
+                   tick: Callable[[int], None]) -> None:
+    """Merges one tensor block by block from the checkpoints and hands each merged float32
+    block (flat order) to `emit`. Memory: a few blocks per input, plus one float32 buffer of the
+    tensor while a TIES trim threshold is found."""
+    from .checkpoint import read_f32_range
+
     T = len(plan.sources)
+    ref = plan.reference.tensors[name]
+    n = ref.numel
+    infos = [s.ckpt.tensors[name] for s in plan.sources]
     w = [float(plan.param(s, "weight", name)) for s in plan.sources]
+    base_info = plan.base.tensors[name] if plan.base is not None else None
+
+    def base_block(s, e):
+        return read_f32_range(base_info, s, e)
+
     if plan.method == "linear":
-        acc = None
-        for i in range(T):
-            x = read(i)
-            if acc is None:
-                acc = np.zeros_like(x)
-            for s in range(0, x.size, CHUNK):
-                acc[s:s + CHUNK] += np.float32(w[i]) * x[s:s + CHUNK]
-        if plan.global_param("normalize", name, True):
-            acc /= np.float32(sum(w))
-        return acc
+        normalize = plan.global_param("normalize", name, True)
+        for s, e in _blocks(n):
+            acc = np.zeros(e - s, dtype=np.float32)
+            for i in range(T):
+                x = read_f32_range(infos[i], s, e)
+                x *= np.float32(w[i])
+                acc += x
+                tick(infos[i].nbytes * (e - s) // max(1, n))
+            if normalize:
+                acc /= np.float32(sum(w))
+            emit(acc)
+        return
     consensus, sparsify, norm_default, rescale_default = GTA_METHODS[plan.method]
     normalize = plan.global_param("normalize", name, norm_default)
     rescale = plan.global_param("rescale", name, rescale_default)
     lam = float(plan.global_param("lambda", name, 1.0))
     dens = [plan.param(s, "density", name) for s in plan.sources]
     dens = [1.0 if d is None else float(d) for d in dens]
-    if plan.sources[0].store is not None:
-        return _merge_from_stores(plan, name, base, w, dens[0], lam, normalize)
-    n = base.size
-    if consensus is None and sparsify is None:
-        # task arithmetic: one streamed pass per model, in cache-sized blocks
-        acc = np.zeros(n, dtype=np.float32)
-        for i in range(T):
-            x = read(i)
-            wi = np.float32(w[i])
-            for s in range(0, n, CHUNK):
-                e = s + CHUNK
-                d = x[s:e]
-                d -= base[s:e]
-                d *= wi
-                acc[s:e] += d
-            del x
-        divisor = sum(w)
-        if normalize and abs(divisor) >= 1e-8:
-            acc /= np.float32(divisor)
-    else:
+
+    def delta_block(i, s, e):
+        d = read_f32_range(infos[i], s, e)
+        d -= base_block(s, e)
+        return d
+
+    trims = [_Trim(None)] * T
+    factors = [1.0] * T
+    dare = [sparsify == "random" and d < 1.0 for d in dens]
+    for i in range(T):
+        if sparsify == "magnitude":
+            trims[i] = _magnitude_trim(n, dens[i], lambda s, e, i=i: delta_block(i, s, e))
+        elif dare[i] and rescale:
+            before = after = 0.0
+            for s, e in _blocks(n):
+                d = np.abs(delta_block(i, s, e))
+                before += float(d.sum(dtype=np.float64))
+                after += float(d[_dare_mask(seed, index, i, s, e, dens[i])].sum(dtype=np.float64))
+            if before >= 1e-7 and after >= 1e-7:       # mergekit's L1 rescale (its eps guard)
+                factors[i] = before / after
+    divisor_all = sum(w)
+    for s, e in _blocks(n):
+        b = base_block(s, e)
         deltas = []
         for i in range(T):
-            d = read(i)
-            d -= base
-            if sparsify == "magnitude":
-                _trim_magnitude(d, dens[i])
-            elif sparsify == "random":
-                _drop_random(d, dens[i], rescale, rng)
+            d = read_f32_range(infos[i], s, e)
+            tick(infos[i].nbytes * (e - s) // max(1, n))
+            d -= b
+            keep = trims[i].mask(np.abs(d))
+            if keep is not None:
+                d[~keep] = 0
+            if dare[i]:
+                d[~_dare_mask(seed, index, i, s, e, dens[i])] = 0
+                if factors[i] != 1.0:
+                    d *= np.float32(factors[i])
             d *= np.float32(w[i])
             deltas.append(d)
-        acc = np.zeros(n, dtype=np.float32)
+        acc = np.zeros(e - s, dtype=np.float32)
         if consensus is None:
             for d in deltas:
                 acc += d
-            divisor = sum(w)
-            if normalize and abs(divisor) >= 1e-8:
-                acc /= np.float32(divisor)
+            if normalize and abs(divisor_all) >= 1e-8:
+                acc /= np.float32(divisor_all)
         else:
-            div = np.zeros(n, dtype=np.float32) if normalize else None
-            for s in range(0, n, CHUNK):
-                e = s + CHUNK
-                total = np.zeros(min(e, n) - s, dtype=np.float32)
-                for d in deltas:
-                    total += d[s:e]
-                positive = total >= 0
-                out = acc[s:e]
-                for i, d in enumerate(deltas):
-                    blk = d[s:e]
-                    agree = np.where(positive, blk > 0, blk < 0)
-                    out += np.where(agree, blk, np.float32(0))
-                    if div is not None:
-                        div[s:e] += np.where(agree, np.float32(w[i]), np.float32(0))
+            total = np.zeros(e - s, dtype=np.float32)
+            for d in deltas:
+                total += d
+            positive = total >= 0
+            div = np.zeros(e - s, dtype=np.float32) if normalize else None
+            for i, d in enumerate(deltas):
+                agree = np.where(positive, d > 0, d < 0)
+                acc += np.where(agree, d, np.float32(0))
+                if div is not None:
+                    div += np.where(agree, np.float32(w[i]), np.float32(0))
             if div is not None:
                 div[div == 0] = 1
                 acc /= div
-        del deltas
-    if lam != 1.0:
-        acc *= np.float32(lam)
-    acc += base
-    return acc
+        if lam != 1.0:
+            acc *= np.float32(lam)
+        acc += b
+        emit(acc)
+
+
+def merge_from_stores(plan: MergePlan, name: str, base: np.ndarray) -> np.ndarray:
+    """The fused quantized merge of one tensor from the stores' codes (flat float32)."""
+    consensus, sparsify, norm_default, _ = GTA_METHODS[plan.method]
+    w = [float(plan.param(s, "weight", name)) for s in plan.sources]
+    density = plan.param(plan.sources[0], "density", name)
+    density = 1.0 if density is None else float(density)
+    lam = float(plan.global_param("lambda", name, 1.0))
+    normalize = plan.global_param("normalize", name, norm_default)
+    return _merge_from_stores(plan, name, base, w, density, lam, normalize)
 
 
 def _merge_from_stores(plan: MergePlan, name: str, base: np.ndarray, w: List[float], density: float, lam: float,
@@ -527,33 +570,30 @@ def execute(plan: MergePlan, outdir: str, *, max_shard_size: str = "5GB", progre
     writer = ShardedWriter(outdir, [(n, d, s) for n, d, s, _ in plan.tensors], shard_bytes,
                            metadata={"format": "pt", "merged_by": "vkern", "merge_method": plan.method})
     bar = _progress(plan.input_bytes, progress)
-    rng = np.random.default_rng(seed)
     ref = plan.reference
+
+    def bar_tick(nbytes: int) -> None:
+        if bar is not None:
+            bar.update(nbytes)
+
     try:
-        for name, out_dtype, shape, merged in plan.tensors:
+        for index, (name, out_dtype, shape, merged) in enumerate(plan.tensors):
             info = ref.tensors[name]
             if not merged:
                 writer.write(name, ref.read_raw(name))
                 if bar is not None:
                     bar.update(info.nbytes)
                 continue
-            sources = plan.sources
-
-            def read(i: int) -> np.ndarray:
-                src_info = sources[i].ckpt.tensors[name]
-                raw = sources[i].ckpt.read_raw(name)
-                if bar is not None:
-                    bar.update(src_info.nbytes)
-                return decode_f32(raw, src_info.dtype)  # F32: the fresh read buffer itself (writable)
-
-            base = decode_f32(ref.read_raw(name), info.dtype) if plan.base is not None else None
-            if bar is not None:
-                bar.update(info.nbytes if plan.base is not None else 0)
-            result = merge_tensor(plan, name, base, read, rng)
-            if sources[0].store is not None and bar is not None:
-                bar.update(sum(s.store.tensor_bytes(name, s.task) for s in sources))
-            writer.write(name, encode_f32(result, out_dtype))
-            del result, base
+            if plan.sources[0].store is not None:
+                base = plan.reference.read_f32(name).reshape(-1)
+                bar_tick(info.nbytes + sum(sr.store.tensor_bytes(name, sr.task) for sr in plan.sources))
+                writer.write(name, encode_f32(merge_from_stores(plan, name, base), out_dtype))
+                del base
+                continue
+            if plan.base is not None:
+                bar_tick(info.nbytes)
+            merge_streamed(plan, name, index, lambda block: writer.write_part(name, encode_f32(block, out_dtype)),
+                           seed, bar_tick)
         writer.close()
     except BaseException:
         writer.abort()
