@@ -424,3 +424,60 @@ def test_readme_merge_snippet_runs():
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 1
     exec(compile(blocks[0], "README.md[model merging]", "exec"), {})
+
+
+# ------------------------------------------------------------------ NegMerge, CABS (brute force definitions)
+
+def test_negmerge_equals_definition(family):
+    tmp, base, fts = family
+    ws = [1.0, 2.0, 1.0]
+    r = recipe(tmp, "negmerge", [{"model": str(tmp / "ft0")}, {"model": str(tmp / "ft1"), "parameters": {"weight": 2.0}},
+                                 {"model": str(tmp / "ft2")}], {"lambda": 0.7})
+    vm.run(r, str(tmp / "out"), progress=False)
+    got, _ = load_out(tmp / "out")
+    for name, b in base.items():
+        flat_b = b.astype(np.float64).reshape(-1)
+        deltas = [(ft[name] - b).astype(np.float64).reshape(-1) for ft in fts]
+        want = flat_b.copy()
+        for j in range(flat_b.size):          # element by element, as the paper states it
+            signs = {np.sign(d[j]) for d in deltas}
+            if signs in ({1.0}, {-1.0}):
+                want[j] = flat_b[j] - 0.7 * sum(w * d[j] for w, d in zip(ws, deltas)) / sum(ws)
+        np.testing.assert_allclose(got[name].reshape(-1), want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert any(np.any(got[n].reshape(-1) != base[n].reshape(-1)) for n in base)
+
+
+@pytest.mark.parametrize("n_keep,m", [(2, 8), (1, 4), (3, 5)])
+def test_cabs_equals_definition(family, monkeypatch, n_keep, m):
+    tmp, base, fts = family
+    monkeypatch.setattr(vm, "BLOCK", 64)      # many blocks: groups must not straddle them
+    ws = [0.5, 0.8, 0.3]
+    r = recipe(tmp, "cabs", [{"model": str(tmp / f"ft{i}"), "parameters": {"weight": w}} for i, w in enumerate(ws)],
+               {"lambda": 1.1, "n": n_keep, "m": m})
+    vm.run(r, str(tmp / "out"), progress=False)
+    got, _ = load_out(tmp / "out")
+    for name, b in base.items():
+        flat_b = b.astype(np.float64).reshape(-1)
+        deltas = [(ft[name] - b).astype(np.float32).astype(np.float64).reshape(-1) for ft in fts]
+        taken = np.zeros(flat_b.size, bool)
+        masks = []
+        for d in deltas:                      # sequential, group by group
+            keep = np.zeros(flat_b.size, bool)
+            for g in range(0, flat_b.size, m):
+                free = [j for j in range(g, min(g + m, flat_b.size)) if not taken[j]]
+                free.sort(key=lambda j: (-abs(d[j]), j))
+                keep[free[:n_keep]] = True
+            taken |= keep
+            masks.append(keep)
+        assert not np.any(sum(mk.astype(int) for mk in masks) > 1)     # never overlapping
+        want = flat_b + 1.1 * sum(w * np.where(mk, d, 0) for w, mk, d in zip(ws, masks, deltas))
+        np.testing.assert_allclose(got[name].reshape(-1), want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("params,match", [({"n": 2}, r"parameters.m: required for cabs"),
+                                          ({"n": 5, "m": 4}, r"cabs needs 1 <= n <= m"),
+                                          ({"n": 1.5, "m": 4}, r"parameters.n: required for cabs")])
+def test_cabs_parameter_errors(family, params, match):
+    tmp, _, _ = family
+    r = recipe(tmp, "cabs", [{"model": str(tmp / "ft0"), "parameters": {"weight": 1.0}}], params)
+    _expect_error(tmp, r, match)

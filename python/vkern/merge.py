@@ -2,7 +2,7 @@
 
 The recipe subset (keys mergekit reads the same way)::
 
-    merge_method: ties            # linear, task_arithmetic, ties, dare_ties, dare_linear
+    merge_method: ties            # linear, task_arithmetic, ties, dare_ties, dare_linear, negmerge, cabs
     base_model: path/to/base      # a directory or .safetensors file (required except for linear)
     models:
       - model: path/to/base       # listing the base is allowed (it is not a task)
@@ -43,6 +43,15 @@ Definitions (per tensor, float32; ``delta_t = x_t - base``), as mergekit 0.1.5's
   its L1 norm (mergekit's rescale, not DARE's ``1/density``); dare_ties then elects as
   ties; normalize off by default.
 
+Two methods mergekit does not have (vkern's own recipe names):
+
+* ``negmerge`` (NegMerge, unlearning): the models are several fine-tunes on one forget task;
+  ``base - lambda * mean_w(delta_t)`` on the elements whose sign is the same and non-zero in
+  every delta, ``base`` elsewhere (``weight`` optional, default 1).
+* ``cabs`` (CABS): global ``n`` and ``m``; in recipe order, each delta keeps the n largest
+  magnitudes of every m consecutive elements (flat order) among the positions no earlier
+  task kept, so the masks never overlap; ``base + lambda * sum_t w_t * kept delta_t``.
+
 Where vkern differs from mergekit: computation is float32 whatever ``dtype`` says
 (mergekit computes in ``dtype``, e.g. bfloat16); ties at the trim threshold go to the
 lower flat index (mergekit's ``argsort`` leaves them unspecified); ``int8_mask`` is
@@ -59,8 +68,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .checkpoint import (DTYPE_NAMES, FLOAT_DTYPES, Checkpoint, CheckpointError, ShardedWriter, decode_f32,
-                         encode_f32, parse_size)
+from .checkpoint import (DTYPE_NAMES, FLOAT_DTYPES, Checkpoint, CheckpointError, ShardedWriter, encode_f32, parse_size,
+                         read_f32_range)
 
 # method -> (consensus, sparsification, default normalize, default rescale)
 GTA_METHODS = {
@@ -69,10 +78,12 @@ GTA_METHODS = {
     "dare_ties": ("sum", "random", False, True),
     "dare_linear": (None, "random", False, True),
 }
-METHODS = ("linear",) + tuple(GTA_METHODS)
-MODEL_PARAMS = {"linear": ("weight",), **{m: ("weight", "density") for m in GTA_METHODS}}
+METHODS = ("linear",) + tuple(GTA_METHODS) + ("negmerge", "cabs")
+MODEL_PARAMS = {"linear": ("weight",), **{m: ("weight", "density") for m in GTA_METHODS},
+                "negmerge": ("weight",), "cabs": ("weight",)}
 GLOBAL_PARAMS = {"linear": ("normalize", "weight"),
-                 **{m: ("lambda", "normalize", "rescale", "int8_mask", "weight", "density") for m in GTA_METHODS}}
+                 **{m: ("lambda", "normalize", "rescale", "int8_mask", "weight", "density") for m in GTA_METHODS},
+                 "negmerge": ("lambda", "weight"), "cabs": ("lambda", "weight", "n", "m")}
 RECIPE_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
 # files next to the base's weights that the output model needs (config and tokenizer)
 COPY_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -332,14 +343,22 @@ def _check_params(plan: MergePlan) -> None:
     for src in plan.sources:
         for tensor in names:
             w = plan.param(src, "weight", tensor)
-            if w is None:
+            if w is None and plan.method != "negmerge":   # negmerge: weight 1 by default (a plain mean)
                 raise RecipeError(f"{src.label}: parameter weight is required for {plan.method} "
                                   f"(no value for tensor {tensor!r})")
-            if plan.method != "linear":
+            if plan.method in GTA_METHODS:
                 d = plan.param(src, "density", tensor)
                 d = 1.0 if d is None else d
                 if not (0.0 <= d <= 1.0):
                     raise RecipeError(f"{src.label}: density must be in [0, 1], got {d} (tensor {tensor!r})")
+    if plan.method == "cabs":
+        for key in ("n", "m"):
+            v = plan.globals.get(key)
+            if isinstance(v, bool) or not isinstance(v, float) or v != int(v):
+                raise RecipeError(f"parameters.{key}: required for cabs (keep n of every m), an integer; got {v!r}")
+        n_keep, m_group = int(plan.globals["n"]), int(plan.globals["m"])
+        if not (1 <= n_keep <= m_group <= 4096):
+            raise RecipeError(f"parameters: cabs needs 1 <= n <= m <= 4096, got n={n_keep}, m={m_group}")
     for key in ("normalize", "rescale", "int8_mask"):
         for tensor in names[:1] + names[-1:]:
             v = plan.global_param(key, tensor, False)
@@ -416,13 +435,13 @@ def merge_streamed(plan: MergePlan, name: str, index: int, emit: Callable[[np.nd
     """Merges one tensor block by block from the checkpoints and hands each merged float32
     block (flat order) to `emit`. Memory: a few blocks per input, plus one float32 buffer of the
     tensor while a TIES trim threshold is found."""
-    from .checkpoint import read_f32_range
 
     T = len(plan.sources)
     ref = plan.reference.tensors[name]
     n = ref.numel
     infos = [s.ckpt.tensors[name] for s in plan.sources]
-    w = [float(plan.param(s, "weight", name)) for s in plan.sources]
+    w = [float(plan.param(s, "weight", name) if plan.param(s, "weight", name) is not None else 1.0)
+         for s in plan.sources]
     base_info = plan.base.tensors[name] if plan.base is not None else None
 
     def base_block(s, e):
@@ -440,6 +459,12 @@ def merge_streamed(plan: MergePlan, name: str, index: int, emit: Callable[[np.nd
             if normalize:
                 acc /= np.float32(sum(w))
             emit(acc)
+        return
+    if plan.method == "negmerge":
+        _negmerge(plan, name, n, infos, w, base_block, emit, tick)
+        return
+    if plan.method == "cabs":
+        _cabs(plan, name, n, infos, w, base_block, emit, tick)
         return
     consensus, sparsify, norm_default, rescale_default = GTA_METHODS[plan.method]
     normalize = plan.global_param("normalize", name, norm_default)
@@ -506,6 +531,75 @@ def merge_streamed(plan: MergePlan, name: str, index: int, emit: Callable[[np.nd
                 acc /= div
         if lam != 1.0:
             acc *= np.float32(lam)
+        acc += b
+        emit(acc)
+
+
+def _negmerge(plan, name, n, infos, w, base_block, emit, tick) -> None:
+    """NegMerge (Kim et al., ICML 2025): of several task vectors of one forget task keep the
+    elements whose sign is the same (and non-zero) in all of them, merge those (weighted mean,
+    weights 1 by default) and subtract: ``base - lambda * merged``."""
+    lam = float(plan.global_param("lambda", name, 1.0))
+    wsum = np.float32(sum(w))
+    for s, e in _blocks(n):
+        b = base_block(s, e)
+        pos = np.ones(e - s, dtype=bool)
+        neg = np.ones(e - s, dtype=bool)
+        acc = np.zeros(e - s, dtype=np.float32)
+        for i, info in enumerate(infos):
+            d = read_f32_range(info, s, e)
+            tick(info.nbytes * (e - s) // max(1, n))
+            d -= b
+            pos &= d > 0
+            neg &= d < 0
+            d *= np.float32(w[i])
+            acc += d
+        acc /= wsum if wsum != 0 else np.float32(1)
+        acc[~(pos | neg)] = 0
+        acc *= np.float32(-lam)
+        acc += b
+        emit(acc)
+
+
+def _nm_select(mag: np.ndarray, taken: np.ndarray, n_keep: int, m: int) -> np.ndarray:
+    """Per group of m consecutive elements, the n_keep largest |values| among those not `taken`
+    (ties to the lower index; fewer when fewer are free). Returns the keep mask."""
+    L = mag.size
+    G = -(-L // m)
+    pad = G * m - L
+    score = np.where(taken, -1.0, mag.astype(np.float64))
+    if pad:
+        score = np.concatenate([score, np.full(pad, -1.0)])
+    order = np.argsort(-score.reshape(G, m), axis=1, kind="stable")[:, :n_keep]
+    keep = np.zeros((G, m), dtype=bool)
+    np.put_along_axis(keep, order, True, axis=1)
+    keep = keep.reshape(-1)[:L]
+    return keep & ~taken
+
+
+def _cabs(plan, name, n, infos, w, base_block, emit, tick) -> None:
+    """CABS (Yang et al., ICML 2025): task vectors pruned in turn, n:m balanced (in every group
+    of m consecutive elements, flat order, keep the n largest |tau|) and conflict-aware (a
+    later task chooses only among positions no earlier task kept, so the masks never
+    overlap); then ``base + lambda * sum_t w_t * (tau_t * mask_t)``. Tasks go in recipe order."""
+    lam = float(plan.global_param("lambda", name, 1.0))
+    n_keep, m = int(plan.globals["n"]), int(plan.globals["m"])
+    step = max(m, (BLOCK // m) * m)                  # blocks hold whole groups
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        b = base_block(s, e)
+        taken = np.zeros(e - s, dtype=bool)
+        acc = np.zeros(e - s, dtype=np.float32)
+        for i, info in enumerate(infos):
+            d = read_f32_range(info, s, e)
+            tick(info.nbytes * (e - s) // max(1, n))
+            d -= b
+            keep = _nm_select(np.abs(d), taken, n_keep, m)
+            taken |= keep
+            d[~keep] = 0
+            d *= np.float32(w[i])
+            acc += d
+        acc *= np.float32(lam)
         acc += b
         emit(acc)
 
