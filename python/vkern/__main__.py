@@ -1,4 +1,4 @@
-"""Command line: ``python -m vkern info`` and ``python -m vkern bench``."""
+"""Command line: ``python -m vkern info|bench|merge|taskvec``."""
 from __future__ import annotations
 
 import argparse
@@ -44,7 +44,47 @@ def main(argv=None, prog=None) -> int:
     p_bench.add_argument("--ops", default="all", type=_ops_arg, metavar="OPS",
                          help=f"comma-separated ops to run, from: {', '.join(BENCH_OPS)} (default: all)")
     p_bench.add_argument("--repeat", type=int, default=None, help="timed repetitions per contender")
+    p_merge = sub.add_parser("merge", help="merge safetensors checkpoints from a mergekit-style YAML recipe")
+    p_merge.add_argument("recipe", metavar="RECIPE.yml")
+    p_merge.add_argument("outdir", metavar="OUTDIR")
+    p_merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p_merge.add_argument("--seed", type=int, default=0, help="seed of the DARE drop masks (default 0)")
+    p_merge.add_argument("--overwrite", action="store_true", help="replace safetensors already in OUTDIR")
+    p_merge.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p_tv = sub.add_parser("taskvec", help="quantized task-vector stores")
+    tv_sub = p_tv.add_subparsers(dest="tv_cmd", required=True)
+    p_comp = tv_sub.add_parser("compress", help="quantize fine-tunes against a base into one store file")
+    p_comp.add_argument("--base", required=True, help="base checkpoint (directory or .safetensors)")
+    p_comp.add_argument("--finetuned", required=True, nargs="+", metavar="F",
+                        help="fine-tuned checkpoints; NAME=PATH names the task (default: the directory name)")
+    p_comp.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4,
+                        help="bits per element (the offsets' bits with --residual; default 4)")
+    p_comp.add_argument("--group", default="128", help="group size along each row: 32, 64, 128 (default), "
+                        "'row' or 'tensor' (one scale per tensor, as TVQ)")
+    p_comp.add_argument("--residual", action="store_true",
+                        help="RTVQ: one shared base vector (--base-bits) plus a --bits offset per fine-tune")
+    p_comp.add_argument("--base-bits", type=int, choices=(2, 3, 4, 8), default=None,
+                        help="bits of the shared RTVQ base vector (default: --bits + 1)")
+    p_comp.add_argument("--budget", type=float, default=None, metavar="BITS",
+                        help="TVQ bit allocation: average bits per element over all tensors (2..8); "
+                             "overrides --bits per tensor")
+    p_comp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p_comp.add_argument("out", metavar="OUT", nargs="?", help="the store file to write (.safetensors)")
     args = parser.parse_args(argv)
+    if args.cmd == "taskvec" and args.out is None:
+        # `--finetuned A B OUT`: nargs="+" took OUT too; the last value is the store
+        if len(args.finetuned) < 2:
+            p_comp.error("the following arguments are required: OUT")
+        args.out = args.finetuned.pop()
+
+    if args.cmd == "merge":
+        from vkern.merge import main as merge_main
+
+        return merge_main(args)
+    if args.cmd == "taskvec":
+        from vkern.taskvec_store import main as store_main
+
+        return store_main(args)
 
     if args.cmd == "info":
         import vkern

@@ -1,0 +1,96 @@
+"""vkern.integrations.torch: DeltaLinear serving several fine-tunes of one base in one batch,
+against each (quantized) fine-tune run separately as a plain transformers model."""
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from vkern import taskvec  # noqa: E402
+from vkern import taskvec_store as ts  # noqa: E402
+from vkern.integrations.torch import DeltaLinear, patch_linear_layers, tenants  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tenants")
+    cfg = transformers.LlamaConfig(vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(str(root / "base"), safe_serialization=True)
+    fts = []
+    for i in range(3):
+        m = copy.deepcopy(base)
+        with torch.no_grad():
+            for mod in m.modules():       # fine-tunes move the linear layers (what DeltaLinear serves)
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight.add_(0.01 * (i + 1) * torch.randn_like(mod.weight))
+        m.save_pretrained(str(root / f"ft{i}"), safe_serialization=True)
+        fts.append(m)
+    return root, base, fts
+
+
+def _separately(base, store, task):
+    """The quantized fine-tune as its own dense model: W + dequantize(tau_task) in every linear."""
+    m = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, mod in m.named_modules():
+            if isinstance(mod, torch.nn.Linear) and f"{name}.weight" in store.layout:
+                deq = taskvec.dequantize(store.qtv(f"{name}.weight", task), backend="cpu")
+                mod.weight.add_(torch.from_numpy(deq))
+    return m
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_one_batch_of_tenants_equals_each_finetune_separately(family, residual):
+    root, base, fts = family
+    path = str(root / f"store_{residual}.safetensors")
+    ts.compress(str(root / "base"), [f"t{i}={root / f'ft{i}'}" for i in range(3)], path,
+                bits=2 if residual else 8, group="32", residual=residual, progress=False)
+    store = ts.Store(path)
+    served = copy.deepcopy(base)
+    # backend="cpu": under TRITON_INTERPRET=1 (set by conftest) "auto" would pick the interpreted Triton kernel
+    replaced = patch_linear_layers(served, store, backend="cpu")
+    assert len(replaced) == 2 * 7 + 1 and "lm_head" in replaced             # q k v o gate up down x 2, lm_head
+    assert isinstance(served.model.layers[0].self_attn.q_proj, DeltaLinear)
+    ids = torch.randint(0, 80, (4, 9), generator=torch.Generator().manual_seed(1))
+    tenant = [2, 0, -1, 1]
+    with tenants(served, tenant):
+        got = served(ids).logits
+    with torch.no_grad():
+        for b, t in enumerate(tenant):
+            ref_model = base if t < 0 else _separately(base, store, f"t{t}")
+            want = ref_model(ids[b:b + 1]).logits[0]
+            torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
+            if t >= 0 and not residual:     # 8-bit codes: close to the real fine-tune too
+                real = fts[t](ids[b:b + 1]).logits[0]
+                assert float((want - real).norm() / (real - base(ids[b:b + 1]).logits[0]).norm()) < 0.05
+    # outside the block: the base
+    with torch.no_grad():
+        torch.testing.assert_close(served(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs(family):
+    root, base, fts = family
+    path = str(root / "s.safetensors")
+    ts.compress(str(root / "base"), [f"a={root / 'ft0'}"], path, bits=4, progress=False)
+    store = ts.Store(path)
+    served = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="tenants: the model has no DeltaLinear"):
+        with tenants(served, [0]):
+            pass
+    patch_linear_layers(served, store)
+    with pytest.raises(ValueError, match=r"task_ids: every id must be in \[-1, 1\)"):
+        with tenants(served, [0, 1]):
+            pass
+    with pytest.raises(ValueError, match=r"tasks: \['nope'\] not in the store"):
+        patch_linear_layers(copy.deepcopy(base), store, tasks=["nope"])
+    with pytest.raises(ValueError, match="task_ids: 3 ids for an input"):
+        with tenants(served, [0, 0, 0]):
+            served(torch.zeros(2, 5, dtype=torch.long))
+    q = store.qtv("lm_head.weight", "a")
+    with pytest.raises(ValueError, match=r"qtvs\[0\]: expected shape \(3, 64\)"):
+        DeltaLinear(torch.zeros(3, 64), [q])
