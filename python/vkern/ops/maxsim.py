@@ -410,7 +410,7 @@ def maxsim(queries, docs, *, doc_offsets=None, doc_lengths=None, query_lengths=N
 
         if isinstance(docs, (list, tuple)) and topk is None and torch.is_grad_enabled() and (
                 queries.requires_grad or any(A.is_torch(d) and d.requires_grad for d in docs)):
-            docs, doc_offsets = _pack_list(docs, int(queries.shape[-1]))   # torch.cat: grads flow to each item
+            docs, doc_offsets = _pack_list(docs, int(queries.shape[-1]), queries)   # torch.cat: grads flow to each item
         if not isinstance(docs, (list, tuple)) and (
                 torch.compiler.is_compiling() or (topk is None and A.is_torch(docs) and _torch_ops.needs_grad(queries, docs))):
             return _torch_ops.call_maxsim(queries, docs, doc_offsets, doc_lengths, query_lengths, topk, backend)

@@ -85,7 +85,7 @@ def quantize_docs(docs, *, doc_offsets=None, doc_lengths=None) -> QuantizedDocs:
     if isinstance(docs, (list, tuple)):
         if doc_offsets is not None or doc_lengths is not None:
             raise ValueError("doc_offsets/doc_lengths: not accepted with a list of documents")
-        d, doc_offsets = _pack_list(docs, None)
+        d, doc_offsets = _pack_list(docs, None, like if docs else np.zeros((0, 1), np.float32))
     else:
         d, _ = A.to_native(docs, "docs")
         if not A.is_float(d):

@@ -131,7 +131,7 @@ def _f32_cpu_subset(M, call, ids_row):
         qlens = np.ascontiguousarray(call.host_q_lengths)
         _ext.C.maxsim_cpu(A.data_ptr(q), A.DTYPE_CODE[A.dtype_name(q)], B, Lq, D, qs[0], qs[1], qs[2],
                           qlens.ctypes.data, A.data_ptr(docs), A.DTYPE_CODE[A.dtype_name(docs)], int(row_stride),
-                          starts.ctypes.data, lens.ctypes.data, K, scores.ctypes.data, 0, 0, 0)
+                          starts.ctypes.data, lens.ctypes.data, K, scores.ctypes.data, 0, 0, 0, 0, 0, 0)
     return scores
 
 
