@@ -141,3 +141,23 @@ def test_gpu_checks_script_runs_on_tiny_shapes():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("PASS") == 6 and "0 failed" in proc.stdout
+
+
+def test_index_width_is_static_in_the_fake_op_without_host_lengths(rng):
+    """torch.compile (and so CUDA-graph modes of it) sees a static index width when seq_lens is absent or
+    on a GPU: the budget at seq_len = T; opcheck compares the fake shape with a real call."""
+    import vkern._torch_ops  # noqa: F401
+    from vkern import _torch_ops_loki
+
+    q = torch.from_numpy(rng.standard_normal((2, 4, 8)).astype(np.float32))
+    k = torch.from_numpy(rng.standard_normal((2, 2, 9, 8)).astype(np.float32))
+    torch.library.opcheck(torch.ops.vkern.loki_attention_indices.default,
+                          (q, k, k, None, 3, 4, 0.0, 1, 1, "per_head", 0.35, "auto"),
+                          test_utils=("test_schema", "test_faketensor"))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fq, fk = torch.empty(2, 4, 8, device="meta"), torch.empty(2, 2, 9, 8, device="meta")
+        lens = torch.empty(2, dtype=torch.int64, device="meta")
+        _, idx = _torch_ops_loki.loki_attention_indices_op(fq, fk, fk, lens, 3, 0, 0.5, 0, 1, "shared", 0.35, "auto")
+    assert tuple(idx.shape) == (2, 4, 5)

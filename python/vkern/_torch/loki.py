@@ -44,8 +44,12 @@ def loki_attention_indices_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 @loki_attention_indices_op.register_fake
 def _(q, k_cache, v_cache, seq_lens, rank, topk_count, topk_frac, num_sink, num_recent, gqa, scale, backend,
       k_prefix=None):
-    # The index width is the largest resolved budget: it depends on seq_lens' values.
-    K = torch.library.get_ctx().new_dynamic_size()
+    # The index width is the largest resolved budget: it depends on host seq_lens' values; with no
+    # seq_lens or seq_lens on a GPU (not read on the host) it is the budget at seq_len = T.
+    if seq_lens is None or seq_lens.device.type != "cpu":
+        K = _loki.ref.resolve_budget(_topk_value(topk_count, topk_frac), int(k_cache.shape[2]))
+    else:
+        K = torch.library.get_ctx().new_dynamic_size()
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     return out, q.new_empty((q.shape[0], q.shape[1], K), dtype=torch.int64)
 
