@@ -26,6 +26,12 @@ def make_ops(scale=1):
     d = rng.standard_normal((int(offs[-1]), 64)).astype(np.float32)
     ops["maxsim"] = lambda: _arrays(vkern.maxsim(q, d, doc_offsets=offs, backend="cpu"))
     ops["maxsim_topk"] = lambda: _arrays(vkern.maxsim(q, d, doc_offsets=offs, topk=5, backend="cpu"))
+    from vkern.ops import maxsim_grad
+    ops["maxsim_argmax"] = lambda: _arrays(maxsim_grad.maxsim_argmax_impl(q, d, doc_offsets=offs, backend="cpu"))
+    g_scores = rng.standard_normal((8, n_docs)).astype(np.float32)
+    arg = maxsim_grad.maxsim_argmax_impl(q, d, doc_offsets=offs, backend="cpu")[1]
+    ops["maxsim_backward"] = lambda: _arrays(maxsim_grad.maxsim_backward_impl(g_scores, arg, q, d, doc_offsets=offs,
+                                                                              backend="cpu"))
 
     T = 512 * scale
     lq = rng.standard_normal((2, 8, 64)).astype(np.float32)

@@ -52,6 +52,7 @@ void maxsim_backward_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Lq, int64_
                                ptr<const float>(grad), ptr<float>(grad_q), ptr<float>(grad_d),
                                ptr<const int64_t>(grad_d_starts)};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // one thread count and pool for both passes
   cpu::maxsim_backward(call);
 }
 
