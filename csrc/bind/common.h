@@ -9,6 +9,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cpu/threadpool.h"
+
 #include <cstdint>
 #include <stdexcept>
 #include <string>

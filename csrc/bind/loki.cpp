@@ -30,6 +30,7 @@ void loki_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Hq, int64_t H_kv, int
                      ptr<const void>(kp), kp_sb, kp_sh, kp_st, lens, ptr<const int64_t>(budgets), rank,
                      num_sink, num_recent, shared, static_cast<float>(scale), ptr<float>(out), ptr<int64_t>(idx), K};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::loki_attention(call);
 }
 
@@ -40,6 +41,7 @@ void loki_rotate_cpu(uintptr_t x, int dtype, int64_t rows, int64_t H, int64_t D,
   require(rows == 0 || (x && P && out), "loki_rotate: null pointer");
   cpu::RotateCall call{ptr<const void>(x), dtype, rows, H, D, x_sr, x_sh, ptr<const float>(P), H_kv, ptr<float>(out)};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   if (rows > 0) cpu::loki_rotate(call);
 }
 
@@ -62,6 +64,7 @@ void loki_cuda(uintptr_t q, int q_dtype, int64_t B, int64_t Hq, int64_t H_kv, in
                      rank, num_sink, num_recent, shared, static_cast<float>(scale), ptr<float>(scores),
                      ptr<int32_t>(idx), K, nsplit, ptr<float>(ws), ptr<int32_t>(count), ptr<float>(out)};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cuda_check(cuda::loki::attention(a, stream_of(stream)), "vkern loki CUDA kernels");
 }
 
@@ -70,6 +73,7 @@ void loki_rotate_cuda(uintptr_t x, int dtype, int64_t rows, int64_t H, int64_t D
   check_dtype(dtype, "x");
   require(rows >= 0 && H >= 1 && D >= 1 && H_kv >= 1 && H % H_kv == 0, "loki_rotate_cuda: bad sizes");
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cuda_check(cuda::loki::rotate(ptr<const void>(x), dtype, rows, H, D, x_sr, x_sh, ptr<const float>(P), H_kv,
                                 ptr<float>(out), stream_of(stream)),
              "vkern loki rotate CUDA kernel");

@@ -26,6 +26,7 @@ void maxsim_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Lq, int64_t D, int6
                        ptr<const int64_t>(doc_starts), ptr<const int64_t>(doc_lens), N,
                        ptr<float>(scores), topk, ptr<float>(topk_scores), ptr<int64_t>(topk_idx)};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::maxsim(call);
 }
 
@@ -36,6 +37,7 @@ void maxsim_cuda(uintptr_t q, uintptr_t docs, int dtype, int64_t B, int64_t Lq, 
   require(B >= 0 && Lq >= 0 && D >= 1 && N >= 0, "maxsim: sizes must be non-negative and D >= 1");
   require(scores != 0 || B * N == 0, "maxsim: null scores");
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cuda_check(cuda::maxsim_scores(ptr<const void>(q), ptr<const void>(docs), static_cast<cuda::DType>(dtype), B,
                                  Lq, D, ptr<const int32_t>(q_lengths), ptr<const int64_t>(doc_offsets), N,
                                  ptr<float>(scores), stream_of(stream)),
@@ -46,6 +48,7 @@ void topk_cuda(uintptr_t scores, int64_t B, int64_t N, int64_t k, uintptr_t out_
                uintptr_t stream) {
   require(k >= 1 && k <= N, "topk: need 1 <= k <= N");
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cuda_check(cuda::topk_rows(ptr<const float>(scores), B, N, k, ptr<float>(out_scores), ptr<int64_t>(out_idx),
                              stream_of(stream)),
              "vkern top-k CUDA kernel");

@@ -18,9 +18,10 @@ uint64_t read_rows(uintptr_t base, int64_t row_bytes, uintptr_t idx, int64_t n, 
   require(base && idx && row_bytes >= 8 && row_bytes % 8 == 0 && n >= 0 && ahead >= 0, "read_rows: bad arguments");
   const char* b = ptr<const char>(base);
   const int32_t* ix = ptr<const int32_t>(idx);
+  py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   const int threads = cpu::num_threads();
   std::vector<uint64_t> sums(static_cast<size_t>(threads) * 8, 0);
-  py::gil_scoped_release release;
   cpu::parallel_for(threads, [&](int64_t t, int) {
     const int64_t i0 = n * t / threads, i1 = n * (t + 1) / threads;
     uint64_t acc[4] = {0, 0, 0, 0};

@@ -66,6 +66,7 @@ void apply_cpu(uintptr_t base, int dtype, int64_t N, int64_t K, int64_t base_str
                         comps.data(), C, T, method, ptr<const float>(task_coef), ptr<const float>(thr),
                         ptr<const int64_t>(cut)};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::taskvec_apply(call);
 }
 
@@ -88,6 +89,7 @@ void delta_linear_cpu(uintptr_t x, int64_t M, int64_t K, uintptr_t base, int dty
                         merged, ptr<const int64_t>(row_order), ptr<const int64_t>(group_start), ptr<float>(y),
                         base_done};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::taskvec_delta_linear(call);
 }
 
@@ -96,6 +98,7 @@ void dequantize_cpu(uintptr_t table, uintptr_t coefs, int64_t C, int64_t N, int6
   require(N >= 0 && K >= 1 && (N == 0 || out != 0), "dequantize: bad sizes or null output");
   std::vector<cpu::TvComp> comps = comps_from(table, coefs, C, N, K, 1);
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::taskvec_dequantize(comps.data(), C, N, K, ptr<float>(out));
 }
 
@@ -123,6 +126,7 @@ void apply_cuda(uintptr_t base, int dtype, int64_t N, int64_t K, uintptr_t out, 
           "apply_task_vectors: bad trim arrays");
   std::vector<cuda::TvCompDev> comps = dev_comps(table, coefs, C, N, K, T);
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cuda_check(cuda::taskvec_apply(ptr<const void>(base), dtype, N, K, ptr<void>(out), comps.data(), C, T, method,
                                  task_coef.data(), thr.empty() ? nullptr : thr.data(), cut.data(), stream_of(stream)),
              "vkern apply_task_vectors CUDA kernel");
@@ -134,6 +138,7 @@ void delta_linear_cuda(uintptr_t x, int64_t M, int64_t K, uintptr_t base, int dt
   require(M >= 0 && N >= 0 && K >= 1, "delta_linear: bad sizes");
   std::vector<cuda::TvCompDev> comps = dev_comps(table, coefs, C, N, K, T);
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cuda_check(cuda::taskvec_delta_linear(ptr<const float>(x), M, K, ptr<const void>(base), dtype, N, comps.data(), C,
                                         ptr<const int64_t>(task_ids), ptr<float>(y), stream_of(stream)),
              "vkern delta_linear CUDA kernel");
@@ -144,6 +149,7 @@ void dequantize_cuda(uintptr_t table, uintptr_t coefs, int64_t C, int64_t N, int
   require(C == 1 || C == 2, "dequantize: one or two components");
   std::vector<cuda::TvCompDev> comps = dev_comps(table, coefs, C, N, K, 1);
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cuda_check(cuda::taskvec_dequantize(comps.data(), C, N, K, ptr<float>(out), stream_of(stream)),
              "vkern dequantize CUDA kernel");
 }

@@ -36,6 +36,7 @@ void colsum_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Hq, int64_t Tq, int
                              ptr<const void>(k), k_dtype, H_kv, T, ks[0], ks[1], ks[2], lens, causal,
                              static_cast<float>(scale), ptr<float>(out)};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::vatp::attention_colsum(call);
 }
 
@@ -46,6 +47,7 @@ void value_l1_cpu(uintptr_t v, int dtype, int64_t B, int64_t H, int64_t T, int64
   require(out != 0 || B * H * T == 0, "value_l1: null output");
   cpu::vatp::L1Call call{ptr<const void>(v), dtype, B, H, T, D, vs[0], vs[1], vs[2], vs[3], ptr<float>(out)};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::vatp::value_l1(call);
 }
 
@@ -83,6 +85,7 @@ void prune_cpu(uintptr_t k, int k_dtype, int64_t Dk, Strides4 ks, uintptr_t v, i
                             B, H, T, ptr<const void>(scores), s_dtype, ss[0], ss[1], ss[2], lens, kept,
                             num_sink, num_recent, kmax, ptr<int64_t>(kept_idx), inplace, fresh_out && !inplace};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::vatp::prune(call);
 }
 
@@ -93,6 +96,7 @@ void colsum_cuda(uintptr_t q, uintptr_t k, int dtype, int64_t B, int64_t Hq, int
   check_dtype(dtype, "q/k");
   require(B >= 0 && Tq >= 0 && T >= 0 && D >= 1 && H_kv >= 1 && Hq % H_kv == 0, "attention_colsum: bad sizes");
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cuda_check(cuda::vatp_colsum(ptr<const void>(q), ptr<const void>(k), static_cast<cuda::VatpDType>(dtype), B, Hq,
                                Tq, D, H_kv, T, ptr<const int64_t>(seq_lens), causal, static_cast<float>(scale),
                                ptr<float>(row_stats), ptr<float>(out), stream_of(stream)),
@@ -103,6 +107,7 @@ void value_l1_cuda(uintptr_t v, int dtype, int64_t rows, int64_t D, uintptr_t ou
   check_dtype(dtype, "v");
   require(rows >= 0 && D >= 0, "value_l1: bad sizes");
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cuda_check(cuda::vatp_value_l1(ptr<const void>(v), static_cast<cuda::VatpDType>(dtype), rows, D, ptr<float>(out),
                                  stream_of(stream)),
              "vkern value_l1 CUDA kernel");
@@ -114,6 +119,7 @@ void prune_cuda(uintptr_t k, uintptr_t v, int64_t k_row_bytes, int64_t v_row_byt
                 uintptr_t stream) {
   require(B >= 0 && H >= 0 && T >= 0 && kmax >= 0 && num_sink >= 0 && num_recent >= 0, "vatp_prune: bad sizes");
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cuda_check(cuda::vatp_prune(ptr<char>(k), ptr<char>(v), k_row_bytes, v_row_bytes, ptr<char>(k_out),
                               ptr<char>(v_out), B, H, T, ptr<const float>(scores), ptr<const int64_t>(seq_lens),
                               ptr<const int64_t>(kept_lens), num_sink, num_recent, kmax, ptr<int64_t>(kept_idx),

@@ -20,7 +20,6 @@
 #include <cstring>
 #include <functional>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #include "cpu/dispatch.h"
@@ -278,26 +277,16 @@ void run_task(const LokiCall& c, const LokiLevel& lv, int64_t b, int64_t kv, Scr
   }
 }
 
-std::mutex& call_mutex() {
-  static std::mutex m;
-  return m;
-}
-
-std::vector<Scratch>& scratch_pool() {
-  static std::vector<Scratch> pool;
-  return pool;
-}
-
 }  // namespace
 
 void loki_attention(const LokiCall& c) {
   if (c.B == 0 || c.Hq == 0) return;
   const LokiLevel& lv = level_for(simd_active());
-  std::lock_guard<std::mutex> lock(call_mutex());  // the scratch pool is shared by calls
-  std::vector<Scratch>& pool = scratch_pool();
-  if (static_cast<int>(pool.size()) < num_threads()) pool.resize(num_threads());
-  parallel_for(c.B * c.H_kv, [&](int64_t task, int worker) {
-    run_task(c, lv, task / c.H_kv, task % c.H_kv, pool[worker]);
+  // Scratch belongs to the thread that runs the task (pool workers and calling
+  // threads alike), so concurrent calls share nothing and need no lock.
+  parallel_for(c.B * c.H_kv, [&](int64_t task, int) {
+    static thread_local Scratch scratch;
+    run_task(c, lv, task / c.H_kv, task % c.H_kv, scratch);
   });
 }
 
