@@ -32,6 +32,18 @@ def make_ops(scale=1):
     arg = maxsim_grad.maxsim_argmax_impl(q, d, doc_offsets=offs, backend="cpu")[1]
     ops["maxsim_backward"] = lambda: _arrays(maxsim_grad.maxsim_backward_impl(g_scores, arg, q, d, doc_offsets=offs,
                                                                               backend="cpu"))
+    qd = vkern.quantize_docs(d, doc_offsets=offs)
+    ops["maxsim_int8"] = lambda: _arrays(vkern.maxsim(q, qd, topk=5, backend="cpu"))
+    ops["maxsim_doc_ids"] = lambda: _arrays(vkern.maxsim(q, d, doc_offsets=offs, doc_ids=np.arange(0, n_docs, 3),
+                                                         backend="cpu"))
+    dn = d / np.linalg.norm(d, axis=1, keepdims=True)
+    ops["pool_tokens_ward"] = lambda: _arrays(vkern.pool_tokens(dn, doc_offsets=offs, backend="cpu"))
+    ops["pool_tokens_kmeans"] = lambda: _arrays(vkern.pool_tokens(dn, doc_offsets=offs, method="kmeans",
+                                                                  backend="cpu"))
+    seg = np.repeat(np.arange(len(d) // 3 + 1), 3)[:len(d)]
+    ops["segment_mean"] = lambda: _arrays(vkern.segment_mean(d, seg, backend="cpu"))
+    mcfg = vkern.muvera.MuveraConfig(dim=64, num_repetitions=4, num_simhash_projections=3, projection_dim=8)
+    ops["muvera_encode"] = lambda: _arrays(vkern.muvera.encode_documents(d, mcfg, doc_offsets=offs, backend="cpu"))
 
     T = 512 * scale
     lq = rng.standard_normal((2, 8, 64)).astype(np.float32)

@@ -1,5 +1,6 @@
 // int8-document MaxSim bindings.
 #include "bind/common.h"
+#include "cpu/threadpool.h"
 #include "cpu/maxsim.h"
 
 using namespace vkern;
@@ -25,6 +26,7 @@ void maxsim_int8_cpu(uintptr_t q_codes, uintptr_t q_scales, int64_t B, int64_t L
                          ptr<const int64_t>(doc_lens), N, ptr<float>(scores), topk, ptr<float>(topk_scores),
                          ptr<int64_t>(topk_idx)};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::maxsim_int8(call);
 }
 

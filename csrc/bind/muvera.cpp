@@ -1,5 +1,6 @@
 // MUVERA encoder bindings.
 #include "bind/common.h"
+#include "cpu/threadpool.h"
 #include "cpu/muvera.h"
 
 using namespace vkern;
@@ -20,6 +21,7 @@ void muvera_encode_cpu(uintptr_t x, int64_t D, uintptr_t offsets, int64_t N, int
                        raw_dim, ptr<const int64_t>(final_index), ptr<const float>(final_sign), out_dim,
                        ptr<float>(out)};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::muvera_encode(call);
 }
 

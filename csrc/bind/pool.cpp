@@ -1,5 +1,6 @@
 // Token pooling bindings.
 #include "bind/common.h"
+#include "cpu/threadpool.h"
 #include "cpu/pool.h"
 
 using namespace vkern;
@@ -18,6 +19,7 @@ void pool_tokens_cpu(uintptr_t x, int64_t D, int64_t row_stride, uintptr_t doc_s
                      N, pool_factor, protected_tokens, method, seed, ptr<const int64_t>(out_starts), ptr<float>(out),
                      ptr<int64_t>(out_lens)};
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::pool_tokens(call);
 }
 
@@ -25,6 +27,7 @@ void segment_mean_cpu(uintptr_t x, int64_t T, int64_t D, int64_t row_stride, uin
                       uintptr_t out) {
   require(T >= 0 && D >= 1 && S >= 0 && row_stride >= D, "segment_mean: bad sizes");
   py::gil_scoped_release release;
+  cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::segment_mean(ptr<const float>(x), T, D, row_stride, ptr<const int64_t>(ids), S, ptr<float>(out));
 }
 

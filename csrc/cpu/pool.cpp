@@ -132,48 +132,50 @@ constexpr int kKmeansIters = 10;
 // Exactly k k-means clusters (labels in order of lowest token), as reference/pool.py:kmeans_labels.
 void kmeans_labels(const PoolLevel& lv, const float* x, int64_t m, int64_t ld, int64_t D, int64_t k, uint64_t seed,
                    int64_t doc, Scratch& s) {
-  // k-means++ seeding, as reference/pool.py:kmeans_init.
+  // k-means++ seeding, as reference/pool.py:kmeans_init. Squared distances |x_i|^2 - 2 <x_i, x_j>
+  // + |x_j|^2 with the dot in float32 (the SIMD dot blocks), clamped at 0; chosen tokens weigh 0.
   const uint64_t base = seed * 0x100000001B3ull + static_cast<uint64_t>(doc) * 0xD1B54A32D192ED03ull;
   s.perm.resize(static_cast<size_t>(k));
-  s.xx.assign(static_cast<size_t>(m), 0.0);     // here: squared distance to the nearest chosen token
-  std::vector<double>& cs = s.cc;
-  cs.resize(static_cast<size_t>(m));
-  std::vector<int64_t>& taken = s.counts;
-  taken.assign(static_cast<size_t>(m), 0);
-  auto sqdist = [&](int64_t i, int64_t j) {
-    double t = 0;
-    for (int64_t q = 0; q < D; ++q) {
-      const double v = static_cast<double>(x[i * ld + q]) - x[j * ld + q];
-      t += v * v;
-    }
-    return t;
-  };
-  s.perm[0] = static_cast<int64_t>(splitmix64(base) % static_cast<uint64_t>(m));
-  taken[s.perm[0]] = 1;
-  for (int64_t i = 0; i < m; ++i) s.xx[i] = sqdist(i, s.perm[0]);
-  for (int64_t c = 1; c < k; ++c) {
-    double run = 0;
-    for (int64_t i = 0; i < m; ++i) cs[i] = run += s.xx[i];
-    int64_t j;
-    if (run > 0) {
-      const double u = static_cast<double>(splitmix64(base + static_cast<uint64_t>(c)) >> 11) * 0x1.0p-53 * run;
-      j = std::upper_bound(cs.begin(), cs.end(), u) - cs.begin();
-      if (j > m - 1) j = m - 1;
-    } else {
-      j = std::find(taken.begin(), taken.end(), 0) - taken.begin();
-    }
-    s.perm[c] = j;
-    taken[j] = 1;
-    for (int64_t i = 0; i < m; ++i) s.xx[i] = std::min(s.xx[i], sqdist(i, j));
-  }
-  s.centres.resize(static_cast<size_t>(k * D));
-  for (int64_t c = 0; c < k; ++c) std::memcpy(&s.centres[c * D], x + s.perm[c] * ld, sizeof(float) * D);
   s.xx.resize(static_cast<size_t>(m));
   for (int64_t i = 0; i < m; ++i) {
     double t = 0;
     for (int64_t q = 0; q < D; ++q) t += static_cast<double>(x[i * ld + q]) * x[i * ld + q];
     s.xx[i] = t;
   }
+  std::vector<double>& w = s.dist;     // weight: squared distance to the nearest chosen token
+  w.resize(static_cast<size_t>(std::max(m, m * k)));
+  std::vector<double>& cs = s.cc;
+  cs.resize(static_cast<size_t>(m));
+  std::vector<int64_t>& taken = s.counts;
+  taken.assign(static_cast<size_t>(m), 0);
+  s.dots.resize(static_cast<size_t>(std::max(m, m * k)));
+  auto take = [&](int64_t j, bool first) {
+    lv.dots(x, m, ld, x + j * ld, 1, ld, D, s.dots.data(), 1);
+    taken[j] = 1;
+    for (int64_t i = 0; i < m; ++i) {
+      double v = s.xx[i] - 2.0 * static_cast<double>(s.dots[i]) + s.xx[j];
+      if (v < 0 || taken[i]) v = 0;
+      w[i] = first ? v : std::min(w[i], v);
+    }
+  };
+  s.perm[0] = static_cast<int64_t>(splitmix64(base) % static_cast<uint64_t>(m));
+  take(s.perm[0], true);
+  for (int64_t c = 1; c < k; ++c) {
+    double run = 0;
+    for (int64_t i = 0; i < m; ++i) cs[i] = run += w[i];
+    int64_t j;
+    if (run > 0) {
+      const double u = static_cast<double>(splitmix64(base + static_cast<uint64_t>(c)) >> 11) * 0x1.0p-53 * run;
+      j = std::upper_bound(cs.begin(), cs.begin() + m, u) - cs.begin();
+      if (j > m - 1) j = m - 1;
+    } else {
+      j = std::find(taken.begin(), taken.end(), 0) - taken.begin();
+    }
+    s.perm[c] = j;
+    take(j, false);
+  }
+  s.centres.resize(static_cast<size_t>(k * D));
+  for (int64_t c = 0; c < k; ++c) std::memcpy(&s.centres[c * D], x + s.perm[c] * ld, sizeof(float) * D);
   s.dots.resize(static_cast<size_t>(m * k));
   s.dist.resize(static_cast<size_t>(m * k));
   s.cc.resize(static_cast<size_t>(k));

@@ -104,28 +104,34 @@ def splitmix64(x: int) -> int:
 
 
 def kmeans_init(x: np.ndarray, k: int, seed: int, doc: int) -> np.ndarray:
-    """k distinct token indices by k-means++ seeding: the first is splitmix64(base) % m, each next
-    one drawn with probability proportional to its squared distance (float64) to the nearest chosen
-    token, u = (splitmix64(base + i) >> 11) / 2^53 times the total, the first index whose running
-    sum exceeds u (if every distance is 0: the lowest unchosen index).
-    base = seed * 0x100000001B3 + doc * 0xD1B54A32D192ED03 (mod 2^64)."""
-    x = np.asarray(x, np.float64)
+    """k token indices by k-means++ seeding: the first is splitmix64(base) % m, each next one
+    drawn with probability proportional to its weight, the squared distance to the nearest chosen
+    token (|x_i|^2 - 2 <x_i, x_j> + |x_j|^2, the dot in float32, the rest in float64, clamped at
+    0; chosen tokens weigh 0): u = (splitmix64(base + i) >> 11) / 2^53 times the total weight,
+    the first index whose running sum exceeds u (at most m - 1); if every weight is 0, the lowest
+    unchosen index. base = seed * 0x100000001B3 + doc * 0xD1B54A32D192ED03 (mod 2^64)."""
+    x = np.asarray(x, np.float32)
     m = x.shape[0]
+    xx = (x.astype(np.float64) ** 2).sum(1)
     base = (seed * 0x100000001B3 + doc * 0xD1B54A32D192ED03) & _M64
-    chosen = [splitmix64(base) % m]
     taken = np.zeros(m, bool)
-    taken[chosen[0]] = True
-    d2 = ((x - x[chosen[0]]) ** 2).sum(1)
+
+    def weights(j):
+        taken[j] = True
+        v = xx - 2.0 * (x @ x[j]).astype(np.float64) + xx[j]
+        return np.where((v < 0) | taken, 0.0, v)
+
+    chosen = [splitmix64(base) % m]
+    w = weights(chosen[0])
     for i in range(1, k):
-        cs = np.cumsum(d2)
+        cs = np.cumsum(w)
         if cs[-1] > 0:
             u = (splitmix64((base + i) & _M64) >> 11) * 2.0 ** -53 * cs[-1]
             j = min(int(np.searchsorted(cs, u, side="right")), m - 1)
         else:
             j = int(np.argmin(taken))
         chosen.append(j)
-        taken[j] = True
-        d2 = np.minimum(d2, ((x - x[j]) ** 2).sum(1))
+        w = np.minimum(w, weights(j))
     return np.array(chosen, np.int64)
 
 
