@@ -11,7 +11,7 @@ tensor. Recipes use `dtype: float32` (mergekit computes in float32, as vkern alw
 and `out_dtype: bfloat16`, so the outputs are comparable: the script checks that vkern's
 tensors equal mergekit's within one bfloat16 rounding and says how many differ.
 
-Each contender runs in its own process (so its peak RSS, from getrusage, is its own) after
+Each contender runs in its own process (so its peak RSS, VmHWM, is its own) after
 the input files were read once (warm page cache for all). The torch loop is what one writes
 by hand: `safetensors.torch.load_file` of all four models, mergekit's formulas per tensor
 with torch ops, `save_file`.
@@ -160,7 +160,20 @@ def child(args):
     t = time.perf_counter()
     CONTENDERS[args.child](rec, args.child_out)
     wall = time.perf_counter() - t
-    print(json.dumps({"wall_s": wall, "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"wall_s": wall, "maxrss_bytes": peak_rss()}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM: reset by exec, unlike getrusage's ru_maxrss, which
+    Linux carries over from the parent that forked us)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def compare(out_a, out_b):
