@@ -36,7 +36,7 @@ def test_torch_really_hidden(bench):
 def test_every_table_has_vkern_rows_and_a_measured_peer(bench):
     _, report = bench
     ops = {r["op"] for r in report["results"]}
-    assert ops == {"maxsim", "loki", "vatp", "taskvec"}
+    assert ops == {"maxsim", "loki", "vatp", "taskvec", "retrieval"}
     for r in report["results"]:
         t = r["timings"]
         assert not [n for n, v in t.items() if "error" in v], (r["workload"], t)

@@ -146,8 +146,8 @@ def test_gpu_checks_script_runs_on_tiny_shapes():
 def test_index_width_is_static_in_the_fake_op_without_host_lengths(rng):
     """torch.compile (and so CUDA-graph modes of it) sees a static index width when seq_lens is absent or
     on a GPU: the budget at seq_len = T; opcheck compares the fake shape with a real call."""
-    import vkern._torch_ops  # noqa: F401
-    from vkern import _torch_ops_loki
+    import vkern._torch.maxsim  # noqa: F401
+    from vkern._torch import loki as _torch_ops_loki
 
     q = torch.from_numpy(rng.standard_normal((2, 4, 8)).astype(np.float32))
     k = torch.from_numpy(rng.standard_normal((2, 2, 9, 8)).astype(np.float32))

@@ -21,7 +21,8 @@ import numpy as np
 
 import vkern
 from vkern import _ext
-from vkern.bench import Contender, Workload, colbert_like
+from vkern.bench import Contender, Workload
+from vkern.bench_maxsim import colbert_like
 
 
 def scipy_ward_recipe(docs: np.ndarray, offsets: np.ndarray, pool_factor: int = 2, protected: int = 1):
@@ -45,7 +46,8 @@ def scipy_ward_recipe(docs: np.ndarray, offsets: np.ndarray, pool_factor: int = 
     return out
 
 
-def retrieval_workloads(quick: bool, threads: int) -> List[Workload]:
+def retrieval_workloads(size: str, threads: int) -> List[Workload]:
+    quick = size != "full"      # "tiny" and "quick" share the quick sizes
     n_docs = 40 if quick else 200
     _, docs, offsets = colbert_like(n_docs, 1)
     T, D = docs.shape
