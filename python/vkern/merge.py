@@ -191,7 +191,11 @@ def _resolve(path: Any, recipe_dir: str, where: str) -> str:
 
 
 def load_recipe(path: str) -> Dict[str, Any]:
-    import yaml
+    try:
+        import yaml
+    except ImportError:
+        raise RecipeError("vkern merge reads YAML recipes with pyyaml: pip install 'vkern[merge]' "
+                          "(or pip install pyyaml)") from None
 
     try:
         with open(path) as f:
@@ -712,9 +716,9 @@ def run(recipe_path: str, outdir: str, *, max_shard_size: str = "5GB", progress:
     plan = plan_merge(recipe, os.path.dirname(os.path.abspath(recipe_path)))
     parse_size(max_shard_size)
     summary = execute(plan, outdir, max_shard_size=max_shard_size, progress=progress, seed=seed, overwrite=overwrite)
-    with open(os.path.join(outdir, "vkern_merge.yml"), "w") as f:
-        import yaml
+    import yaml
 
+    with open(os.path.join(outdir, "vkern_merge.yml"), "w") as f:
         yaml.safe_dump(recipe, f, sort_keys=False)
     return summary
 
