@@ -21,7 +21,7 @@ import numpy as np
 
 import vkern
 from vkern import _ext
-from vkern.bench import Contender, Workload
+from vkern.bench import Contender, Workload, missing
 from vkern.bench_maxsim import colbert_like
 
 
@@ -62,7 +62,8 @@ def retrieval_workloads(size: str, threads: int) -> List[Workload]:
         w.contenders.append(Contender("scipy linkage+fcluster (PyLate's recipe)",
                                       lambda: scipy_ward_recipe(docs, offsets), "peer"))
     except Exception:
-        pass
+        w.contenders.append(missing("scipy linkage+fcluster (PyLate's recipe)", "peer",
+                                    "scipy not installed: pip install scipy"))
     try:
         import torch
         from pylate.models.colbert import ColBERT
@@ -85,6 +86,9 @@ def retrieval_workloads(size: str, threads: int) -> List[Workload]:
                  bytes=docs.nbytes, flops=2.0 * T * D * cfg.num_repetitions * cfg.num_simhash_projections)
     w.contenders.append(Contender("vkern reference", lambda: vkern.muvera.encode_documents(
         docs, cfg, doc_offsets=offsets, backend="reference"), "reference", note="NumPy"))
+    w.contenders.append(missing("fastembed MUVERA", "peer",
+                                "not measured: no comparison with fastembed's MUVERA is written yet (its encoder "
+                                "fetches a model from a hub, which this machine cannot reach); pip install fastembed"))
     if _ext.cpu_reason() is None:
         w.contenders.append(Contender("vkern cpu", lambda: vkern.muvera.encode_documents(
             docs, cfg, doc_offsets=offsets, backend="cpu"), "vkern"))
