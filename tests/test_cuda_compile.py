@@ -5,6 +5,7 @@ registers x threads per block within an SM's 65,536 registers for the block size
 Prints a regs / spills / smem table. Skips only when nvcc is absent."""
 import re
 import shutil
+import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +27,10 @@ _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) b
 def _compile(src: Path, arch: int, out: Path) -> str:
     cmd = ["nvcc", "-cubin", f"-arch=sm_{arch}", "-O3", "--expt-relaxed-constexpr", "-std=c++17", "-Xptxas", "-v",
            f"-I{CUDA}", f"-I{CUDA.parent}", "-o", str(out / f"{src.stem}_sm{arch}.cubin"), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # Without the sanitizer preload (tools/sanitize.sh sets LD_PRELOAD=libasan): nvcc is not built for it and
+    # crashes with it (a segfault), and nothing of vkern runs in nvcc.
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-3000:]}"
     return proc.stderr + proc.stdout
 
