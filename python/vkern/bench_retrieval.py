@@ -87,7 +87,7 @@ def retrieval_workloads(size: str, threads: int) -> List[Workload]:
     w.contenders.append(Contender("vkern reference", lambda: vkern.muvera.encode_documents(
         docs, cfg, doc_offsets=offsets, backend="reference"), "reference", note="NumPy"))
     w.contenders.append(missing("fastembed MUVERA", "peer",
-                                "not measured: no comparison with fastembed's MUVERA is written yet (its encoder "
+                                "no comparison with fastembed's MUVERA is written yet (its encoder "
                                 "fetches a model from a hub, which this machine cannot reach); pip install fastembed"))
     if _ext.cpu_reason() is None:
         w.contenders.append(Contender("vkern cpu", lambda: vkern.muvera.encode_documents(
