@@ -176,12 +176,7 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, query_lengths, topk) -> Ma
     if np.any(ql < 0) or np.any(ql > Lq):
         raise ValueError(f"query_lengths: every length must be in [0, Lq={Lq}], got min={int(ql.min())}, max={int(ql.max())}")
 
-    if topk is not None:
-        if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
-            raise TypeError(f"topk: expected an int or None, got {type(topk).__name__}")
-        if topk < 1:
-            raise ValueError(f"topk: expected k >= 1, got {int(topk)}")
-        topk = int(topk)
+    topk = _topk_arg(topk)
     return MaxsimCall(q, single, qlens, d, packed, offsets, lengths, N, topk, device, lib, origin,
                       host_offsets=off, host_doc_lengths=ln, host_q_lengths=np.ascontiguousarray(ql))
 
@@ -245,14 +240,32 @@ def _reference_run(call: MaxsimCall):
 _cpu_why_not = cpu_reason
 
 
-def _cpu_run(call: MaxsimCall):
+def _topk_arg(topk):
+    """topk as a Python int >= 1, or None; TypeError/ValueError naming it otherwise."""
+    if topk is None:
+        return None
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
+        raise TypeError(f"topk: expected an int or None, got {type(topk).__name__}")
+    if topk < 1:
+        raise ValueError(f"topk: expected k >= 1, got {int(topk)}")
+    return int(topk)
+
+
+def _cpu_inputs(call: MaxsimCall):
+    """What the cpu kernels read: (q, docs, starts, lens, row_stride). Queries keep their strides unless
+    one is negative or not a whole element (then one contiguous copy); documents get contiguous rows;
+    starts/lens are contiguous int64 element offsets and token counts per document."""
     q = call.q
     if isinstance(q, np.ndarray) and any(s < 0 or s % q.itemsize for s in q.strides):
         q = np.ascontiguousarray(q)
     docs = call.docs if A.rows_contiguous(call.docs) else A.contiguous(call.docs)
     starts, lens, row_stride = _doc_extents(dataclasses.replace(call, docs=docs))
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    lens = np.ascontiguousarray(lens, dtype=np.int64)
+    return (q, docs, np.ascontiguousarray(starts, dtype=np.int64), np.ascontiguousarray(lens, dtype=np.int64),
+            row_stride)
+
+
+def _cpu_run(call: MaxsimCall):
+    q, docs, starts, lens, row_stride = _cpu_inputs(call)
     qlens = call.host_q_lengths
     B, Lq, D = (int(s) for s in q.shape)
     qs = A.elem_strides(q)

@@ -72,14 +72,7 @@ def _argmax_reference(call, mask=None):
 
 
 def _argmax_cpu(call, mask=None):
-    q = call.q
-    if isinstance(q, np.ndarray) and any(s < 0 or s % q.itemsize for s in q.strides):
-        q = np.ascontiguousarray(q)
-    docs = call.docs if A.rows_contiguous(call.docs) else A.contiguous(call.docs)
-    import dataclasses
-    starts, lens, row_stride = M._doc_extents(dataclasses.replace(call, docs=docs))
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    lens = np.ascontiguousarray(lens, dtype=np.int64)
+    q, docs, starts, lens, row_stride = M._cpu_inputs(call)
     B, Lq, D = (int(s) for s in q.shape)
     qs = A.elem_strides(q)
     scores = A.empty_like_kind((B, call.N), "float32", call.q)
@@ -198,14 +191,7 @@ def _unpack_grad(call, gd_packed, off):
 
 
 def _backward_cpu(call, g, arg, need_q, need_d):
-    q = call.q
-    if isinstance(q, np.ndarray) and any(s < 0 or s % q.itemsize for s in q.strides):
-        q = np.ascontiguousarray(q)
-    docs = call.docs if A.rows_contiguous(call.docs) else A.contiguous(call.docs)
-    import dataclasses
-    starts, lens, row_stride = M._doc_extents(dataclasses.replace(call, docs=docs))
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    lens = np.ascontiguousarray(lens, dtype=np.int64)
+    q, docs, starts, lens, row_stride = M._cpu_inputs(call)
     B, Lq, D = (int(s) for s in q.shape)
     qs = A.elem_strides(q)
     g = A.contiguous(g)

@@ -217,12 +217,9 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, doc_scales, query_lengths,
         ql = np.full(B, Lq, np.int64)
     valid = np.arange(Lq)[None, :] < ql[:, None]
     _finite_or_raise(qh[valid], "queries")
-    if topk is not None:
-        if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
-            raise TypeError(f"topk: expected an int or None, got {type(topk).__name__}")
-        if topk < 1:
-            raise ValueError(f"topk: expected k >= 1, got {int(topk)}")
-        topk = int(topk)
+    from .maxsim import _topk_arg
+
+    topk = _topk_arg(topk)
     q_codes, q_scales = ref.quantize_rows(np.where(valid[:, :, None], qh, 0), ref.QUERY_LEVELS)
     return Int8Call(np.ascontiguousarray(q_codes), np.ascontiguousarray(q_scales), ql, single, codes,
                     np.ascontiguousarray(scales), off, topk, device, q)

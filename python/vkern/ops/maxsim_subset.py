@@ -116,13 +116,9 @@ def maxsim_subset_impl(queries, docs, *, doc_ids, doc_offsets=None, doc_lengths=
 
 def _f32_cpu_subset(M, call, ids_row):
     """The f32/f16/bf16 CPU kernel over the candidates' rows in place: [B, K]."""
-    q = call.q
-    if isinstance(q, np.ndarray) and any(s < 0 or s % q.itemsize for s in q.strides):
-        q = np.ascontiguousarray(q)
-    docs = call.docs if A.rows_contiguous(call.docs) else A.contiguous(call.docs)
-    starts, lens, row_stride = M._doc_extents(dataclasses.replace(call, docs=docs))
-    starts = np.ascontiguousarray(starts[ids_row], dtype=np.int64)
-    lens = np.ascontiguousarray(lens[ids_row], dtype=np.int64)
+    q, docs, starts, lens, row_stride = M._cpu_inputs(call)
+    starts = np.ascontiguousarray(starts[ids_row])
+    lens = np.ascontiguousarray(lens[ids_row])
     B, Lq, D = (int(s) for s in q.shape)
     qs = A.elem_strides(q)
     K = len(ids_row)
