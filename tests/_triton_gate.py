@@ -28,7 +28,7 @@ DIV16_ENV = os.environ.get("VKERN_GATE_DIV16", "0") == "1"   # every int argumen
 def _variants():
     import torch
 
-    from kernels import loki, maxsim, taskvec, vatp  # noqa: F401
+    from kernels import loki, maxsim, maxsim_grad, taskvec, vatp  # noqa: F401
     out = []  # (module, kernel name, {arg: type}, {constexpr: value}, spill_free)
 
     def add(mod, name, types, consts, spill_free=True):
@@ -102,6 +102,24 @@ def _variants():
                                              "doc_offsets_ptr": "i64", "scores_ptr": "fp32"},
                 dict(cfg, UPCAST_TO_FP32=False, INPUT_PRECISION="ieee" if dt == "float32" else "tf32",
                      NAN_BY_FLAG=False, num_warps=nw), spill_free=False)
+            # the argmax forward reuses maxsim's launch config (kernels/maxsim_grad.py), with and without a mask
+            for has_mask in (False, True):
+                add("maxsim_grad", "_maxsim_argmax_kernel",
+                    {"queries_ptr": t, "query_lengths_ptr": "i32", "docs_ptr": t, "doc_starts_ptr": "i64",
+                     "doc_lens_ptr": "i64", "mask_ptr": "u8", "scores_ptr": "fp32", "argmax_ptr": "i32"},
+                    dict(cfg, UPCAST_TO_FP32=False, INPUT_PRECISION="ieee" if dt == "float32" else "tf32",
+                         HAS_MASK=has_mask, num_warps=nw), spill_free=False)
+    # ---- maxsim backward: the D blocks its launcher picks
+    for dt in DT:
+        t = DT[dt]
+        for D in (32, 64, 96, 128, 256, 768):
+            bd = maxsim_grad._block_d(D)
+            add("maxsim_grad", "_grad_q_kernel", {"grad_ptr": "fp32", "argmax_ptr": "i32", "docs_ptr": t,
+                                                 "doc_starts_ptr": "i64", "grad_q_ptr": "fp32"},
+                dict(BLOCK_N=maxsim_grad._BLOCK_N, BLOCK_D=bd))
+            add("maxsim_grad", "_grad_d_kernel", {"grad_ptr": "fp32", "argmax_ptr": "i32", "queries_ptr": t,
+                                                 "doc_starts_ptr": "i64", "grad_d_ptr": "fp32"},
+                dict(DOCS_PER_PROGRAM=maxsim_grad._DOCS_PER_PROGRAM, BLOCK_I=maxsim_grad._BLOCK_I, BLOCK_D=bd))
     return out
 
 
@@ -227,7 +245,8 @@ def _one(job):
     rec = dict(kernel=f"{mod}.{name}", variant=json.dumps({**consts, **{k: v for k, v in types.items()
                                                                       if k in ("q_ptr", "x", "base", "src_ptr",
                                                                                "v_ptr", "buf_ptr", "queries_ptr",
-                                                                               "x_ptr")}, "spec": spec or "plain"}),
+                                                                               "x_ptr", "docs_ptr")},
+                                                                      "spec": spec or "plain"}),
                cc=cc, spill_free=spill_free and f"{mod}.{name}" not in KNOWN_SPILLS)
     buf = io.StringIO()
     try:

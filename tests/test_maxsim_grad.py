@@ -322,3 +322,104 @@ def test_readme_gradients_example_runs():
     exec(_readme_block("### Gradients"), ns)
     assert ns["q"].grad.shape == (4, 32, 128) and ns["d"].grad.shape == (8, 300, 128)
     assert bool((ns["d"].grad[4, 1:] == 0).all())        # past doc_lengths: no gradient
+
+
+# ---- the fused GPU kernels (kernels/maxsim_grad.py under the Triton interpreter here; on a GPU the
+# same tests run them for real, and the CUDA ones: csrc/cuda/maxsim_grad.cu)
+
+def _grid_values(rng, shape):
+    """Multiples of 1/2 in [-1, 1]: every product and sum is exact in float32, float16 and bfloat16,
+    so the argmax must equal the float64 reference's exactly, and exact ties are common."""
+    return (rng.integers(-2, 3, size=shape) / 2.0).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_kernels_match_reference(backend, dtype, layout, masked):
+    needs(backend, "maxsim")
+    rng = np.random.default_rng(21)
+    dev = _dev(backend)
+    dt = getattr(torch, dtype)
+    B, Lq, D = 3, 19, 40                                  # D = 40: the float32 Triton tiles loop over D
+    lengths = [70, 0, 5, 1, 130, 64]                      # across and exactly at the 64-token tiles
+    q = _grid_values(rng, (B, Lq, D))
+    qlens = np.array([19, 7, 0])
+    if layout == "packed":
+        docs = _grid_values(rng, (sum(lengths), D))
+        kw = dict(doc_offsets=np.concatenate([[0], np.cumsum(lengths)]))
+        mask = rng.random(sum(lengths)) > 0.3 if masked else None
+    else:
+        docs = _grid_values(rng, (len(lengths), 130, D))
+        kw = dict(doc_lengths=np.array(lengths))
+        mask = rng.random((len(lengths), 130)) > 0.3 if masked else None
+    doc4 = docs[76:206] if layout == "packed" else docs[4]
+    doc4[65:] = doc4[:65]                             # its second 64-token tile repeats the first: ties
+    s_ref, a_ref = G.maxsim_argmax_impl(q, docs, query_lengths=qlens, backend="reference", doc_mask=mask, **kw)
+    sims = q[0] @ doc4.T
+    assert ((sims == sims.max(1, keepdims=True)).sum(1) > 1).all()
+
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+    tkw = {k: t(v) for k, v in kw.items()}
+    qt, dt_ = t(q).to(dt), t(docs).to(dt)
+    s, a = G.maxsim_argmax_impl(qt, dt_, query_lengths=t(qlens), backend=backend,
+                                doc_mask=None if mask is None else t(mask), **tkw)
+    np.testing.assert_array_equal(a.cpu().numpy(), a_ref)
+    np.testing.assert_allclose(s.cpu().numpy(), s_ref, rtol=1e-6, atol=1e-6)
+    if mask is None:   # the argmax forward's scores are the plain forward's
+        plain = vkern.maxsim(qt, dt_, query_lengths=t(qlens), backend=backend, **tkw)
+        np.testing.assert_allclose(s.cpu().numpy(), plain.cpu().numpy(), rtol=1e-6, atol=1e-6)
+
+    g = rng.standard_normal((B, len(lengths))).astype(np.float32)
+    gq_ref, gd_ref = G.maxsim_backward_impl(g, a_ref, q, docs, query_lengths=qlens, backend="reference", **kw)
+    gq, gd = G.maxsim_backward_impl(t(g), a, qt, dt_, query_lengths=t(qlens), backend=backend, **tkw)
+    assert gq.dtype == torch.float32 and gd.shape == dt_.shape
+    np.testing.assert_allclose(gq.cpu().numpy(), gq_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gd.cpu().numpy(), gd_ref, rtol=1e-5, atol=1e-5)
+    if layout == "padded":
+        assert not gd.cpu().numpy()[2, 5:].any() and not gd.cpu().numpy()[1].any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_kernels_long_queries_and_many_hits_per_row(backend):
+    """Lq past one query tile (Triton: 64 rows for float32 D <= 32; CUDA: 32), every query token of
+    every query on the same few rows (the scatter adds many contributions to one row), a NaN token
+    (np.argmax: the first NaN wins), and mixed dtypes in the backward (float32 queries, float16 docs)."""
+    needs(backend, "maxsim")
+    rng = np.random.default_rng(22)
+    dev = _dev(backend)
+    q = np.abs(_grid_values(rng, (2, 150, 16))) + 0.25
+    docs = np.full((3, 40, 16), -0.5, np.float32)
+    docs[0, 7] = docs[0, 30] = 1.0                        # a tie: row 7 gets everything
+    docs[1, 12] = 1.0
+    docs[2, 3, 5] = np.nan
+    docs[2, 9, 0] = np.nan
+    s_ref, a_ref = G.maxsim_argmax_impl(q, docs, backend="reference")
+    assert (a_ref[:, 0] == 7).all() and (a_ref[:, 1] == 12).all() and (a_ref[:, 2] == 3).all()
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+    s, a = G.maxsim_argmax_impl(t(q), t(docs), backend=backend)
+    np.testing.assert_array_equal(a.cpu().numpy(), a_ref)
+    np.testing.assert_allclose(s.cpu().numpy(), s_ref, rtol=1e-6)       # NaN where the reference has NaN
+    g = np.array([[1.0, -2.0, 0.0], [0.5, 3.0, 0.0]], np.float32)   # no gradient through the NaN document
+    d16 = docs.copy()
+    d16[2] = 0.0
+    gq_ref, gd_ref = G.maxsim_backward_impl(g, a_ref, q, d16.astype(np.float16), backend="reference")
+    gq, gd = G.maxsim_backward_impl(t(g), a, t(q), t(d16).half(), backend=backend)
+    np.testing.assert_allclose(gq.cpu().numpy(), gq_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gd.cpu().numpy(), gd_ref, rtol=1e-5, atol=1e-5)
+    assert gd.cpu()[0, 7].abs().sum() > 0 and gd.cpu()[0, 30].abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_bf16_grads_through_autograd(backend):
+    needs(backend, "maxsim")
+    g = torch.Generator().manual_seed(23)
+    dev = _dev(backend)
+    q = torch.randn(2, 8, 32, generator=g).to(torch.bfloat16).to(dev)
+    d = torch.randn(5, 40, 32, generator=g).to(torch.bfloat16).to(dev)
+    _, (gq, gd) = grads(lambda a, b: vkern.maxsim(a, b, backend=backend), q, d)
+    assert gq.dtype == torch.bfloat16 and gd.dtype == torch.bfloat16
+    _, (wq, wd) = grads(lambda a, b: torch_truth(a, list(b)), q.cpu().double(), d.cpu().double())
+    torch.testing.assert_close(gq.cpu().double(), wq, rtol=1.6e-2, atol=1.6e-2)
+    torch.testing.assert_close(gd.cpu().double(), wd, rtol=1.6e-2, atol=1.6e-2)

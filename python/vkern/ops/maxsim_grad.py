@@ -9,9 +9,9 @@ tokens and empty documents; the lower index on ties). The backward scatters from
 
 so its memory is the argmax (O(B * N * Lq)) and the gradients themselves, never the
 ``[B, N, Lq, Ld]`` similarities. Backends: ``reference`` (NumPy, float64), ``cpu`` (the C++
-kernel records the argmax inside its register tiles; the backward is a C++ scatter). On CUDA
-tensors (``triton`` / ``cuda``) both steps run as chunked torch ops on the device (bounded
-memory, no fused kernel yet).
+kernel records the argmax inside its register tiles; the backward is a C++ scatter), ``triton``
+(kernels/maxsim_grad.py: grad_d by float32 atomics) and ``cuda`` (csrc/cuda/maxsim_grad.cu: no
+atomics, bit-reproducible); the GPU kernels read padded documents and the zero mask in place.
 """
 from __future__ import annotations
 
@@ -20,9 +20,6 @@ import numpy as np
 from .. import _arrays as A
 from .. import _ext
 from . import maxsim as M
-
-_CHUNK = 1 << 24      # similarity / gathered-row elements per chunk on the torch path
-
 
 def _host_packed(call: M.MaxsimCall):
     """(docs [T, D], host offsets [N+1]) packed; padded docs compacted (one copy)."""
@@ -91,56 +88,40 @@ def _argmax_cpu(call, mask=None):
     return scores, arg
 
 
-def _doc_groups(off: np.ndarray, B: int, Lq: int):
-    """Ranges [start, stop) of documents whose padded similarities fit in one chunk."""
-    N = len(off) - 1
-    lens = np.diff(off)
-    start = 0
-    while start < N:
-        stop, width = start, 0
-        while stop < N:
-            w = max(width, int(lens[stop]))
-            if stop > start and B * Lq * (stop - start + 1) * max(w, 1) > _CHUNK:
-                break
-            width, stop = w, stop + 1
-        yield start, stop, width
-        start = stop
-
-
-def _argmax_torch(call, mask=None):
-    """Chunked torch ops on the tensors' device: float32 similarities of a group of documents,
-    padded to the group's longest, max and the first index reaching it."""
+def _gpu_extents(call):
+    """(docs as contiguous rows [rows, D], doc_starts int64 [N], doc_lens int64 [N]) on the device:
+    packed docs as they are, padded [N, Ld, D] docs in place (document n = rows n * Ld ...)."""
     torch = A.torch_module()
-    if mask is not None:
-        zcall, pmask = _zero_masked(call, mask)
-        scores, arg = _argmax_torch(zcall)
-        return scores, _drop_masked_argmax(arg, pmask, _host_packed(zcall)[1])
-    docs, off = _host_packed(call)
-    q = call.q
+    docs = call.docs.contiguous()
+    D = int(docs.shape[-1])
+    if call.packed:
+        starts, lens = call.host_offsets[:-1], np.diff(call.host_offsets)
+    else:
+        starts = np.arange(call.N, dtype=np.int64) * int(docs.shape[1])
+        lens = call.host_doc_lengths
+    dev = docs.device
+    to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)
+    return docs.reshape(-1, D), to_dev(starts), to_dev(lens)
+
+
+def _argmax_gpu(call, mask, backend):
+    """The fused kernels (kernels/maxsim_grad.py, csrc/cuda/maxsim_grad.cu): one launch for scores
+    and argmax, padded documents and the zero mask read in place."""
+    torch = A.torch_module()
+    rows, starts, lens = _gpu_extents(call)
+    q = call.q.to(rows.dtype).contiguous()     # one kernel dtype, as the scores-only GPU forward
     B, Lq, D = (int(s) for s in q.shape)
-    dev = q.device
-    qf = q.float().reshape(B * Lq, D)
-    valid_q = torch.arange(Lq, device=dev)[None, :] < torch.from_numpy(call.host_q_lengths).to(dev)[:, None]
-    scores = torch.full((B, call.N), float("-inf"), dtype=torch.float32, device=dev)
-    arg = torch.full((B, call.N, Lq), -1, dtype=torch.int32, device=dev)
-    for start, stop, width in _doc_groups(off, B, Lq):
-        if width == 0:
-            continue
-        lo = int(off[start])
-        lens = torch.from_numpy(np.diff(off[start:stop + 1])).to(dev)
-        pos = torch.arange(width, device=dev)
-        idx = torch.from_numpy(off[start:stop] - lo).to(dev)[:, None] + pos[None, :]   # [n, width]
-        ok = pos[None, :] < lens[:, None]
-        sims = qf @ docs[lo:int(off[stop])].float().T                                  # [B*Lq, tokens]
-        sims = sims[:, idx.clamp(max=max(int(off[stop]) - lo - 1, 0))]
-        sims = sims.masked_fill(~ok[None], float("-inf")).reshape(B, Lq, stop - start, width)
-        best = sims.amax(dim=3)                                                        # [B, Lq, n]
-        first = torch.where(sims == best[..., None], pos, width).amin(dim=3)           # lower index on ties
-        nonempty = lens > 0
-        s = torch.where(valid_q[:, :, None], best, torch.zeros_like(best)).sum(dim=1)
-        scores[:, start:stop] = torch.where(nonempty[None], s, scores[:, start:stop])
-        a = torch.where(valid_q[:, :, None] & nonempty[None, None], first, -1).to(torch.int32)
-        arg[:, start:stop] = a.permute(0, 2, 1)
+    qlens = torch.from_numpy(call.host_q_lengths.astype(np.int32)).to(q.device)
+    m = None if mask is None else mask.to(torch.uint8).contiguous().reshape(-1)
+    if backend == "triton":
+        return _ext.triton_kernels("maxsim_grad").maxsim_argmax(q, qlens, rows, starts, lens, m)
+    scores = torch.empty((B, call.N), dtype=torch.float32, device=q.device)
+    arg = torch.full((B, call.N, Lq), -1, dtype=torch.int32, device=q.device)
+    with torch.cuda.device(q.device):
+        _ext.C.maxsim_argmax_cuda(q.data_ptr(), rows.data_ptr(), A.DTYPE_CODE[A.dtype_name(rows)], B, Lq, D,
+                                  qlens.data_ptr(), starts.data_ptr(), lens.data_ptr(),
+                                  0 if m is None else m.data_ptr(), call.N, scores.data_ptr(), arg.data_ptr(),
+                                  torch.cuda.current_stream().cuda_stream)
     return scores, arg
 
 
@@ -161,8 +142,10 @@ def maxsim_argmax_impl(queries, docs, *, doc_offsets=None, doc_lengths=None, que
             raise TypeError(f"doc_mask: expected a bool or integer mask, got {A.dtype_name(doc_mask)}")
         A.same_place({"docs": call.docs, "doc_mask": doc_mask})
     name = M._OP.pick(backend, call).name
-    run = {"reference": _argmax_reference, "cpu": _argmax_cpu}.get(name, _argmax_torch)
-    scores, arg = run(call, doc_mask)
+    if name in ("triton", "cuda"):
+        scores, arg = _argmax_gpu(call, doc_mask, name)
+    else:
+        scores, arg = {"reference": _argmax_reference, "cpu": _argmax_cpu}[name](call, doc_mask)
     return (scores[0] if call.single else scores), arg
 
 
@@ -217,32 +200,25 @@ def _backward_cpu(call, g, arg, need_q, need_d):
     return gq, gd
 
 
-def _backward_torch(call, g, arg, need_q, need_d):
-    """Chunked gathers and index_add_ on the device: memory bounded by the chunk."""
+def _backward_gpu(call, g, arg, need_q, need_d, backend):
+    """The fused backward: grad_q gathered per query row, grad_d scattered into a float32 buffer of
+    the documents' shape (padded rows no argmax reaches stay 0)."""
     torch = A.torch_module()
-    docs, off = _host_packed(call)
-    q = call.q
+    rows, starts, _ = _gpu_extents(call)
+    q = call.q.contiguous()
     B, Lq, D = (int(s) for s in q.shape)
-    dev = q.device
-    gq = torch.zeros((B, Lq, D), dtype=torch.float32, device=dev) if need_q else None
-    gd = torch.zeros((int(docs.shape[0]), D), dtype=torch.float32, device=dev) if need_d else None
-    qf = q.float()
-    docs_f = docs if docs.dtype == torch.float32 else None
-    starts = torch.from_numpy(off[:-1]).to(dev)
-    per = max(1, _CHUNK // max(1, B * Lq * D))
-    for s0 in range(0, call.N, per):
-        s1 = min(call.N, s0 + per)
-        a = arg[:, s0:s1].long()                                  # [B, n, Lq]
-        ok = a >= 0
-        rows = torch.where(ok, starts[s0:s1][None, :, None] + a, 0)
-        w = torch.where(ok, g[:, s0:s1, None].float(), 0.0)       # [B, n, Lq]
-        if need_q:
-            src = (docs_f if docs_f is not None else docs)[rows.reshape(-1)].float().reshape(B, s1 - s0, Lq, D)
-            gq += (w[..., None] * src).sum(dim=1)
-        if need_d:
-            contrib = (w[..., None] * qf[:, None, :, :]).reshape(-1, D)
-            gd.index_add_(0, rows.reshape(-1), contrib)
-    return gq, (None if gd is None else _unpack_grad(call, gd, off))
+    arg = arg.to(torch.int32).contiguous()
+    if backend == "triton":
+        gq, gd = _ext.triton_kernels("maxsim_grad").maxsim_backward(g, arg, q, rows, starts, need_q, need_d)
+    else:
+        gq = torch.zeros((B, Lq, D), dtype=torch.float32, device=q.device) if need_q else None
+        gd = torch.zeros(tuple(rows.shape), dtype=torch.float32, device=q.device) if need_d else None
+        with torch.cuda.device(q.device):
+            _ext.C.maxsim_backward_cuda(g.data_ptr(), arg.data_ptr(), q.data_ptr(), A.DTYPE_CODE[A.dtype_name(q)],
+                                        rows.data_ptr(), A.DTYPE_CODE[A.dtype_name(rows)], B, Lq, D,
+                                        starts.data_ptr(), call.N, 0 if gq is None else gq.data_ptr(),
+                                        0 if gd is None else gd.data_ptr(), torch.cuda.current_stream().cuda_stream)
+    return gq, (None if gd is None else gd.reshape(tuple(call.docs.shape)))
 
 
 def maxsim_backward_impl(grad, argmax, queries, docs, *, doc_offsets=None, doc_lengths=None,
@@ -255,12 +231,15 @@ def maxsim_backward_impl(grad, argmax, queries, docs, *, doc_offsets=None, doc_l
     g = grad[None] if call.single else grad
     if tuple(g.shape) != (int(call.q.shape[0]), call.N):
         raise ValueError(f"grad: expected shape {(int(call.q.shape[0]), call.N)}, got {tuple(g.shape)}")
-    run = {"reference": _backward_reference, "cpu": _backward_cpu}.get(name, _backward_torch)
     if isinstance(g, np.ndarray):
         g = np.ascontiguousarray(g, dtype=np.float32)
     else:
         g = g.float().contiguous()
-    gq, gd = run(call, g, argmax, need_queries, need_docs)
+    if name in ("triton", "cuda"):
+        gq, gd = _backward_gpu(call, g, argmax, need_queries, need_docs, name)
+    else:
+        run = {"reference": _backward_reference, "cpu": _backward_cpu}[name]
+        gq, gd = run(call, g, argmax, need_queries, need_docs)
     if gq is not None and call.single:
         gq = gq[0]
     return (gq if need_queries else None), (gd if need_docs else None)
