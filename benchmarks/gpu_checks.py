@@ -7,6 +7,12 @@
 3. Grids past 65,535 on the old y axes: attention_colsum with T/32 and loki approx with T/64 above
    65,535, delta_linear with N/32 above 65,535, against torch.
 4. With two or more GPUs: every op on cuda:1 while cuda:0 is current, against the same op on cuda:0.
+5. MaxSim's backward kernels (kernels/maxsim_grad.py, csrc/cuda/maxsim_grad.cu): argmax and gradients
+   against the NumPy reference (packed / padded + mask, float32 / bfloat16; inputs on a 1/2 grid, so the
+   argmax must match exactly), the CUDA backward bit-reproducible; then the GPU shape of the
+   training-step benchmark (forward + backward of ColBERTScores, 16 queries x 32 tokens, 16 docs per
+   query x 512 tokens, D = 128): vkern (cuda, triton) vs PyLate's torch path, median time and
+   torch.cuda.max_memory_allocated above the inputs, in one run (a BENCH line each).
 
 Prints one PASS/FAIL line per check with its max error; exits 1 on any failure.
 `--small` runs the same code on tiny shapes (CPU, TRITON_INTERPRET=1; the graph and multi-GPU parts
@@ -160,6 +166,112 @@ def big_grid_checks(dev, backends, small):
         check(f"grid: delta_linear N/32 > 65535 [{backend}]", delta)
 
 
+def _grid(rng, shape):
+    return (rng.integers(-2, 3, size=shape) / 2.0).astype(np.float32)
+
+
+def maxsim_grad_checks(dev, backends, small):
+    from vkern.ops import maxsim_grad as G
+
+    rng = np.random.default_rng(0)
+    B, Lq, N, Ld, D = (2, 5, 4, 40, 16) if small else (16, 32, 64, 512, 128)
+    q = _grid(rng, (B, Lq, D))
+    qlens = rng.integers(0, Lq + 1, size=B)
+    qlens[0] = Lq
+    lengths = rng.integers(0, Ld + 1, size=N)
+    lengths[0] = Ld
+    padded = _grid(rng, (N, Ld, D))
+    mask = rng.random((N, Ld)) > 0.05
+    keep = np.arange(Ld)[None] < lengths[:, None]
+    packed, offsets = padded[keep], np.concatenate([[0], np.cumsum(lengths)])
+    g = rng.standard_normal((B, N)).astype(np.float32)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+    for layout, docs, kw, m in (("packed", packed, dict(doc_offsets=offsets), None),
+                                ("padded+mask", padded, dict(doc_lengths=lengths), mask)):
+        s_ref, a_ref = G.maxsim_argmax_impl(q, docs, query_lengths=qlens, backend="reference", doc_mask=m, **kw)
+        gq_ref, gd_ref = G.maxsim_backward_impl(g, a_ref, q, docs, query_lengths=qlens, backend="reference", **kw)
+        tkw = {k: t(v) for k, v in kw.items()}
+        for backend in backends:
+            for dtype in (torch.float32, torch.bfloat16):
+                def run(backend=backend, dtype=dtype, docs=docs, kw=tkw, m=m, s_ref=s_ref, a_ref=a_ref,
+                        gq_ref=gq_ref, gd_ref=gd_ref):
+                    qt, dt = t(q).to(dtype), t(docs).to(dtype)
+                    s, a = G.maxsim_argmax_impl(qt, dt, query_lengths=t(qlens), backend=backend,
+                                                doc_mask=None if m is None else t(m), **kw)
+                    gq, gd = G.maxsim_backward_impl(t(g), a, qt, dt, query_lengths=t(qlens), backend=backend, **kw)
+                    wrong = int((a.cpu().numpy() != a_ref).sum())
+                    err = max(float(np.nanmax(np.abs(s.cpu().numpy() - s_ref) / (1 + np.abs(s_ref)))),
+                              float(np.abs(gq.cpu().numpy() - gq_ref).max()), float(np.abs(gd.cpu().numpy() - gd_ref).max()))
+                    if backend == "cuda":      # no atomics: bit-reproducible
+                        gq2, gd2 = G.maxsim_backward_impl(t(g), a, qt, dt, query_lengths=t(qlens), backend=backend, **kw)
+                        wrong += int((gq2 != gq).sum()) + int((gd2 != gd).sum())
+                    return err + wrong, 1e-4
+                check(f"maxsim grad [{backend}] {layout} {str(dtype)[6:]} vs reference", run)
+
+
+def maxsim_train_bench(dev, backends, small):
+    """The training-step benchmark's GPU shape: vkern (each backend) vs PyLate's torch path."""
+    import os
+
+    from vkern.bench_maxsim_train import make_batch, scorer, train_step
+
+    Q, Lq, N, Ld, D = (2, 4, 2, 16, 16) if small else (16, 32, 16, 512, 128)
+    q, d, dm = (x.to(dev) for x in make_batch(Q, Lq, N, Ld, D))
+    labels_dev = dev
+
+    def step(score):
+        qq, dd = q.detach().requires_grad_(True), d.detach().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(score(qq, dd, dm), torch.arange(Q, device=labels_dev) * N)
+        return (loss,) + tuple(torch.autograd.grad(loss, [qq, dd]))
+
+    def measure(score, reps=1 if small else 5):
+        out = step(score)                                    # warm-up (Triton compiles)
+        times = []
+        for _ in range(reps):
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(score)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peak = float("nan")
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(score)
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return out, float(np.median(times)), peak
+
+    old = os.environ.get("VKERN_BACKEND")
+    res = {}
+    try:
+        res["pylate"] = measure(scorer("pylate"))
+        for backend in backends:
+            os.environ["VKERN_BACKEND"] = backend
+            res[backend] = measure(scorer("vkern"))
+    finally:
+        os.environ.pop("VKERN_BACKEND", None) if old is None else os.environ.__setitem__("VKERN_BACKEND", old)
+    grads_mb = 4 * (q.numel() + d.numel()) / 2**20
+    (pl_out, pl_t, pl_mem) = res["pylate"]
+    try:
+        import pylate.scores  # noqa: F401
+        peer = "PyLate torch"
+    except Exception:  # the GPU node may not have it: the same einsum formulation
+        peer = "torch einsum (PyLate's formulation, PyLate not installed)"
+    print(f"BENCH training step (fwd+bwd ColBERTScores) {Q}x{Lq} queries, {N} docs/query x {Ld} tok, D={D} on {dev}: "
+          f"{peer} {pl_t * 1e3:.2f} ms, peak +{pl_mem:.1f} MB (gradients {grads_mb:.1f} MB of it)")
+    for backend in backends:
+        out, t_, mem = res[backend]
+        print(f"BENCH   vkern {backend}: {t_ * 1e3:.2f} ms ({pl_t / t_:.2f}x PyLate), peak +{mem:.1f} MB "
+              f"(1/{pl_mem / mem:.1f} of PyLate's; beyond the gradients +{mem - grads_mb:.1f} vs "
+              f"+{pl_mem - grads_mb:.1f} MB)")
+        check(f"training step [{backend}] loss and grads == PyLate's torch path",
+              lambda out=out: (max(float((a.detach().float() - b.detach().float()).abs().max()) for a, b in zip(out, pl_out)),
+                                1e-4))
+
+
 def multi_gpu_checks(backends):
     if torch.cuda.device_count() < 2:
         print("SKIP multi-GPU guard checks: one GPU visible")
@@ -197,6 +309,8 @@ def main():
         multi_gpu_checks(backends)
     big_grid_checks(dev, backends, args.small)
     big_offset_checks(dev, backends, args.small)
+    maxsim_grad_checks(dev, backends, args.small)
+    maxsim_train_bench(dev, backends, args.small)
     print(f"{len(FAILED)} failed" + (": " + ", ".join(FAILED) if FAILED else ""))
     return 1 if FAILED else 0
 
