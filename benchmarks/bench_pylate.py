@@ -9,6 +9,7 @@ reference, same run; peak extra memory of each in a fresh process.
     python benchmarks/bench_pylate.py            # both
     python benchmarks/bench_pylate.py train      # the training step only
 """
+import statistics
 import sys
 import time
 
@@ -50,9 +51,9 @@ def main():
     print(f"vkern exact=True    {t_ex*1e3:9.1f} ms   {t_pl/t_ex:5.2f}x PyLate")
 
 
-def train(Q=16, Lq=32, N=16, Ld=512, D=128, threads=2):
+def train(Q=16, Lq=32, N=16, Ld=512, D=128, threads=2, rounds=3):
     import vkern
-    from vkern.bench_maxsim_train import make_batch, peak_extra_mb, scorer, train_step
+    from vkern.bench_maxsim_train import gradient_mb, make_batch, memory_summary, peaks_interleaved, scorer, train_step
 
     torch.set_num_threads(threads)
     vkern.set_num_threads(threads)
@@ -63,18 +64,27 @@ def train(Q=16, Lq=32, N=16, Ld=512, D=128, threads=2):
         dl = abs(res[w][0].item() - res["pylate"][0].item())
         dg = max((a - b).abs().max().item() for a, b in zip(res[w][1:], res["pylate"][1:]))
         print(f"{w:9s} vs PyLate: |loss diff| {dl:.2e}, max |grad diff| {dg:.2e}")
-    t = {w: best(lambda f=f: train_step(f, q, d, dm), reps=2 if w == "reference" else 3) for w, f in fns.items()}
-    mem = {w: peak_extra_mb(w, Q, Lq, N, Ld, D, threads) for w in ("pylate", "vkern")}
-    grads_mb = 4 * (q.numel() + d.numel()) / 2**20
+    runs = {w: [] for w in fns}            # interleaved: one run of each contender per round, medians
+    for r in range(3):
+        for w, f in fns.items():
+            if w == "reference" and r == 2:
+                continue
+            t0 = time.perf_counter()
+            train_step(f, q, d, dm)
+            runs[w].append(time.perf_counter() - t0)
+    t = {w: statistics.median(v) for w, v in runs.items()}
+    # peak extra memory: a fresh process per measurement, vkern and PyLate alternating, median of `rounds`
+    peaks = peaks_interleaved(Q, Lq, N, Ld, D, threads, rounds)
+    mem = {w: statistics.median(v) for w, v in peaks.items()}
+    grads_mb = gradient_mb(Q, Lq, N, Ld, D)
     print(f"training step (fwd+bwd of ColBERTScores): {Q} queries x {Lq} tok, {N} docs/query x {Ld} tok (masked), "
           f"D={D}, {threads} threads")
     print(f"pylate torch        {t['pylate']*1e3:9.1f} ms   peak +{mem['pylate']:.0f} MB")
     print(f"vkern reference     {t['reference']*1e3:9.1f} ms")
     print(f"vkern cpu           {t['vkern']*1e3:9.1f} ms   peak +{mem['vkern']:.0f} MB   "
-          f"{t['pylate']/t['vkern']:5.2f}x PyLate, {t['reference']/t['vkern']:5.2f}x reference; "
-          f"memory 1/{mem['pylate']/mem['vkern']:.1f} of PyLate's")
-    print(f"(the gradients themselves are {grads_mb:.0f} MB of both peaks; beyond them: vkern "
-          f"+{mem['vkern'] - grads_mb:.0f} MB, PyLate +{mem['pylate'] - grads_mb:.0f} MB)")
+          f"{t['pylate']/t['vkern']:5.2f}x PyLate, {t['reference']/t['vkern']:5.2f}x reference")
+    print(f"memory (median of {rounds} fresh processes each, interleaved): {memory_summary(mem['vkern'], mem['pylate'], grads_mb)}")
+    print("  every run (MB): " + "; ".join(f"{w} " + ", ".join(f"{x:.1f}" for x in v) for w, v in peaks.items()))
 
 
 if __name__ == "__main__":
