@@ -423,3 +423,28 @@ def test_fused_bf16_grads_through_autograd(backend):
     _, (wq, wd) = grads(lambda a, b: torch_truth(a, list(b)), q.cpu().double(), d.cpu().double())
     torch.testing.assert_close(gq.cpu().double(), wq, rtol=1.6e-2, atol=1.6e-2)
     torch.testing.assert_close(gd.cpu().double(), wd, rtol=1.6e-2, atol=1.6e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cpu_half_docs_gradient_written_in_its_dtype(dtype):
+    """The cpu backward writes a float16/bfloat16 document gradient directly (float32 sums per document,
+    rounded once): no float32 buffer of the documents' size. Each document here has one token and the
+    query one token, so every gradient row is the query row rounded once: bit-equal to torch's cast,
+    over normal, subnormal, overflowing and round-half-even values."""
+    rng = np.random.default_rng(24)
+    D = 2048
+    vals = (rng.standard_normal(D) * np.exp2(rng.integers(-30, 20, D))).astype(np.float32)
+    vals[:8] = [65504, 65519.99, 65520, 7e4, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 6.1e-5]
+    vals[8:16] = -vals[:8]
+    vals[16] = np.float32(1 + 2.0**-8)           # a tie for bfloat16: rounds to even (1.0)
+    dt = getattr(torch, dtype)
+    q = torch.from_numpy(vals).reshape(1, 1, D)
+    d = torch.ones(3, 1, D, dtype=dt, requires_grad=True)
+    (gd,) = torch.autograd.grad(vkern.maxsim(q, d, backend="cpu").sum(), [d])
+    assert gd.dtype == dt
+    want = q[0, 0].to(dt).view(torch.int16)
+    for n in range(3):
+        assert torch.equal(gd[n, 0].view(torch.int16), want)
+    _, arg = G.maxsim_argmax_impl(q, d.detach(), backend="cpu")
+    _, raw = G.maxsim_backward_impl(torch.ones(1, 3), arg, q, d.detach(), backend="cpu", docs_grad_in_dtype=True)
+    assert raw.dtype == dt                         # straight from the kernel, not a cast of a float32 buffer

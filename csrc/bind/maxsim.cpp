@@ -38,9 +38,10 @@ void maxsim_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Lq, int64_t D, int6
 void maxsim_backward_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Lq, int64_t D, int64_t q_sb, int64_t q_si,
                          int64_t q_sd, uintptr_t docs, int d_dtype, int64_t d_row_stride, uintptr_t doc_starts,
                          uintptr_t doc_lens, int64_t N, uintptr_t argmax, uintptr_t grad, uintptr_t grad_q,
-                         uintptr_t grad_d, uintptr_t grad_d_starts) {
+                         uintptr_t grad_d, uintptr_t grad_d_starts, int grad_d_dtype) {
   check_dtype(q_dtype, "queries");
   check_dtype(d_dtype, "docs");
+  check_dtype(grad_d_dtype, "grad_d");
   require(B >= 0 && Lq >= 0 && D >= 1 && N >= 0, "maxsim backward: sizes must be non-negative and D >= 1");
   require(B * N * Lq == 0 || (argmax != 0 && grad != 0), "maxsim backward: null argmax or grad");
   require(N == 0 || (doc_starts != 0 && doc_lens != 0), "maxsim backward: null document offsets");
@@ -49,8 +50,8 @@ void maxsim_backward_cpu(uintptr_t q, int q_dtype, int64_t B, int64_t Lq, int64_
   cpu::MaxsimBackwardCall call{ptr<const void>(q), q_dtype, B, Lq, D, q_sb, q_si, q_sd,
                                ptr<const void>(docs), d_dtype, d_row_stride, ptr<const int64_t>(doc_starts),
                                ptr<const int64_t>(doc_lens), N, ptr<const int32_t>(argmax),
-                               ptr<const float>(grad), ptr<float>(grad_q), ptr<float>(grad_d),
-                               ptr<const int64_t>(grad_d_starts)};
+                               ptr<const float>(grad), ptr<float>(grad_q), ptr<void>(grad_d),
+                               ptr<const int64_t>(grad_d_starts), grad_d_dtype};
   py::gil_scoped_release release;
   cpu::CallScope scope;  // one thread count and pool for both passes
   cpu::maxsim_backward(call);

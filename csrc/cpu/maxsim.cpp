@@ -302,9 +302,18 @@ void maxsim_backward(const MaxsimBackwardCall& c) {
     const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(N, int64_t(num_threads()) * 8));
     parallel_for(n_tasks, [&](int64_t t, int) {
       const int64_t n0 = N * t / n_tasks, n1 = N * (t + 1) / n_tasks;
+      const bool narrow = c.grad_d_dtype != kF32;
+      std::vector<float> scratch;   // narrow output: this document's rows in float32
       for (int64_t n = n0; n < n1; ++n) {
-        if (c.doc_lens[n] <= 0) continue;
-        float* gd = c.grad_d + c.grad_d_starts[n];
+        const int64_t len = c.doc_lens[n];
+        if (len <= 0) continue;
+        float* gd;
+        if (narrow) {
+          scratch.assign(static_cast<size_t>(len * D), 0.0f);
+          gd = scratch.data();
+        } else {
+          gd = static_cast<float*>(c.grad_d) + c.grad_d_starts[n];
+        }
         for (int64_t b = 0; b < B; ++b) {
           const float g = c.grad[b * N + n];
           const int32_t* arg = c.argmax + (b * N + n) * Lq;
@@ -314,6 +323,13 @@ void maxsim_backward(const MaxsimBackwardCall& c) {
             const float* qi = qf.data() + (b * Lq + i) * D;
             for (int64_t k = 0; k < D; ++k) out[k] += g * qi[k];
           }
+        }
+        if (narrow) {
+          uint16_t* dst = static_cast<uint16_t*>(c.grad_d) + c.grad_d_starts[n];
+          if (c.grad_d_dtype == kBF16)
+            for (int64_t e = 0; e < len * D; ++e) dst[e] = float_to_bf16(gd[e]);
+          else
+            for (int64_t e = 0; e < len * D; ++e) dst[e] = float_to_half(gd[e]);
         }
       }
     });

@@ -82,8 +82,10 @@ struct MaxsimBackwardCall {
   const int32_t* argmax;      // [B, N, Lq] from the forward
   const float* grad;          // [B, N] contiguous
   float* grad_q;              // [B, Lq, D] contiguous, or nullptr; fully written
-  float* grad_d;              // float32, or nullptr; caller zeroes it; rows at grad_d_starts, stride D
+  void* grad_d;               // or nullptr; caller zeroes it; rows at grad_d_starts, stride D
   const int64_t* grad_d_starts;  // [N] element offsets of each document's first row in grad_d
+  int grad_d_dtype;           // grad_d's dtype code: float32, or float16/bfloat16 accumulated in float32
+                              // per document (a thread's scratch) and rounded once: no float32 copy
 };
 
 void maxsim_backward(const MaxsimBackwardCall& call);

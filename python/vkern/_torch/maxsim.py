@@ -76,7 +76,8 @@ def maxsim_backward_op(grad: torch.Tensor, argmax: torch.Tensor, queries: torch.
                        need_docs: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     gq, gd = _maxsim_grad.maxsim_backward_impl(grad, argmax, queries, docs, doc_offsets=doc_offsets,
                                                doc_lengths=doc_lengths, query_lengths=query_lengths,
-                                               backend=backend, need_queries=need_queries, need_docs=need_docs)
+                                               backend=backend, need_queries=need_queries, need_docs=need_docs,
+                                               docs_grad_in_dtype=True)
     # custom ops return tensors: an unneeded gradient is an empty one (dropped by the caller)
     gq = gq.to(queries.dtype) if gq is not None else queries.new_empty([0])
     gd = gd.to(docs.dtype) if gd is not None else docs.new_empty([0])

@@ -173,7 +173,7 @@ def _unpack_grad(call, gd_packed, off):
     return out
 
 
-def _backward_cpu(call, g, arg, need_q, need_d):
+def _backward_cpu(call, g, arg, need_q, need_d, narrow=False):
     q, docs, starts, lens, row_stride = M._cpu_inputs(call)
     B, Lq, D = (int(s) for s in q.shape)
     qs = A.elem_strides(q)
@@ -183,11 +183,15 @@ def _backward_cpu(call, g, arg, need_q, need_d):
     gd = gd_starts = None
     if need_d:
         shape = tuple(int(s) for s in call.docs.shape)
-        # zero-filled fresh pages (calloc): rows no argmax reaches (padding) are never touched
+        # zero-filled fresh pages (calloc): rows no argmax reaches (padding) are never touched. With
+        # `narrow` a float16/bfloat16 gradient is written in that dtype directly (float32 sums per
+        # document in a thread's scratch): no float32 buffer of the documents' size, no cast copy.
+        gd_dtype = A.dtype_name(call.docs) if narrow else "float32"
         if isinstance(call.q, np.ndarray):
-            gd = np.zeros(shape, dtype=np.float32)
+            gd = np.zeros(shape, dtype=np.float16 if gd_dtype == "float16" else np.float32)
+            gd_dtype = A.dtype_name(gd)
         else:
-            gd = A.torch_module().zeros(shape, dtype=A.torch_module().float32, device=call.q.device)
+            gd = A.torch_module().zeros(shape, dtype=getattr(A.torch_module(), gd_dtype), device=call.q.device)
         if call.packed:
             gd_starts = np.ascontiguousarray(call.host_offsets[:-1] * D, dtype=np.int64)
         else:
@@ -196,7 +200,8 @@ def _backward_cpu(call, g, arg, need_q, need_d):
         A.data_ptr(q), A.DTYPE_CODE[A.dtype_name(q)], B, Lq, D, qs[0], qs[1], qs[2],
         A.data_ptr(docs), A.DTYPE_CODE[A.dtype_name(docs)], int(row_stride), starts.ctypes.data, lens.ctypes.data,
         call.N, A.data_ptr(arg), A.data_ptr(g), 0 if gq is None else A.data_ptr(gq),
-        0 if gd is None else A.data_ptr(gd), 0 if gd_starts is None else gd_starts.ctypes.data)
+        0 if gd is None else A.data_ptr(gd), 0 if gd_starts is None else gd_starts.ctypes.data,
+        A.DTYPE_CODE[gd_dtype] if gd is not None else 0)
     return gq, gd
 
 
@@ -223,9 +228,11 @@ def _backward_gpu(call, g, arg, need_q, need_d, backend):
 
 def maxsim_backward_impl(grad, argmax, queries, docs, *, doc_offsets=None, doc_lengths=None,
                          query_lengths=None, backend: str = "auto", need_queries: bool = True,
-                         need_docs: bool = True):
+                         need_docs: bool = True, docs_grad_in_dtype: bool = False):
     """Gradients of ``sum(grad * scores)`` for queries and docs (None where not needed), float32 in
-    the inputs' layouts (queries [Lq, D] / [B, Lq, D]; docs [T, D] or [N, Ld, D])."""
+    the inputs' layouts (queries [Lq, D] / [B, Lq, D]; docs [T, D] or [N, Ld, D]). With
+    ``docs_grad_in_dtype`` the cpu backend returns a float16/bfloat16 docs gradient in that dtype
+    (accumulated in float32, rounded once, as a cast would), without a float32 buffer of its size."""
     call = M._prepare(queries, docs, doc_offsets, doc_lengths, query_lengths, None)
     name = M._OP.pick(backend, call).name
     g = grad[None] if call.single else grad
@@ -238,8 +245,10 @@ def maxsim_backward_impl(grad, argmax, queries, docs, *, doc_offsets=None, doc_l
     if name in ("triton", "cuda"):
         gq, gd = _backward_gpu(call, g, argmax, need_queries, need_docs, name)
     else:
-        run = {"reference": _backward_reference, "cpu": _backward_cpu}[name]
-        gq, gd = run(call, g, argmax, need_queries, need_docs)
+        if name == "cpu":
+            gq, gd = _backward_cpu(call, g, argmax, need_queries, need_docs, narrow=docs_grad_in_dtype)
+        else:
+            gq, gd = _backward_reference(call, g, argmax, need_queries, need_docs)
     if gq is not None and call.single:
         gq = gq[0]
     return (gq if need_queries else None), (gd if need_docs else None)
