@@ -28,7 +28,7 @@ DIV16_ENV = os.environ.get("VKERN_GATE_DIV16", "0") == "1"   # every int argumen
 def _variants():
     import torch
 
-    from kernels import loki, maxsim, taskvec, vatp  # noqa: F401
+    from kernels import loki, maxsim, maxsim_int8, taskvec, vatp  # noqa: F401
     out = []  # (module, kernel name, {arg: type}, {constexpr: value}, spill_free)
 
     def add(mod, name, types, consts, spill_free=True):
@@ -102,6 +102,19 @@ def _variants():
                                              "doc_offsets_ptr": "i64", "scores_ptr": "fp32"},
                 dict(cfg, UPCAST_TO_FP32=False, INPUT_PRECISION="ieee" if dt == "float32" else "tf32",
                      NAN_BY_FLAG=False, num_warps=nw), spill_free=False)
+    # ---- maxsim_int8: every config launch_config returns over batch x Lq x D
+    seen8 = set()
+    for B, Lq, D in itertools.product((1, 2, 8, 64), (1, 8, 32, 128, 512), (32, 64, 96, 128, 256, 384, 768)):
+        cfg = maxsim_int8.launch_config(B, Lq, D)
+        key = tuple(sorted(cfg.items()))
+        if key in seen8:
+            continue
+        seen8.add(key)
+        nw = cfg.pop("num_warps")
+        add("maxsim_int8", "_maxsim_int8_kernel", {"q_codes_ptr": "i8", "q_scales_ptr": "fp32",
+                                                   "query_lengths_ptr": "i32", "codes_ptr": "i8",
+                                                   "doc_scales_ptr": "fp32", "doc_offsets_ptr": "i64",
+                                                   "scores_ptr": "fp32"}, dict(cfg, num_warps=nw))
     return out
 
 
