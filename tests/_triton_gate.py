@@ -28,7 +28,7 @@ DIV16_ENV = os.environ.get("VKERN_GATE_DIV16", "0") == "1"   # every int argumen
 def _variants():
     import torch
 
-    from kernels import loki, maxsim, maxsim_int8, taskvec, vatp  # noqa: F401
+    from kernels import loki, maxsim, maxsim_int8, muvera, taskvec, vatp  # noqa: F401
     out = []  # (module, kernel name, {arg: type}, {constexpr: value}, spill_free)
 
     def add(mod, name, types, consts, spill_free=True):
@@ -115,6 +115,24 @@ def _variants():
                                                    "query_lengths_ptr": "i32", "codes_ptr": "i8",
                                                    "doc_scales_ptr": "fp32", "doc_offsets_ptr": "i64",
                                                    "scores_ptr": "fp32"}, dict(cfg, num_warps=nw))
+    # ---- muvera: the launcher's tiles over k (partitions 2^k) x projected dims x the flags
+    for k, dp in itertools.product((0, 3, 5, 8, 16), (8, 16, 64, 128)):
+        for ams in (False, True):
+            sc = muvera.sketch_config(k, dp)
+            if not ams:
+                sc["BLOCK_DP"] = 16
+            add("muvera", "_sketch_kernel", {"x_ptr": "fp32", "simhash_ptr": "fp32",
+                                             "ams_index_ptr": "i64" if ams else "fp32", "ams_sign_ptr": "fp32",
+                                             "bits_ptr": "i32", "proj_ptr": "fp32" if ams else "i32"},
+                dict(sc, HAS_AMS=ams))
+        ac = muvera.accumulate_config(k, dp)
+        for average, fill, f64 in ((True, True, False), (False, False, False), (True, True, True),
+                                   (True, False, True)):
+            add("muvera", "_accumulate_kernel", {"bits_ptr": "i32", "src_ptr": "fp32", "offsets_ptr": "i64",
+                                                 "out_ptr": "fp64" if f64 else "fp32"},
+                dict(ac, AVERAGE=average, FILL=fill, OUT_F64=f64))
+    add("muvera", "_final_kernel", {"raw_ptr": "fp64", "order_ptr": "i64", "starts_ptr": "i64", "sign_ptr": "fp32",
+                                    "out_ptr": "fp32"}, dict(BLOCK_J=muvera._BLOCK_J))
     return out
 
 
