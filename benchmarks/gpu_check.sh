@@ -5,7 +5,8 @@
 #   (CUDA and Triton for real; tests/test_maxsim_grad.py checks MaxSim's gradients on CUDA
 #   tensors -- chunked torch ops on the device, no fused backward kernel yet -- against float64),
 #   benchmarks/gpu_checks.py (CUDA-graph capture of a decode step, > 2**31-element tensors,
-#   grids past 65,535, tensors on a second GPU), then the bench, writing everything to $OUT.
+#   grids past 65,535, tensors on a second GPU, int8 MaxSim and MUVERA encodings against the
+#   reference / cpu backend with timing lines), then the bench, writing everything to $OUT.
 # Budget: under 10 minutes (one device call): the bench runs --quick (every op,
 # CUDA/Triton rows included). `benchmarks/gpu_check.sh full` also runs the
 # full-size bench afterwards (a second call on the same warm machine, where the
@@ -36,7 +37,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
-echo "== GPU-only checks: CUDA-graph decode, > 2**31-element tensors, big grids, multi-GPU guards"
+echo "== GPU-only checks: CUDA-graph decode, > 2**31-element tensors, big grids, multi-GPU guards, int8 / MUVERA"
 timeout 240 python benchmarks/gpu_checks.py 2>&1 | tee "$OUT/gpu_checks.txt" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

@@ -116,16 +116,23 @@ def _variants():
                                                    "doc_scales_ptr": "fp32", "doc_offsets_ptr": "i64",
                                                    "scores_ptr": "fp32"}, dict(cfg, num_warps=nw))
     # ---- muvera: the launcher's tiles over k (partitions 2^k) x projected dims x the flags
+    seen_mv = set()
     for k, dp in itertools.product((0, 3, 5, 8, 16), (8, 16, 64, 128)):
         for ams in (False, True):
             sc = muvera.sketch_config(k, dp)
             if not ams:
                 sc["BLOCK_DP"] = 16
+            if ("sketch", ams, tuple(sorted(sc.items()))) in seen_mv:
+                continue
+            seen_mv.add(("sketch", ams, tuple(sorted(sc.items()))))
             add("muvera", "_sketch_kernel", {"x_ptr": "fp32", "simhash_ptr": "fp32",
                                              "ams_index_ptr": "i64" if ams else "fp32", "ams_sign_ptr": "fp32",
                                              "bits_ptr": "i32", "proj_ptr": "fp32" if ams else "i32"},
                 dict(sc, HAS_AMS=ams))
         ac = muvera.accumulate_config(k, dp)
+        if ("acc", tuple(sorted(ac.items()))) in seen_mv:
+            continue
+        seen_mv.add(("acc", tuple(sorted(ac.items()))))
         for average, fill, f64 in ((True, True, False), (False, False, False), (True, True, True),
                                    (True, False, True)):
             add("muvera", "_accumulate_kernel", {"bits_ptr": "i32", "src_ptr": "fp32", "offsets_ptr": "i64",

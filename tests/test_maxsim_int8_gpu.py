@@ -167,3 +167,20 @@ def test_launch_configs_cover_every_shape():
                 assert rows >= 16 and c["BLOCK_D"] >= 32 and c["BLOCK_T"] >= 16
                 assert c["SINGLE_D_BLOCK"] == (D <= 256)
                 assert c["BLOCK_D"] >= D or not c["SINGLE_D_BLOCK"]
+
+
+def test_quantize_docs_on_the_device_equals_the_host(rng):
+    if not HAVE_CUDA:
+        pytest.skip("needs a CUDA device")
+    docs, off = packed(rng, [3, 0, 5], 16)
+    want = vkern.quantize_docs(docs, doc_offsets=off)
+    got = vkern.quantize_docs(torch.from_numpy(docs).cuda(), doc_offsets=torch.from_numpy(off).cuda())
+    assert got.codes.device.type == "cuda" and got.doc_offsets.device.type == "cuda"
+    np.testing.assert_array_equal(got.codes.cpu().numpy(), want.codes)
+    np.testing.assert_array_equal(got.scales.cpu().numpy(), want.scales)
+    np.testing.assert_array_equal(got.doc_offsets.cpu().numpy(), off)
+    padded = np.zeros((3, 5, 16), np.float32)
+    for n in range(3):
+        padded[n, :off[n + 1] - off[n]] = docs[off[n]:off[n + 1]]
+    got_p = vkern.quantize_docs(torch.from_numpy(padded).cuda(), doc_lengths=torch.tensor([3, 0, 5]).cuda())
+    np.testing.assert_array_equal(got_p.codes.cpu().numpy(), want.codes)

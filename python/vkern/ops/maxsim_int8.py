@@ -72,7 +72,8 @@ def quantize_docs(docs, *, doc_offsets=None, doc_lengths=None) -> QuantizedDocs:
 
     Returns:
         QuantizedDocs (codes int8 [T, D], scales float32 [T], doc_offsets int64 [N+1]), packed,
-        of the same array kind as ``docs`` (host memory). Padding rows are dropped.
+        of the same array kind and device as ``docs`` (CUDA tensors are quantised on their device,
+        to the same codes). Padding rows are dropped.
 
     Example:
         >>> import numpy as np, vkern
@@ -91,27 +92,47 @@ def quantize_docs(docs, *, doc_offsets=None, doc_lengths=None) -> QuantizedDocs:
         d, _ = A.to_native(docs, "docs")
         if not A.is_float(d):
             raise A.float_dtype_error("docs", d)
+    on_device = A.is_torch(d) and d.device.type != "cpu"
+
+    def small(a, name):   # a small index array on the host (one tiny copy for device docs)
+        a = A.to_native(a, name)[0]
+        if on_device and A.is_torch(a):
+            A.same_place({"docs": d, name: a})
+            return a.detach().cpu().numpy()
+        return _host(a)
+
     if d.ndim == 3:
         if doc_offsets is not None:
             raise ValueError("doc_offsets: only valid with packed docs [T, D]; padded docs use doc_lengths")
         N, Ld, D = (int(s) for s in d.shape)
-        lens = np.full(N, Ld, np.int64) if doc_lengths is None else _host(A.to_native(doc_lengths, "doc_lengths")[0])
+        lens = np.full(N, Ld, np.int64) if doc_lengths is None else small(doc_lengths, "doc_lengths")
         if not (isinstance(lens, np.ndarray) and lens.dtype.kind in "iu") or lens.shape != (N,):
             raise ValueError(f"doc_lengths: expected integers of shape ({N},), got {getattr(lens, 'shape', None)}")
         if np.any(lens < 0) or np.any(lens > Ld):
             raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}]")
         off = np.zeros(N + 1, np.int64)
         np.cumsum(lens, out=off[1:])
-        x = A.to_numpy(d, np.float32)[np.arange(Ld)[None, :] < lens[:, None]]
+        mask = np.arange(Ld)[None, :] < lens[:, None]
+        if on_device:
+            x = d[A.torch_module().from_numpy(mask).to(d.device)].float()
+        else:
+            x = A.to_numpy(d, np.float32)[mask]
     elif d.ndim == 2:
         if doc_lengths is not None:
             raise ValueError("doc_lengths: only valid with padded docs [N, Ld, D]; packed docs use doc_offsets")
         if doc_offsets is None:
             raise ValueError("doc_offsets: required with packed docs [T, D]")
-        off = _check_offsets(doc_offsets, int(d.shape[0]))
-        x = A.to_numpy(d, np.float32)
+        off = _check_offsets(small(doc_offsets, "doc_offsets") if on_device else doc_offsets, int(d.shape[0]))
+        x = d.float() if on_device else A.to_numpy(d, np.float32)
     else:
         raise ValueError(f"docs: expected shape [T, D], [N, Ld, D] or a list of [L, D], got {tuple(d.shape)}")
+    if on_device:
+        # the same codes and scales as the host path (the reference's formula on the device)
+        torch = A.torch_module()
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError("docs: contains NaN or inf, which int8 codes with a finite scale cannot represent")
+        codes, scales = quantize_rows_torch(x, ref.DOC_LEVELS)
+        return QuantizedDocs(codes.contiguous(), scales.contiguous(), torch.from_numpy(off).to(d.device))
     _finite_or_raise(x, "docs")
     codes, scales = ref.quantize_rows(x, ref.DOC_LEVELS)
     if A.is_torch(like):
