@@ -339,9 +339,9 @@ def main():
         dev, backends = "cuda", ["cuda", "triton"]
         graph_checks(dev, backends)
         multi_gpu_checks(backends)
-    retrieval_checks(dev, backends, args.small)
     big_grid_checks(dev, backends, args.small)
     big_offset_checks(dev, backends, args.small)
+    retrieval_checks(dev, backends, args.small)    # last: the newest checks, so a timeout costs only them
     print(f"{len(FAILED)} failed" + (": " + ", ".join(FAILED) if FAILED else ""))
     return 1 if FAILED else 0
 

@@ -367,7 +367,11 @@ def _device_inputs(call: Int8Call):
     dev = call.like.device
 
     def t(x):
-        return x if A.is_torch(x) else torch.from_numpy(x)
+        if A.is_torch(x):
+            return x
+        if any(st < 0 for st in x.strides):   # torch cannot wrap negative strides (the cpu path copies too)
+            x = np.ascontiguousarray(x)
+        return torch.from_numpy(x)
 
     codes = t(call.codes)
     if codes.dim() == 2 and codes.shape[1] > 1 and codes.stride(1) != 1:
