@@ -7,7 +7,8 @@
 #   benchmarks/gpu_checks.py (CUDA-graph capture of a decode step, > 2**31-element tensors,
 #   grids past 65,535, tensors on a second GPU, MaxSim gradients at the training shape and the
 #   training-step benchmark's GPU shape: vkern cuda/triton vs PyLate's torch path, time and
-#   torch.cuda.max_memory_allocated, BENCH lines), then the bench, writing everything to $OUT.
+#   torch.cuda.max_memory_allocated, BENCH lines), int8 MaxSim and MUVERA encodings against the
+#   reference / cpu backend with timing lines, then the bench, writing everything to $OUT.
 # Budget: under 10 minutes (one device call): the bench runs --quick (every op,
 # CUDA/Triton rows included). `benchmarks/gpu_check.sh full` also runs the
 # full-size bench afterwards (a second call on the same warm machine, where the
@@ -38,7 +39,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
-echo "== GPU-only checks: CUDA-graph decode, > 2**31-element tensors, big grids, multi-GPU guards, MaxSim backward + training step"
+echo "== GPU-only checks: CUDA-graph decode, > 2**31-element tensors, big grids, multi-GPU guards, MaxSim backward + training step, int8 / MUVERA"
 timeout 240 python benchmarks/gpu_checks.py 2>&1 | tee "$OUT/gpu_checks.txt" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

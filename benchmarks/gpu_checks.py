@@ -13,6 +13,10 @@
    training-step benchmark (forward + backward of ColBERTScores, 16 queries x 32 tokens, 16 docs per
    query x 512 tokens, D = 128): vkern (cuda, triton) vs PyLate's torch path, median time and
    torch.cuda.max_memory_allocated above the inputs, in one run (a BENCH line each).
+6. Retrieval memory (docs/ops/retrieval_memory.md): int8 MaxSim on the device (QuantizedDocs) against the
+   reference's int8 definition, plus a timing line against the float32 MaxSim of the same backend; MUVERA
+   encodings on the device against the cpu backend (bit for bit) and a torch implementation, plus a
+   timing line against that torch implementation.
 
 Prints one PASS/FAIL line per check with its max error; exits 1 on any failure.
 `--small` runs the same code on tiny shapes (CPU, TRITON_INTERPRET=1; the graph and multi-GPU parts
@@ -297,6 +301,146 @@ def multi_gpu_checks(backends):
         check(f"multi-GPU: tensors on cuda:1, cuda:0 current [{backend}]", compare)
 
 
+def _timed(fn, reps):
+    """Median seconds of fn() over reps runs (after one warm-up), synchronising the device."""
+    fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+_POP16 = None
+
+
+def torch_fde(x, offsets, cfg, average, fill):
+    """The MUVERA encoding written with torch ops on x's device (the peer for the timing line): float64
+    SimHash dots, Gray-decoded partitions, the AMS sketch as a dense matmul, index_add_ block sums,
+    fill from the Hamming-nearest token (a scatter_reduce amin), then the count sketch."""
+    global _POP16
+    dev = x.device
+    m = cfg.matrices()
+    R, k, dp = m["R"], m["k"], m["d_proj"]
+    P = 1 << k
+    off = torch.as_tensor(offsets, device=dev)
+    N, T = int(off.numel()) - 1, int(x.shape[0])
+    lens = off[1:] - off[:-1]
+    doc = torch.repeat_interleave(torch.arange(N, device=dev), lens)
+    xf = x.float()
+    dots = torch.einsum("td,rdk->rtk", xf.double(), torch.from_numpy(m["simhash"]).to(dev).double())
+    b = ((dots > 0).long() << torch.arange(k - 1, -1, -1, device=dev)).sum(-1)          # [R, T]
+    part = b.clone()
+    for sh in (1, 2, 4, 8):
+        part ^= part >> sh
+    if m["ams_index"] is not None:
+        M = torch.zeros(R, cfg.dim, dp, device=dev)
+        M.scatter_(2, torch.from_numpy(m["ams_index"]).to(dev)[:, :, None],
+                   torch.from_numpy(m["ams_sign"]).to(dev)[:, :, None])
+        proj = torch.einsum("td,rdp->rtp", xf, M)
+    else:
+        proj = xf[None].expand(R, T, dp)
+    flat = doc[None] * P + part                                                            # [R, T]
+    blocks = torch.zeros(R, N * P, dp, dtype=torch.float64, device=dev)
+    counts = torch.zeros(R, N * P, dtype=torch.float64, device=dev)
+    for r in range(R):
+        blocks[r].index_add_(0, flat[r], proj[r].double())
+        counts[r].index_add_(0, flat[r], torch.ones(T, dtype=torch.float64, device=dev))
+    if average:
+        blocks /= counts.clamp(min=1)[:, :, None]
+    if fill and T:
+        if _POP16 is None or _POP16.device != dev:
+            _POP16 = torch.tensor([bin(i).count("1") for i in range(1 << 16)], device=dev)
+        gray = torch.arange(P, device=dev) ^ (torch.arange(P, device=dev) >> 1)
+        for r in range(R):
+            key = _POP16[b[r][:, None] ^ gray[None, :]] * (T + 1) + torch.arange(T, device=dev)[:, None]   # [T, P]
+            best = torch.full((N, P), (T + 1) * 64, dtype=torch.long, device=dev)
+            best.scatter_reduce_(0, doc[:, None].expand(T, P), key, "amin")
+            empty = (counts[r].view(N, P) == 0) & (lens > 0)[:, None]
+            src = proj[r][(best % (T + 1)).clamp(max=max(T - 1, 0))].double()             # [N, P, dp]
+            blocks[r] = torch.where(empty.view(-1)[:, None], src.view(N * P, dp), blocks[r])
+    fde = blocks.view(R, N, P, dp).permute(1, 0, 2, 3).reshape(N, R * P * dp)
+    if m["final_index"] is not None:
+        out = torch.zeros(N, m["final_dim"], dtype=torch.float64, device=dev)
+        out.index_add_(1, torch.from_numpy(m["final_index"]).to(dev),
+                       fde * torch.from_numpy(m["final_sign"]).to(dev).double())
+        fde = out
+    return fde.float()
+
+
+def retrieval_checks(dev, backends, small):
+    rng = np.random.default_rng(0)
+    n_docs = 20 if small else 1000
+    lengths = rng.integers(64, 301, n_docs) if not small else rng.integers(1, 40, n_docs)
+    lengths[3] = 0                                                    # an empty document
+    off = np.zeros(n_docs + 1, np.int64)
+    np.cumsum(lengths, out=off[1:])
+    D = 32 if small else 128
+    docs = rng.standard_normal((int(off[-1]), D)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True) + 1e-12
+    q = rng.standard_normal((32, D)).astype(np.float32)
+    qd = vkern.quantize_docs(docs, doc_offsets=off)
+    want = vkern.maxsim(q, qd, backend="reference")                  # the int8 definition
+    want_s, want_i = vkern.maxsim(q, qd, topk=10, backend="reference")
+    td = vkern.QuantizedDocs(*(torch.from_numpy(a).to(dev) for a in (qd.codes, qd.scales, qd.doc_offsets)))
+    tq = torch.from_numpy(q).to(dev)
+    tdocs, toff = torch.from_numpy(docs).to(dev), torch.from_numpy(off).to(dev)
+    reps = 10   # timing lines on a GPU only: interpreter times (--small) would measure nothing
+    for backend in backends:
+        def int8(backend=backend):
+            got = vkern.maxsim(tq, td, backend=backend).cpu().numpy()
+            ok = np.isfinite(want)
+            err = float(np.max(np.abs(got[ok] - want[ok]) / np.maximum(np.abs(want[ok]), 1e-6)))
+            s, i = vkern.maxsim(tq, td, topk=10, backend=backend)
+            err += 0.0 if np.array_equal(i.cpu().numpy(), want_i) else 1.0
+            return err + (0.0 if np.array_equal(np.isneginf(got), np.isneginf(want)) else 1.0), 1e-5
+        check(f"int8 maxsim [{backend}] == reference int8 definition", int8)
+        if small:
+            continue
+        try:
+            t8 = _timed(lambda b=backend: vkern.maxsim(tq, td, backend=b), reps)
+            t32 = _timed(lambda b=backend: vkern.maxsim(tq, tdocs, doc_offsets=toff, backend=b), reps)
+            print(f"TIME int8 maxsim [{backend}] 32x{D} query, {n_docs} docs: {t8 * 1e3:.3f} ms, float32 maxsim "
+                  f"[{backend}] {t32 * 1e3:.3f} ms: int8 is {t32 / t8:.2f}x float32", flush=True)
+        except Exception as exc:  # noqa: BLE001 - the check above reports failures
+            print(f"TIME int8 maxsim [{backend}]: not measured ({type(exc).__name__}: {str(exc)[:200]})")
+
+    mv = vkern.muvera
+    configs = [mv.MuveraConfig(dim=D), mv.MuveraConfig(dim=D, num_repetitions=4, num_simhash_projections=3,
+                                                       projection_dim=None, final_projection_dim=1024)]
+    if small:
+        configs = [mv.MuveraConfig(dim=D, num_repetitions=3, num_simhash_projections=3, projection_dim=8),
+                   mv.MuveraConfig(dim=D, num_repetitions=2, num_simhash_projections=2, projection_dim=None,
+                                   final_projection_dim=40)]
+    for cfg in configs:
+        want_fde = mv.encode_documents(docs, cfg, doc_offsets=off, backend="cpu")
+        name = f"R={cfg.num_repetitions} k={cfg.num_simhash_projections} proj={cfg.projection_dim} " \
+               f"final={cfg.final_projection_dim}"
+
+        def peer(cfg=cfg):
+            got = torch_fde(tdocs, off, cfg, True, cfg.fill_empty_partitions).cpu().numpy()
+            return float(np.max(np.abs(got - want_fde))), 1e-5
+        check(f"FDE torch implementation == cpu backend ({name})", peer)
+        for backend in backends:
+            def enc(backend=backend, cfg=cfg):
+                got = mv.encode_documents(tdocs, cfg, doc_offsets=toff, backend=backend).cpu().numpy()
+                return float(np.max(np.abs(got - want_fde))), 0.0      # the cpu's order of sums: bit for bit
+            check(f"FDE encode_documents [{backend}] == cpu backend ({name})", enc)
+            if small:
+                continue
+            try:
+                tk = _timed(lambda b=backend, c=cfg: mv.encode_documents(tdocs, c, doc_offsets=toff, backend=b), reps)
+                tt = _timed(lambda c=cfg: torch_fde(tdocs, off, c, True, c.fill_empty_partitions), reps)
+                print(f"TIME FDE encode [{backend}] {int(off[-1])} tokens ({name}): {tk * 1e3:.3f} ms, torch "
+                      f"implementation {tt * 1e3:.3f} ms: {tt / tk:.2f}x", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"TIME FDE encode [{backend}]: not measured ({type(exc).__name__}: {str(exc)[:200]})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU interpreter smoke test)")
@@ -311,6 +455,7 @@ def main():
     big_offset_checks(dev, backends, args.small)
     maxsim_grad_checks(dev, backends, args.small)
     maxsim_train_bench(dev, backends, args.small)
+    retrieval_checks(dev, backends, args.small)    # last: the newest checks, so a timeout costs only them
     print(f"{len(FAILED)} failed" + (": " + ", ".join(FAILED) if FAILED else ""))
     return 1 if FAILED else 0
 

@@ -28,7 +28,7 @@ DIV16_ENV = os.environ.get("VKERN_GATE_DIV16", "0") == "1"   # every int argumen
 def _variants():
     import torch
 
-    from kernels import loki, maxsim, maxsim_grad, taskvec, vatp  # noqa: F401
+    from kernels import loki, maxsim, maxsim_grad, maxsim_int8, muvera, taskvec, vatp  # noqa: F401
     out = []  # (module, kernel name, {arg: type}, {constexpr: value}, spill_free)
 
     def add(mod, name, types, consts, spill_free=True):
@@ -120,6 +120,44 @@ def _variants():
             add("maxsim_grad", "_grad_d_kernel", {"grad_ptr": "fp32", "argmax_ptr": "i32", "queries_ptr": t,
                                                  "doc_starts_ptr": "i64", "grad_d_ptr": "fp32"},
                 dict(DOCS_PER_PROGRAM=maxsim_grad._DOCS_PER_PROGRAM, BLOCK_I=maxsim_grad._BLOCK_I, BLOCK_D=bd))
+    # ---- maxsim_int8: every config launch_config returns over batch x Lq x D
+    seen8 = set()
+    for B, Lq, D in itertools.product((1, 2, 8, 64), (1, 8, 32, 128, 512), (32, 64, 96, 128, 256, 384, 768)):
+        cfg = maxsim_int8.launch_config(B, Lq, D)
+        key = tuple(sorted(cfg.items()))
+        if key in seen8:
+            continue
+        seen8.add(key)
+        nw = cfg.pop("num_warps")
+        add("maxsim_int8", "_maxsim_int8_kernel", {"q_codes_ptr": "i8", "q_scales_ptr": "fp32",
+                                                   "query_lengths_ptr": "i32", "codes_ptr": "i8",
+                                                   "doc_scales_ptr": "fp32", "doc_offsets_ptr": "i64",
+                                                   "scores_ptr": "fp32"}, dict(cfg, num_warps=nw))
+    # ---- muvera: the launcher's tiles over k (partitions 2^k) x projected dims x the flags
+    seen_mv = set()
+    for k, dp in itertools.product((0, 3, 5, 8, 16), (8, 16, 64, 128)):
+        for ams in (False, True):
+            sc = muvera.sketch_config(k, dp)
+            if not ams:
+                sc["BLOCK_DP"] = 16
+            if ("sketch", ams, tuple(sorted(sc.items()))) in seen_mv:
+                continue
+            seen_mv.add(("sketch", ams, tuple(sorted(sc.items()))))
+            add("muvera", "_sketch_kernel", {"x_ptr": "fp32", "simhash_ptr": "fp32",
+                                             "ams_index_ptr": "i64" if ams else "fp32", "ams_sign_ptr": "fp32",
+                                             "bits_ptr": "i32", "proj_ptr": "fp32" if ams else "i32"},
+                dict(sc, HAS_AMS=ams))
+        ac = muvera.accumulate_config(k, dp)
+        if ("acc", tuple(sorted(ac.items()))) in seen_mv:
+            continue
+        seen_mv.add(("acc", tuple(sorted(ac.items()))))
+        for average, fill, f64 in ((True, True, False), (False, False, False), (True, True, True),
+                                   (True, False, True)):
+            add("muvera", "_accumulate_kernel", {"bits_ptr": "i32", "src_ptr": "fp32", "offsets_ptr": "i64",
+                                                 "out_ptr": "fp64" if f64 else "fp32"},
+                dict(ac, AVERAGE=average, FILL=fill, OUT_F64=f64))
+    add("muvera", "_final_kernel", {"raw_ptr": "fp64", "order_ptr": "i64", "starts_ptr": "i64", "sign_ptr": "fp32",
+                                    "out_ptr": "fp32"}, dict(BLOCK_J=muvera._BLOCK_J))
     return out
 
 

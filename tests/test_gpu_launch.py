@@ -33,7 +33,7 @@ def _launches(tree):
     return out
 
 
-@pytest.mark.parametrize("module", ["loki", "maxsim", "taskvec", "vatp"])
+@pytest.mark.parametrize("module", ["loki", "maxsim", "maxsim_int8", "muvera", "taskvec", "vatp"])
 def test_every_triton_launch_is_device_guarded(module):
     src = (ROOT / "kernels" / f"{module}.py").read_text()
     launches = _launches(ast.parse(src))

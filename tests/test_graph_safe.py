@@ -140,8 +140,9 @@ def test_gpu_checks_script_runs_on_tiny_shapes():
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_checks.py"), "--small"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    # 6 grid / big-offset checks, 4 MaxSim gradient checks, 1 training-step check (+ its BENCH lines)
-    assert proc.stdout.count("PASS") == 11 and "0 failed" in proc.stdout and proc.stdout.count("BENCH") == 2
+    # 6 grid / big-offset checks, 4 MaxSim gradient checks, 1 training-step check (+ its BENCH lines),
+    # 5 retrieval-memory checks (int8 MaxSim, MUVERA)
+    assert proc.stdout.count("PASS") == 16 and "0 failed" in proc.stdout and proc.stdout.count("BENCH") == 2
 
 
 def test_index_width_is_static_in_the_fake_op_without_host_lengths(rng):

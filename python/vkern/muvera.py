@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _arrays as A
 from . import _ext
-from ._backend import Backend, cpu_reason, host_reason, op
+from ._backend import Backend, cpu_reason, cuda_reason, host_reason, op, triton_reason
 from .ops.maxsim import maxsim
 from .ops.maxsim_int8 import QuantizedDocs
 from .ops.pool import packed_docs
@@ -130,15 +130,25 @@ def _matrices(cfg: MuveraConfig) -> dict:
 
 @dataclass
 class EncodeCall:
-    x: np.ndarray
-    offsets: np.ndarray
+    x: object                   # float32 [T, D]: NumPy for host inputs, a contiguous torch tensor on the device
+    offsets: np.ndarray         # int64 [N+1] (host)
     cfg: MuveraConfig
     average: bool
     fill_empty: bool
     device: str = "cpu"
+    lib: str = "numpy"          # "torch" when the inputs are torch tensors
 
     def __repr__(self) -> str:
-        return f"{len(self.offsets) - 1} sets, {self.x.shape} tokens, fde_dim={self.cfg.fde_dim}"
+        return (f"{len(self.offsets) - 1} sets, {tuple(self.x.shape)} tokens, fde_dim={self.cfg.fde_dim}, "
+                f"{self.lib} on {self.device}")
+
+
+def _simhash_t(cfg: MuveraConfig) -> np.ndarray:
+    m = _matrices(cfg)
+    simhash = m.get("simhash_t")
+    if simhash is None:  # [R, D, k] -> [D, R * k]
+        simhash = m["simhash_t"] = np.ascontiguousarray(m["simhash"].transpose(1, 0, 2).reshape(cfg.dim, -1))
+    return simhash
 
 
 def _encode_reference(call: EncodeCall):
@@ -152,9 +162,7 @@ def _encode_cpu(call: EncodeCall):
     cfg = call.cfg
     raw = cfg.num_repetitions * (1 << cfg.num_simhash_projections) * cfg.block_dim
     out = np.empty((N, cfg.fde_dim), np.float32)
-    simhash = m.get("simhash_t")
-    if simhash is None:  # [R, D, k] -> [D, R * k]
-        simhash = m["simhash_t"] = np.ascontiguousarray(m["simhash"].transpose(1, 0, 2).reshape(cfg.dim, -1))
+    simhash = _simhash_t(cfg)
     ams_index = None if m["ams_index"] is None else np.ascontiguousarray(m["ams_index"])
     ams_sign = None if m["ams_sign"] is None else np.ascontiguousarray(m["ams_sign"])
     fi = None if m["final_index"] is None else np.ascontiguousarray(m["final_index"])
@@ -177,8 +185,118 @@ def _cpu_encode_reason(call):
     return r
 
 
+# ---------------------------------------------------------------- device backends (Triton, CUDA)
+
+# Scratch a device call may hold at once (bit strings, AMS projections, the float64 blocks before a
+# final sketch); larger calls run in chunks of whole sets.
+GPU_SCRATCH_BYTES = 1 << 30
+_DEVICE_MATS: dict = {}
+
+
+def _device_matrices(cfg: MuveraConfig, device) -> dict:
+    """The config's matrices (the very arrays the cpu backend reads, built on the host from the
+    seed) copied once to `device`, plus the final sketch's inverse index: for output j, the
+    inputs i with final_index[i] == j in increasing i (the cpu's summation order)."""
+    key = (cfg, str(device))
+    d = _DEVICE_MATS.get(key)
+    if d is not None:
+        return d
+    torch = A.torch_module()
+    m = _matrices(cfg)
+
+    def dev(a):
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    d = {"simhash_t": dev(_simhash_t(cfg)), "ams_index": dev(m["ams_index"]), "ams_sign": dev(m["ams_sign"]),
+         "final_order": None, "final_starts": None, "final_sign": None, "final_max_len": 0}
+    if m["final_index"] is not None:
+        fi = m["final_index"]
+        counts = np.bincount(fi, minlength=cfg.fde_dim)
+        starts = np.zeros(cfg.fde_dim + 1, np.int64)
+        np.cumsum(counts, out=starts[1:])
+        d.update(final_order=dev(np.argsort(fi, kind="stable").astype(np.int64)), final_starts=dev(starts),
+                 final_sign=dev(m["final_sign"]), final_max_len=int(counts.max()) if counts.size else 0)
+    if len(_DEVICE_MATS) > 16:
+        _DEVICE_MATS.clear()
+    _DEVICE_MATS[key] = d
+    return d
+
+
+def _encode_device(call: EncodeCall, run_chunk):
+    """Chunks the sets so the scratch stays within GPU_SCRATCH_BYTES; run_chunk(x, offsets, mats, out)
+    encodes one chunk (x its tokens, offsets from 0 on the device) into out (its rows of the result)."""
+    torch = A.torch_module()
+    cfg = call.cfg
+    x = call.x if A.is_torch(call.x) else torch.from_numpy(np.ascontiguousarray(call.x))
+    off = call.offsets
+    N = len(off) - 1
+    out = torch.empty((N, cfg.fde_dim), dtype=torch.float32, device=x.device)
+    if N == 0:
+        return out
+    mats = _device_matrices(cfg, x.device)
+    R, P = cfg.num_repetitions, 1 << cfg.num_simhash_projections
+    per_token = 4 * R + (4 * R * cfg.block_dim if cfg.projection_dim is not None else 0)
+    per_set = 8 * R * P * cfg.block_dim if cfg.final_projection_dim is not None else 0
+    cost = off * per_token + np.arange(N + 1, dtype=np.int64) * per_set
+    n0 = 0
+    while n0 < N:
+        n1 = int(np.searchsorted(cost, cost[n0] + GPU_SCRATCH_BYTES, side="right")) - 1
+        n1 = min(N, max(n1, n0 + 1))
+        lo, hi = int(off[n0]), int(off[n1])
+        run_chunk(x[lo:hi], torch.from_numpy(off[n0:n1 + 1] - lo).to(x.device), mats, out[n0:n1])
+        n0 = n1
+    return out
+
+
+def _encode_triton(call: EncodeCall):
+    kernels = _ext.triton_kernels("muvera")
+    cfg = call.cfg
+
+    def run(x, offsets, mats, out):
+        kernels.encode_chunk(x, offsets, mats, cfg.num_repetitions, cfg.num_simhash_projections, cfg.block_dim,
+                             call.average, call.fill_empty, out)
+
+    return _encode_device(call, run)
+
+
+def _encode_cuda(call: EncodeCall):
+    torch = A.torch_module()
+    cfg = call.cfg
+    R, k, dp = cfg.num_repetitions, cfg.num_simhash_projections, cfg.block_dim
+    raw_dim = R * (1 << k) * dp
+
+    def run(x, offsets, mats, out):
+        T, N = int(x.shape[0]), int(offsets.shape[0]) - 1
+        dev = x.device
+        bits = torch.empty((max(T, 1), R), dtype=torch.int32, device=dev)
+        proj = (torch.empty((max(T, 1), R, dp), dtype=torch.float32, device=dev)
+                if mats["ams_index"] is not None else None)
+        raw = torch.empty((N, raw_dim), dtype=torch.float64, device=dev) if mats["final_order"] is not None else None
+
+        def p(t):
+            return 0 if t is None else t.data_ptr()
+
+        with torch.cuda.device(dev):
+            _ext.C.muvera_encode_cuda(
+                p(x), cfg.dim, T, p(offsets), N, R, k, dp, p(mats["simhash_t"]), p(mats["ams_index"]),
+                p(mats["ams_sign"]), int(call.average), int(call.fill_empty), raw_dim, p(mats["final_order"]),
+                p(mats["final_starts"]), p(mats["final_sign"]), int(mats["final_max_len"]), cfg.fde_dim,
+                p(bits), p(proj), p(raw), p(out), torch.cuda.current_stream().cuda_stream)
+
+    return _encode_device(call, run)
+
+
+def _cuda_encode_reason(call):
+    r = cuda_reason(call)
+    if r is None and not hasattr(_ext.C, "muvera_encode_cuda"):
+        return "this build has no muvera_encode_cuda"
+    return r
+
+
 _OP.register(Backend("reference", host_reason, _encode_reference))
 _OP.register(Backend("cpu", _cpu_encode_reason, _encode_cpu))
+_OP.register(Backend("triton", triton_reason, _encode_triton))
+_OP.register(Backend("cuda", _cuda_encode_reason, _encode_cuda))
 
 
 def _check_config(config) -> MuveraConfig:
@@ -189,14 +307,89 @@ def _check_config(config) -> MuveraConfig:
 
 def _encode(sets, config, doc_offsets, doc_lengths, average, fill_empty, backend, what):
     cfg = _check_config(config)
-    x, off, like = packed_docs(sets, doc_offsets, doc_lengths, what)
+    if _on_device(sets):
+        x, off = _device_packed(sets, doc_offsets, doc_lengths, what)
+        like = x
+    else:
+        x, off, like = packed_docs(sets, doc_offsets, doc_lengths, what)
     if x.shape[1] != cfg.dim:
         raise ValueError(f"{what}: token dim {x.shape[1]} does not match config.dim={cfg.dim}")
-    if x.size and not np.isfinite(x).all():
+    if A.is_torch(x):
+        if x.numel() and not bool(A.torch_module().isfinite(x).all()):
+            raise ValueError(f"{what}: contains NaN or inf")
+    elif x.size and not np.isfinite(x).all():
         raise ValueError(f"{what}: contains NaN or inf")
-    call = EncodeCall(x, off, cfg, average, fill_empty)
+    call = EncodeCall(x, off, cfg, average, fill_empty, A.device_of(like) if A.is_torch(like) else "cpu",
+                      "torch" if A.is_torch(like) else "numpy")
     out = _OP.pick(backend, call).run(call)
+    if A.is_torch(out):
+        return out if A.is_torch(like) else out.cpu().numpy()
     return A.torch_module().from_numpy(out) if A.is_torch(like) else out
+
+
+def _on_device(sets) -> bool:
+    first = sets[0] if isinstance(sets, (list, tuple)) and sets else sets
+    return A.is_torch(first) and first.device.type != "cpu"
+
+
+def _device_packed(sets, doc_offsets, doc_lengths, what: str):
+    """(float32 [T, D] contiguous on the device, host int64 offsets [N+1]) from device tensors, with
+    the checks and messages of ops.pool.packed_docs (the small index arrays are read on the host)."""
+    torch = A.torch_module()
+    from .ops.maxsim import _host_ints
+
+    def floats(t, name):
+        t = A.to_native(t, name)[0]
+        if not A.is_float(t):
+            raise A.float_dtype_error(name, t)
+        return t
+
+    if isinstance(sets, (list, tuple)):
+        if doc_offsets is not None or doc_lengths is not None:
+            raise ValueError("doc_offsets/doc_lengths: not accepted with a list of documents")
+        parts = [floats(d, f"{what}[{i}]") for i, d in enumerate(sets)]
+        A.same_place({f"{what}[{i}]": d for i, d in enumerate(parts)})
+        for i, d in enumerate(parts):
+            if d.ndim != 2 or d.shape[1] != parts[0].shape[1]:
+                raise ValueError(f"{what}[{i}]: expected shape [L, D={parts[0].shape[1]}], got {tuple(d.shape)}")
+        off = np.zeros(len(parts) + 1, np.int64)
+        np.cumsum([int(d.shape[0]) for d in parts], out=off[1:])
+        return torch.cat([d.float() for d in parts]).contiguous(), off
+    d = floats(sets, what)
+    if d.ndim == 3:
+        if doc_offsets is not None:
+            raise ValueError("doc_offsets: only valid with packed docs [T, D]; padded docs use doc_lengths")
+        N, Ld = int(d.shape[0]), int(d.shape[1])
+        lens = np.full(N, Ld, np.int64)
+        if doc_lengths is not None:
+            ln = A.to_native(doc_lengths, "doc_lengths")[0]
+            A.same_place({what: d, "doc_lengths": ln})
+            if not A.is_integer(ln):
+                raise TypeError(f"doc_lengths: expected an integer array, got {A.dtype_name(ln)}")
+            lens = _host_ints(ln)
+            if lens.shape != (N,):
+                raise ValueError(f"doc_lengths: expected shape ({N},), got {lens.shape}")
+            if np.any(lens < 0) or np.any(lens > Ld):
+                raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}]")
+        off = np.zeros(N + 1, np.int64)
+        np.cumsum(lens, out=off[1:])
+        mask = torch.from_numpy(np.arange(Ld)[None, :] < lens[:, None]).to(d.device)
+        return d[mask].float().contiguous(), off
+    if d.ndim != 2:
+        raise ValueError(f"{what}: expected shape [T, D], [N, Ld, D] or a list of [L, D], got {tuple(d.shape)}")
+    if doc_lengths is not None:
+        raise ValueError("doc_lengths: only valid with padded docs [N, Ld, D]; packed docs use doc_offsets")
+    if doc_offsets is None:
+        raise ValueError(f"doc_offsets: required with packed {what} [T, D]")
+    o = A.to_native(doc_offsets, "doc_offsets")[0]
+    A.same_place({what: d, "doc_offsets": o})
+    if not A.is_integer(o):
+        raise TypeError(f"doc_offsets: expected an integer array, got {A.dtype_name(o)}")
+    off = _host_ints(o)
+    T = int(d.shape[0])
+    if off.ndim != 1 or off.shape[0] < 1 or off[0] != 0 or off[-1] != T or np.any(np.diff(off) < 0):
+        raise ValueError(f"doc_offsets: must be 1-D, start at 0, be non-decreasing and end at T={T}")
+    return d.float().contiguous(), np.ascontiguousarray(off)
 
 
 def encode_documents(docs, config: MuveraConfig, *, doc_offsets=None, doc_lengths=None, backend: str = "auto"):
@@ -224,6 +417,8 @@ def encode_queries(queries, config: MuveraConfig, *, query_lengths=None, backend
         if query_lengths is not None:
             raise ValueError("query_lengths: only valid with batched queries [B, Lq, D]")
         off = np.array([0, q.shape[0]], np.int64)
+        if A.is_torch(q):
+            off = A.torch_module().from_numpy(off).to(q.device)
         return _encode(q, cfg, off, None, False, False, backend, "queries")[0]
     return _encode(q, cfg, None, query_lengths, False, False, backend, "queries")
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _arrays as A
 from .. import _ext
-from .._backend import Backend, cpu_reason, host_reason, op
+from .._backend import Backend, cpu_reason, cuda_reason, host_reason, op, triton_reason
 from ..reference import maxsim as ref_f32
 from ..reference import maxsim_int8 as ref
 
@@ -53,7 +53,8 @@ def _host(x: Any) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     if x.device.type != "cpu":
-        raise ValueError(f"int8 MaxSim runs on host memory only (got a tensor on {x.device})")
+        raise ValueError(f"mixed devices: the queries are on the host, an int8 MaxSim input is on {x.device}; "
+                         "put every array on one device")
     return x.detach().numpy()
 
 
@@ -71,7 +72,8 @@ def quantize_docs(docs, *, doc_offsets=None, doc_lengths=None) -> QuantizedDocs:
 
     Returns:
         QuantizedDocs (codes int8 [T, D], scales float32 [T], doc_offsets int64 [N+1]), packed,
-        of the same array kind as ``docs`` (host memory). Padding rows are dropped.
+        of the same array kind and device as ``docs`` (CUDA tensors are quantised on their device,
+        to the same codes). Padding rows are dropped.
 
     Example:
         >>> import numpy as np, vkern
@@ -90,27 +92,47 @@ def quantize_docs(docs, *, doc_offsets=None, doc_lengths=None) -> QuantizedDocs:
         d, _ = A.to_native(docs, "docs")
         if not A.is_float(d):
             raise A.float_dtype_error("docs", d)
+    on_device = A.is_torch(d) and d.device.type != "cpu"
+
+    def small(a, name):   # a small index array on the host (one tiny copy for device docs)
+        a = A.to_native(a, name)[0]
+        if on_device and A.is_torch(a):
+            A.same_place({"docs": d, name: a})
+            return a.detach().cpu().numpy()
+        return _host(a)
+
     if d.ndim == 3:
         if doc_offsets is not None:
             raise ValueError("doc_offsets: only valid with packed docs [T, D]; padded docs use doc_lengths")
         N, Ld, D = (int(s) for s in d.shape)
-        lens = np.full(N, Ld, np.int64) if doc_lengths is None else _host(A.to_native(doc_lengths, "doc_lengths")[0])
+        lens = np.full(N, Ld, np.int64) if doc_lengths is None else small(doc_lengths, "doc_lengths")
         if not (isinstance(lens, np.ndarray) and lens.dtype.kind in "iu") or lens.shape != (N,):
             raise ValueError(f"doc_lengths: expected integers of shape ({N},), got {getattr(lens, 'shape', None)}")
         if np.any(lens < 0) or np.any(lens > Ld):
             raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}]")
         off = np.zeros(N + 1, np.int64)
         np.cumsum(lens, out=off[1:])
-        x = A.to_numpy(d, np.float32)[np.arange(Ld)[None, :] < lens[:, None]]
+        mask = np.arange(Ld)[None, :] < lens[:, None]
+        if on_device:
+            x = d[A.torch_module().from_numpy(mask).to(d.device)].float()
+        else:
+            x = A.to_numpy(d, np.float32)[mask]
     elif d.ndim == 2:
         if doc_lengths is not None:
             raise ValueError("doc_lengths: only valid with padded docs [N, Ld, D]; packed docs use doc_offsets")
         if doc_offsets is None:
             raise ValueError("doc_offsets: required with packed docs [T, D]")
-        off = _check_offsets(doc_offsets, int(d.shape[0]))
-        x = A.to_numpy(d, np.float32)
+        off = _check_offsets(small(doc_offsets, "doc_offsets") if on_device else doc_offsets, int(d.shape[0]))
+        x = d.float() if on_device else A.to_numpy(d, np.float32)
     else:
         raise ValueError(f"docs: expected shape [T, D], [N, Ld, D] or a list of [L, D], got {tuple(d.shape)}")
+    if on_device:
+        # the same codes and scales as the host path (the reference's formula on the device)
+        torch = A.torch_module()
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError("docs: contains NaN or inf, which int8 codes with a finite scale cannot represent")
+        codes, scales = quantize_rows_torch(x, ref.DOC_LEVELS)
+        return QuantizedDocs(codes.contiguous(), scales.contiguous(), torch.from_numpy(off).to(d.device))
     _finite_or_raise(x, "docs")
     codes, scales = ref.quantize_rows(x, ref.DOC_LEVELS)
     if A.is_torch(like):
@@ -134,24 +156,27 @@ def _check_offsets(doc_offsets, T: int) -> np.ndarray:
 
 @dataclass
 class Int8Call:
-    q_codes: np.ndarray         # int8 [B, Lq, D], contiguous
-    q_scales: np.ndarray        # float32 [B, Lq]
-    q_lengths: np.ndarray       # int64 [B]
+    # NumPy arrays for host queries; torch tensors on the device for device queries (then only the
+    # small q_lengths / offsets are host copies)
+    q_codes: Any                # int8 [B, Lq, D], contiguous
+    q_scales: Any               # float32 [B, Lq]
+    q_lengths: np.ndarray       # int64 [B] (host)
     single: bool
-    codes: np.ndarray           # int8 [T, D] (rows may be strided)
-    scales: np.ndarray          # float32 [T] contiguous
-    offsets: np.ndarray         # int64 [N+1]
+    codes: Any                  # int8 [T, D] (rows may be strided)
+    scales: Any                 # float32 [T] contiguous
+    offsets: np.ndarray         # int64 [N+1] (host)
     topk: Optional[int]
     device: str
     like: Any                   # the queries: results follow their kind
+    lib: str = "numpy"          # "torch" when the queries are torch tensors
 
     @property
     def N(self) -> int:
         return int(self.offsets.shape[0]) - 1
 
     def __repr__(self) -> str:
-        return (f"queries {self.q_codes.shape} (quantised), int8 docs {self.codes.shape}, N={self.N}, "
-                f"topk={self.topk}, on {self.device}")
+        return (f"queries {tuple(self.q_codes.shape)} (quantised), int8 docs {tuple(self.codes.shape)}, N={self.N}, "
+                f"topk={self.topk}, {self.lib} on {self.device}")
 
 
 def is_int8_docs(docs) -> bool:
@@ -183,14 +208,13 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, doc_scales, query_lengths,
     single = q.ndim == 2
     if single and query_lengths is not None:
         raise ValueError("query_lengths: only valid with batched queries [B, Lq, D]")
+    if device != "cpu":
+        return _prepare_device(q, single, codes, doc_scales, doc_offsets, query_lengths, topk, device)
     codes = _host(A.to_native(codes, "docs")[0])
     if codes.ndim != 2:
         raise ValueError(f"docs: int8 docs must be packed [T, D], got shape {codes.shape}")
     T, D = (int(s) for s in codes.shape)
-    if int(q.shape[-1]) != D:
-        raise ValueError(f"docs: expected last dim D={int(q.shape[-1])} (from queries), got {D}")
-    if D > 131072:
-        raise ValueError(f"docs: int8 MaxSim needs D <= 131072 (int32 accumulation), got {D}")
+    _check_dim(int(q.shape[-1]), D)
     scales = _host(A.to_native(doc_scales, "doc_scales")[0])
     if scales.dtype != np.float32:
         raise TypeError(f"doc_scales: expected float32, got {scales.dtype}")
@@ -208,11 +232,7 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, doc_scales, query_lengths,
         ql = _host(A.to_native(query_lengths, "query_lengths")[0])
         if ql.dtype.kind not in "iu":
             raise TypeError(f"query_lengths: expected an integer array, got {ql.dtype}")
-        if ql.shape != (B,):
-            raise ValueError(f"query_lengths: expected shape ({B},) (one per query), got {ql.shape}")
-        if np.any(ql < 0) or np.any(ql > Lq):
-            raise ValueError(f"query_lengths: every length must be in [0, Lq={Lq}]")
-        ql = ql.astype(np.int64)
+        ql = _check_query_lengths(ql, B, Lq)
     else:
         ql = np.full(B, Lq, np.int64)
     valid = np.arange(Lq)[None, :] < ql[:, None]
@@ -222,7 +242,85 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, doc_scales, query_lengths,
     topk = _topk_arg(topk)
     q_codes, q_scales = ref.quantize_rows(np.where(valid[:, :, None], qh, 0), ref.QUERY_LEVELS)
     return Int8Call(np.ascontiguousarray(q_codes), np.ascontiguousarray(q_scales), ql, single, codes,
-                    np.ascontiguousarray(scales), off, topk, device, q)
+                    np.ascontiguousarray(scales), off, topk, device, q, "torch" if A.is_torch(q) else "numpy")
+
+
+def _check_dim(qdim: int, D: int) -> None:
+    if qdim != D:
+        raise ValueError(f"docs: expected last dim D={qdim} (from queries), got {D}")
+    if D > 131072:
+        raise ValueError(f"docs: int8 MaxSim needs D <= 131072 (int32 accumulation), got {D}")
+
+
+def _check_query_lengths(ql: np.ndarray, B: int, Lq: int) -> np.ndarray:
+    if ql.shape != (B,):
+        raise ValueError(f"query_lengths: expected shape ({B},) (one per query), got {ql.shape}")
+    if np.any(ql < 0) or np.any(ql > Lq):
+        raise ValueError(f"query_lengths: every length must be in [0, Lq={Lq}]")
+    return ql.astype(np.int64)
+
+
+def quantize_rows_torch(x, levels: int):
+    """quantize_rows of the reference for a torch tensor, on its device: the same float32 scale and
+    the same codes (float64 division, round half to even), so every backend scores the same codes."""
+    torch = A.torch_module()
+    x = x.float()
+    amax = x.abs().amax(dim=-1) if x.shape[-1] else torch.zeros(x.shape[:-1], device=x.device)
+    scales = amax / torch.tensor(levels, dtype=torch.float32, device=x.device)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).double()
+    codes = torch.round(x.double() / safe[..., None]).clamp_(-levels, levels).to(torch.int8)
+    return codes, scales
+
+
+def _prepare_device(q, single, codes, doc_scales, doc_offsets, query_lengths, topk, device) -> Int8Call:
+    """The checks of the host path on device tensors (small index arrays are copied to the host to be
+    checked; the finiteness checks run on the device), then the queries quantised on the device."""
+    torch = A.torch_module()
+    from .maxsim import _host_ints, _topk_arg
+
+    codes = A.to_native(codes, "docs")[0]
+    scales = A.to_native(doc_scales, "doc_scales")[0]
+    if doc_offsets is None:
+        raise ValueError("doc_offsets: required with packed int8 docs [T, D]")
+    offsets = A.to_native(doc_offsets, "doc_offsets")[0]
+    arrays = {"queries": q, "docs": codes, "doc_scales": scales, "doc_offsets": offsets}
+    if query_lengths is not None:
+        arrays["query_lengths"] = A.to_native(query_lengths, "query_lengths")[0]
+    A.same_place(arrays)
+    if A.dtype_name(codes) != "int8":
+        raise TypeError(f"docs: expected int8 codes, got {A.dtype_name(codes)}")
+    if codes.ndim != 2:
+        raise ValueError(f"docs: int8 docs must be packed [T, D], got shape {tuple(codes.shape)}")
+    T, D = (int(s) for s in codes.shape)
+    _check_dim(int(q.shape[-1]), D)
+    if scales.dtype != torch.float32:
+        raise TypeError(f"doc_scales: expected float32, got {A.dtype_name(scales)}")
+    if tuple(scales.shape) != (T,):
+        raise ValueError(f"doc_scales: expected shape ({T},) (one per token row), got {tuple(scales.shape)}")
+    if T and not bool(torch.isfinite(scales).all()):
+        raise ValueError("doc_scales: contains NaN or inf, which int8 codes with a finite scale cannot represent")
+    if not A.is_integer(offsets):
+        raise TypeError(f"doc_offsets: expected an integer array, got {A.dtype_name(offsets)}")
+    off = _check_offsets(_host_ints(offsets), T)
+    qd = q[None] if single else q
+    B, Lq = int(qd.shape[0]), int(qd.shape[1])
+    if query_lengths is not None:
+        ql_native = arrays["query_lengths"]
+        if not A.is_integer(ql_native):
+            raise TypeError(f"query_lengths: expected an integer array, got {A.dtype_name(ql_native)}")
+        ql = _check_query_lengths(_host_ints(ql_native), B, Lq)
+    else:
+        ql = np.full(B, Lq, np.int64)
+    valid = torch.arange(Lq, device=q.device)[None, :] < torch.from_numpy(ql).to(q.device)[:, None]
+    qf = torch.where(valid[:, :, None], qd.float(), 0.0)
+    if qf.numel() and not bool(torch.isfinite(qf).all()):
+        raise ValueError("queries: contains NaN or inf, which int8 codes with a finite scale cannot represent")
+    topk = _topk_arg(topk)
+    q_codes, q_scales = quantize_rows_torch(qf, ref.QUERY_LEVELS)
+    if D > 1 and codes.stride(1) != 1 or T > 1 and codes.stride(0) < D:
+        codes = codes.contiguous()   # the kernels read rows with unit column stride (as the cpu path)
+    return Int8Call(q_codes.contiguous(), q_scales.contiguous(), ql, single, codes, scales.contiguous(),
+                    off, topk, device, q, "torch")
 
 
 def _reference_run(call: Int8Call):
@@ -262,8 +360,80 @@ def _cpu_run(call: Int8Call):
     return scores, vals, idx
 
 
+def _device_inputs(call: Int8Call):
+    """(q_codes, q_scales, q_lengths int32, codes, scales, offsets int64) as torch tensors on the
+    queries' device (host NumPy arrays, under the Triton interpreter, are wrapped without a copy)."""
+    torch = A.torch_module()
+    dev = call.like.device
+
+    def t(x):
+        if A.is_torch(x):
+            return x
+        if any(st < 0 for st in x.strides):   # torch cannot wrap negative strides (the cpu path copies too)
+            x = np.ascontiguousarray(x)
+        return torch.from_numpy(x)
+
+    codes = t(call.codes)
+    if codes.dim() == 2 and codes.shape[1] > 1 and codes.stride(1) != 1:
+        codes = codes.contiguous()
+    qlens = torch.from_numpy(call.q_lengths.astype(np.int32)).to(dev)
+    offsets = torch.from_numpy(call.offsets).to(dev)
+    return t(call.q_codes), t(call.q_scales), qlens, codes, t(call.scales), offsets
+
+
+def _finish(call: Int8Call, scores, topk_fn):
+    if call.topk is None:
+        return scores, None, None
+    k = min(call.topk, call.N)
+    torch = A.torch_module()
+    B = int(scores.shape[0])
+    if k == 0:
+        return None, scores.new_empty((B, 0)), torch.empty((B, 0), dtype=torch.int64, device=scores.device)
+    vals, idx = topk_fn(scores, k)
+    return None, vals, idx
+
+
+def _triton_run(call: Int8Call):
+    from .maxsim import _topk_torch
+
+    kernels = _ext.triton_kernels("maxsim_int8")
+    scores = kernels.maxsim_int8_scores(*_device_inputs(call))
+    return _finish(call, scores, _topk_torch)
+
+
+def _cuda_run(call: Int8Call):
+    torch = A.torch_module()
+    q_codes, q_scales, qlens, codes, scales, offsets = _device_inputs(call)
+    B, Lq, D = (int(s) for s in q_codes.shape)
+    N = call.N
+    row_stride = int(codes.stride(0)) if codes.shape[0] > 1 else D
+    scores = torch.empty((B, N), dtype=torch.float32, device=q_codes.device)
+    with torch.cuda.device(q_codes.device):
+        stream = torch.cuda.current_stream().cuda_stream
+        _ext.C.maxsim_int8_cuda(q_codes.data_ptr(), q_scales.data_ptr(), B, Lq, D, qlens.data_ptr(),
+                                codes.data_ptr(), row_stride, scales.data_ptr(), offsets.data_ptr(), N,
+                                scores.data_ptr(), stream)
+
+        def topk_fn(s, k):
+            vals = torch.empty((B, k), dtype=torch.float32, device=s.device)
+            idx = torch.empty((B, k), dtype=torch.int64, device=s.device)
+            _ext.C.topk_cuda(s.data_ptr(), B, N, k, vals.data_ptr(), idx.data_ptr(), stream)
+            return vals, idx
+
+        return _finish(call, scores, topk_fn)
+
+
+def _cuda_why_not(call: Int8Call):
+    r = cuda_reason(call)
+    if r is None and not hasattr(_ext.C, "maxsim_int8_cuda"):
+        return "this build has no maxsim_int8_cuda"
+    return r
+
+
 _OP.register(Backend("reference", host_reason, _reference_run))
 _OP.register(Backend("cpu", cpu_reason, _cpu_run))
+_OP.register(Backend("triton", triton_reason, _triton_run))
+_OP.register(Backend("cuda", _cuda_why_not, _cuda_run))
 
 
 def kernel_name() -> str:
@@ -276,7 +446,14 @@ def maxsim_int8_impl(queries, docs, *, doc_offsets=None, doc_lengths=None, doc_s
     call = _prepare(queries, docs, doc_offsets, doc_lengths, doc_scales, query_lengths, topk)
     scores, vals, idx = _OP.pick(backend, call).run(call)
     if call.topk is None:
-        return A.as_kind(scores[0] if call.single else scores, call.like)
+        return _as_kind(scores[0] if call.single else scores, call.like)
     if call.single:
         vals, idx = vals[0], idx[0]
-    return A.as_kind(vals, call.like), A.as_kind(idx, call.like)
+    return _as_kind(vals, call.like), _as_kind(idx, call.like)
+
+
+def _as_kind(x, like):
+    """A result (NumPy from the host backends, torch from the device ones) as the queries' kind."""
+    if A.is_torch(x):
+        return x if A.is_torch(like) else x.cpu().numpy()
+    return A.as_kind(x, like)
