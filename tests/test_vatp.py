@@ -640,7 +640,7 @@ def test_backend_unavailable_lists_reasons(rng):
 def test_torch_custom_ops_opcheck(rng):
     from vkern import _torch  # noqa: F401
 
-    be = "cpu" if _ext.C is not None else "reference"   # "auto" would take the slow Triton interpreter here
+    be = "cpu" if _ext.C is not None else "reference"   # the C++ kernels when built (what "auto" picks here)
     q = torch.randn(2, 4, 6, 8)
     k = torch.randn(2, 2, 10, 8)
     v = torch.randn(2, 2, 10, 4)
