@@ -1,7 +1,8 @@
 """GPU checks that the CPU-only CI cannot make (run by benchmarks/gpu_check.sh on a GPU node):
 
-1. CUDA-graph capture and replay of a decode step (decode_attention, loki_attention, seq_lens on the
-   GPU), replayed with new lengths, against eager calls.
+1. CUDA-graph capture and replay of a decode step (decode_attention, loki_attention) and of a VATP
+   scoring + pruning step (attention_colsum, value_l1, vatp_prune into a pool), seq_lens on the GPU,
+   replayed with new lengths, against eager calls.
 2. > 2**31-element tensors (int64 offsets): value_l1, vatp_prune, decode_attention on a cache of
    2**24 + 64 tokens x 128 dims (bf16, 4.3 GB each), against torch on the rows past 2**31 elements.
 3. Grids past 65,535 on the old y axes: attention_colsum with T/32 and loki approx with T/64 above
@@ -19,8 +20,9 @@
    timing line against that torch implementation.
 
 Prints one PASS/FAIL line per check with its max error; exits 1 on any failure.
-`--small` runs the same code on tiny shapes (CPU, TRITON_INTERPRET=1; the graph and multi-GPU parts
-skip), so the script itself is tested without a GPU.
+`--small` runs the same code on tiny shapes (CPU, TRITON_INTERPRET=1), so the script itself is tested
+without a GPU: the graph steps run eagerly there against the reference backend (no capture), and the
+multi-GPU part skips.
 """
 from __future__ import annotations
 
@@ -63,36 +65,72 @@ def dense_ref(q, k, v, lens, scale):
     return out
 
 
-def graph_checks(dev, backends):
-    B, Hq, H, T, D = 4, 32, 8, 4096, 128
+def graph_steps(dev, small):
+    """{name: (step(backend) -> tuple of tensors, the seq_lens tensor it reads, lengths to replay with)}:
+    a dense and a Loki decode step, and a VATP scoring + pruning step (attention_colsum of the last Tq
+    queries, non-causal so every sequence gets scores, value_l1, vatp_prune into a preallocated pool),
+    each with seq_lens on the device."""
+    B, Hq, H, T, D, Tq = (4, 4, 2, 64, 16, 8) if small else (4, 32, 8, 4096, 128, 64)
+    dt = torch.float32 if small else torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(B, Hq, D, device=dev, dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, generator=g)
-    lens = torch.tensor([4096, 1000, 17, 3000], device=dev)
-    for backend in backends:
-        for name, step in (
-                ("decode_attention", lambda: vkern.decode_attention(q, k, v, seq_lens=lens, backend=backend)),
-                ("loki_attention", lambda: vkern.loki_attention(q, k, v, rank=32, topk=256, seq_lens=lens, num_sink=4,
-                                                                num_recent=16, backend=backend))):
-            def run(step=step):
+    q = torch.randn(B, Hq, D, device=dev, dtype=dt, generator=g)
+    k = torch.randn(B, H, T, D, device=dev, dtype=dt, generator=g)
+    v = torch.randn(B, H, T, D, device=dev, dtype=dt, generator=g)
+    q_last = torch.randn(B, Hq, Tq, D, device=dev, dtype=dt, generator=g)
+    lens = torch.tensor([T, T // 4, 17, 3 * T // 4], device=dev)
+    replays = ([T, T // 4, 17, 3 * T // 4], [1, T, T // 2, 13 if small else 77])
+    rank, topk, budget = (8, 12, 24) if small else (32, 256, 1024)
+    pool = (torch.empty(B, H, budget + 8, D, device=dev, dtype=dt), torch.empty(B, H, budget + 8, D, device=dev,
+                                                                              dtype=dt))
+
+    def vatp_step(backend):
+        att = vkern.vatp.attention_colsum(q_last, k, causal=False, seq_lens=lens, backend=backend)
+        scores = att * vkern.vatp.value_l1(v, backend=backend)
+        return vkern.vatp_prune(k, v, scores, budget=budget, num_sink=4, num_recent=8, seq_lens=lens, out=pool,
+                                backend=backend)
+
+    return {
+        "decode_attention": (lambda b: (vkern.decode_attention(q, k, v, seq_lens=lens, backend=b),), lens, replays),
+        "loki_attention": (lambda b: vkern.loki_attention(q, k, v, rank=rank, topk=topk, seq_lens=lens, num_sink=4,
+                                                          num_recent=8, return_indices=True, backend=b), lens, replays),
+        "vatp colsum + value_l1 + prune": (vatp_step, lens, replays),
+    }
+
+
+def _max_diff(got, want):
+    return max((a.double() - b.double()).abs().max().item() if a.numel() else 0.0 for a, b in zip(got, want))
+
+
+def graph_checks(dev, backends, small):
+    """On a GPU: capture each step in a CUDA graph, replay it with new lengths, compare with eager calls
+    (exactly). With --small (CPU): the same steps and lengths, eager against the reference backend."""
+    for name, (step, lens, replays) in graph_steps(dev, small).items():
+        for backend in backends:
+            def run(step=step, lens=lens, replays=replays, backend=backend):
+                errs = []
+                if small:
+                    for new in replays:
+                        lens.copy_(torch.tensor(new))
+                        errs.append(_max_diff([x.clone() for x in step(backend)], step("reference")))
+                    return max(errs), 1e-4
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(s):
                     for _ in range(2):      # warm-up (Triton compiles) outside the capture
-                        step()
+                        step(backend)
                 torch.cuda.current_stream().wait_stream(s)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    out = step()
-                errs = []
-                for new in ([4096, 1000, 17, 3000], [1, 4096, 2048, 77]):
+                    out = step(backend)
+                for new in replays:
                     lens.copy_(torch.tensor(new, device=dev))
                     graph.replay()
                     torch.cuda.synchronize()
-                    errs.append((out.float() - step().float()).abs().max().item())
+                    replayed = [x.clone() for x in out]
+                    errs.append(_max_diff(replayed, step(backend)))
                 return max(errs), 0.0     # replay must equal eager exactly
-            check(f"cuda graph: {name} [{backend}] replay == eager", run)
+            what = "eager == reference (CPU)" if small else "replay == eager"
+            check(f"cuda graph step: {name} [{backend}] {what}", run)
 
 
 def big_offset_checks(dev, backends, small):
@@ -449,8 +487,8 @@ def main():
         dev, backends = "cpu", ["triton"]
     else:
         dev, backends = "cuda", ["cuda", "triton"]
-        graph_checks(dev, backends)
         multi_gpu_checks(backends)
+    graph_checks(dev, backends, args.small)
     big_grid_checks(dev, backends, args.small)
     big_offset_checks(dev, backends, args.small)
     maxsim_grad_checks(dev, backends, args.small)

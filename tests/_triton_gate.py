@@ -7,8 +7,9 @@ maxsim._launch_config, vatp._dot_mode logic, taskvec._BLOCK/_DOT) over the shape
 plus the JIT specialisations (pointers 16-divisible always; int args == 1 become constexpr 1, or int args
 16-divisible: the JIT marks D = 128, T = 4096, ... so, and that changes vector widths, pipelining and
 shared memory). Every kernel's TTIR is also scanned for pointer offsets computed in 32 bits.
-Prints one JSON line per compile: {"kernel", "variant", "cc", "ok", "regs", "spills", "smem", "i32_offsets",
-"error"}.
+Prints one JSON line per compile: {"kernel", "variant", "key", "cc", "dtype", "spec", "num_warps", "ok", "regs",
+"spills", "allowed_spills", "smem", "i32_offsets", "error"}. Spills are allowed per variant only, up to the bytes
+tests/_known_spills.py lists for it (kernel + arch + dtype + JIT spec + constexprs); any other spill fails.
 """
 import contextlib
 import io
@@ -29,10 +30,10 @@ def _variants():
     import torch
 
     from kernels import loki, maxsim, maxsim_grad, maxsim_int8, muvera, taskvec, vatp  # noqa: F401
-    out = []  # (module, kernel name, {arg: type}, {constexpr: value}, spill_free)
+    out = []  # (module, kernel name, {arg: type}, {constexpr: value, num_warps})
 
-    def add(mod, name, types, consts, spill_free=True):
-        out.append((mod, name, types, consts, spill_free))
+    def add(mod, name, types, consts):
+        out.append((mod, name, types, consts))
 
     # ---- loki: D in the head dims a model can have, rank <= D, dtypes of q/k/v
     for dt in DT:
@@ -67,8 +68,7 @@ def _variants():
                                                                    colsum=k == "_colsum_kernel")))
             BDc = min(vatp._pow2(D), 128)
             add("vatp", "_value_l1_kernel", {"v_ptr": t, "out_ptr": "fp32"}, dict(BLOCK_R=vatp._BLOCK_ROWS, BLOCK_D=BDc))
-            add("vatp", "_gather_kernel", {"src_ptr": t, "dst_ptr": t, "idx_ptr": "i64"},
-                dict(BLOCK_R=vatp._BLOCK_ROWS, BLOCK_D=BDc))
+            add("vatp", "_gather_kernel", {"src_ptr": t, "dst_ptr": t, "idx_ptr": "i64"}, vatp._gather_tiles(D))
             add("vatp", "_compact_kernel", {"buf_ptr": t, "idx_ptr": "i64"}, dict(BLOCK_R=vatp._BLOCK_ROWS, BLOCK_D=BDc))
     add("vatp", "_select_kernel", {"scores_ptr": "fp32", "lens_ptr": "i64", "kept_ptr": "i64", "idx_ptr": "i64"},
         dict(BLOCK=1024))
@@ -78,7 +78,7 @@ def _variants():
     for dt in DT:
         t = DT[dt]
         for method, trim in itertools.product((0, 1), (False, True)):
-            add("taskvec", "_apply_kernel", dict(pools, base=t, out=t), spill_free=False, consts=
+            add("taskvec", "_apply_kernel", dict(pools, base=t, out=t),
                 dict(METHOD=method, TRIM=trim, BLOCK_N=taskvec._BLOCK[0], BLOCK_K=taskvec._BLOCK[1]))
         for merged in (False, True):
             add("taskvec", "_delta_kernel", dict(pools, x=t, base=t, y="fp32"),
@@ -101,14 +101,14 @@ def _variants():
             add("maxsim", "_maxsim_kernel", {"queries_ptr": t, "query_lengths_ptr": "i32", "docs_ptr": t,
                                              "doc_offsets_ptr": "i64", "scores_ptr": "fp32"},
                 dict(cfg, UPCAST_TO_FP32=False, INPUT_PRECISION="ieee" if dt == "float32" else "tf32",
-                     NAN_BY_FLAG=False, num_warps=nw), spill_free=False)
+                     NAN_BY_FLAG=False, num_warps=nw))
             # the argmax forward reuses maxsim's launch config (kernels/maxsim_grad.py), with and without a mask
             for has_mask in (False, True):
                 add("maxsim_grad", "_maxsim_argmax_kernel",
                     {"queries_ptr": t, "query_lengths_ptr": "i32", "docs_ptr": t, "doc_starts_ptr": "i64",
                      "doc_lens_ptr": "i64", "mask_ptr": "u8", "scores_ptr": "fp32", "argmax_ptr": "i32"},
                     dict(cfg, UPCAST_TO_FP32=False, INPUT_PRECISION="ieee" if dt == "float32" else "tf32",
-                         HAS_MASK=has_mask, num_warps=nw), spill_free=False)
+                         HAS_MASK=has_mask, num_warps=nw))
     # ---- maxsim backward: the D blocks its launcher picks
     for dt in DT:
         t = DT[dt]
@@ -161,16 +161,7 @@ def _variants():
     return out
 
 
-# Kernels with measured spills today (bytes, ptxas 13 via triton 3.9, this gate's sample): loki._attend_kernel 4
-# (sm_80, 16-bit, dense D = 64), taskvec._delta_kernel 32-72 (per-row task ids), taskvec._apply_kernel 4
-# (sm_90), maxsim._maxsim_kernel 4-260 (see kernels/maxsim.py). Not declared spill-free until fixed; all
-# others are. Fixed and so removed: vatp row-stats/colsum float32 at D >= 128 (0.4-12 KB: D now chunked),
-# loki rotate at D = 256 (2.4-4.2 KB: 16 rows of P per step), vatp colsum 16-bit D = 128 and vatp select
-# (4 and 8 B: gone with the int64 program ids). Back, small: vatp._colsum_kernel 4-12 B (sm_90, float32,
-# D-chunked tiles, div16 sizes) once the per-row non-finite rule (NaN rows, docs/contracts.md) joined the
-# chunked tiles; it was up to 8,440 B before the chunking.
-KNOWN_SPILLS = {"loki._attend_kernel", "taskvec._delta_kernel", "taskvec._apply_kernel", "maxsim._maxsim_kernel",
-                "vatp._colsum_kernel"}
+from _known_spills import KNOWN_SPILLS  # noqa: E402  (per variant: kernel, arch, dtype, JIT spec, constexprs)
 
 
 _DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = ([\w.\"]+)\s*(.*)$")
@@ -253,8 +244,22 @@ def i32_products(ttir):
     return found
 
 
+DATA_ARGS = ("q_ptr", "x", "base", "src_ptr", "v_ptr", "buf_ptr", "queries_ptr", "x_ptr", "docs_ptr", "q_codes_ptr",
+             "raw_ptr", "scores_ptr", "out")
+
+
+def variant_key(cc, dtype, spec, consts) -> str:
+    """One compiled variant, as KNOWN_SPILLS names it: "sm_90 fp32 div16 BLOCK_D=128 ... num_warps=8"."""
+    return f"sm_{cc} {dtype} {spec} " + " ".join(f"{k}={v}" for k, v in sorted(consts.items()))
+
+
+def allowed_spill(kernel, key) -> int:
+    """Spill bytes the allow-list tolerates for this variant (0 unless it is listed)."""
+    return KNOWN_SPILLS.get(kernel, {}).get("variants", {}).get(key, 0)
+
+
 def _one(job):
-    mod, name, types, consts, spill_free, cc, spec = job
+    mod, name, types, consts, cc, spec = job
     ones, div16 = spec == "ones", spec == "div16" or DIV16_ENV
     import importlib
 
@@ -262,6 +267,7 @@ def _one(job):
     from triton.backends.compiler import GPUTarget
     fn = getattr(importlib.import_module(f"kernels.{mod}"), name)
     consts = dict(consts)
+    key_consts = dict(consts, num_warps=consts.get("num_warps", 4))
     num_warps = consts.pop("num_warps", 4)
     sig, cx, attrs = {}, {}, {}
     for i, a in enumerate(fn.arg_names):
@@ -283,9 +289,12 @@ def _one(job):
     rec = dict(kernel=f"{mod}.{name}", variant=json.dumps({**consts, **{k: v for k, v in types.items()
                                                                       if k in ("q_ptr", "x", "base", "src_ptr",
                                                                                "v_ptr", "buf_ptr", "queries_ptr",
-                                                                               "x_ptr", "docs_ptr")},
-                                                                      "spec": spec or "plain"}),
-               cc=cc, spill_free=spill_free and f"{mod}.{name}" not in KNOWN_SPILLS)
+                                                                               "x_ptr", "docs_ptr")}, "spec": spec or "plain"}),
+               cc=cc)
+    dtype = next(types[a] for a in DATA_ARGS if a in types)
+    rec.update(dtype=dtype, spec=spec or "plain", num_warps=num_warps,
+               key=variant_key(cc, dtype, spec or "plain", key_consts))
+    rec["allowed_spills"] = allowed_spill(rec["kernel"], rec["key"])
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
@@ -301,14 +310,64 @@ def _one(job):
     return rec
 
 
+def run(ccs="90,80", cache_dir=None, stride=None, timeout=900):
+    """Runs this gate in a subprocess (without TRITON_INTERPRET) and returns its records."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if cache_dir is not None:
+        env["TRITON_CACHE_DIR"] = str(cache_dir)
+    if stride is not None:
+        env["VKERN_GATE_STRIDE"] = str(stride)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "tests"), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, str(root / "tests" / "_triton_gate.py"), ccs], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not recs:
+        raise RuntimeError(f"the Triton gate failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return recs
+
+
+def _span(values):
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def family_table(recs, markdown=False):
+    """Lines of a registers / spills / shared-memory table per kernel variant family (kernel x dtype)
+    and target: ranges over the family's compiled variants; spills as "max (allowed max)"."""
+    fams = {}
+    for r in recs:
+        if r.get("ok"):
+            fams.setdefault((r["kernel"], r["dtype"], r["cc"]), []).append(r)
+    head = ("kernel", "dtype", "sm", "variants", "regs", "spill B (allowed)", "smem B")
+    rows = []
+    for (kernel, dtype, cc), rs in sorted(fams.items(), key=lambda x: (x[0][0], x[0][1], -x[0][2])):
+        spill, allowed = max(r["spills"] for r in rs), max(r["allowed_spills"] for r in rs)
+        rows.append((kernel, dtype, str(cc), str(len(rs)), _span([r["regs"] for r in rs]),
+                     f"{spill} ({allowed})" if allowed else str(spill), _span([r["smem"] for r in rs])))
+    if markdown:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    widths = [max(len(x[i]) for x in rows + [head]) for i in range(len(head))]
+    return [" ".join(x[i].rjust(widths[i]) if i >= 2 else x[i].ljust(widths[i]) for i in range(len(head)))
+            for x in [head] + rows]
+
+
 def main():
     ccs = [int(c) for c in (sys.argv[1] if len(sys.argv) > 1 else "90,80").split(",")]
     # Sample to fit CI time: always the first variant of every (kernel, dtype) at every target, plain and
     # with the JIT's 16-divisible int specialisation, and with the ==1 one; then every STRIDE-th other
     # variant at the first target, alternately plain and 16-divisible (VKERN_GATE_STRIDE=1: all, both).
     stride = int(os.environ.get("VKERN_GATE_STRIDE", "6"))
+    # VKERN_GATE_ONLY=maxsim_int8,muvera: only those kernel modules (to measure a new kernel's variants)
+    only = set(filter(None, os.environ.get("VKERN_GATE_ONLY", "").split(",")))
     jobs, seen = [], set()
     for i, v in enumerate(_variants()):
+        if only and v[0] not in only:
+            continue
         fam = (v[0], v[1], tuple(sorted(set(v[2].values()))))
         if fam not in seen:
             seen.add(fam)

@@ -1,12 +1,10 @@
 """Offline GPU compile gate: every Triton kernel compiled for sm_90 and sm_80 by Triton's own
 compiler and bundled ptxas (no GPU needed). Runs tests/_triton_gate.py in a subprocess without
 TRITON_INTERPRET (conftest sets it for the interpreter tests). Fails on any compile error and on
-spills in kernels the gate declares spill-free; prints a regs/spills/smem table."""
+any spill beyond the per-variant allow-list (tests/_known_spills.py); prints a regs/spills/smem table
+per variant and per variant family (`python tools/gpu_resources.py` prints it as Markdown)."""
 import json
 import re
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,21 +14,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_triton_kernels_compile_for_sm90_sm80(tmp_path):
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "_triton_gate.py"), "90,80"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and recs, proc.stderr[-3000:]
-    print(f"\n{'kernel':28s} {'cc':>3s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'i32off':>6s}  variant")
+    from _triton_gate import KNOWN_SPILLS, family_table, run
+
+    recs = run("90,80", cache_dir=tmp_path / "cache")
+    print(f"\n{'kernel':28s} {'cc':>3s} {'regs':>5s} {'spill':>6s} {'allow':>6s} {'smem':>7s} {'i32off':>6s}  variant")
     for r in recs:
         if r["ok"]:
-            print(f"{r['kernel']:28s} {r['cc']:3d} {r['regs']:5d} {r['spills']:6d} {r['smem']:7d} "
-                  f"{len(r['i32_offsets']):6d}  {r['variant']}")
+            print(f"{r['kernel']:28s} {r['cc']:3d} {r['regs']:5d} {r['spills']:6d} {r['allowed_spills']:6d} "
+                  f"{r['smem']:7d} {len(r['i32_offsets']):6d}  {r['key']}")
         else:
-            print(f"{r['kernel']:28s} {r['cc']:3d} FAILED  {r['variant']}")
+            print(f"{r['kernel']:28s} {r['cc']:3d} FAILED  {r['key']}")
+    print("\nper variant family (offline compile, Triton's ptxas; ranges over the variants compiled):")
+    print("\n".join(family_table(recs)))
     kernels = {r["kernel"] for r in recs}
     # every @triton.jit kernel in kernels/*.py, counted from the sources so a new kernel is covered
     # (launchable kernels are named *_kernel; the other @triton.jit functions are device helpers)
@@ -39,11 +34,18 @@ def test_triton_kernels_compile_for_sm90_sm80(tmp_path):
     assert kernels == declared, sorted(declared ^ kernels)
     bad = [f"{r['kernel']} sm_{r['cc']} {r['variant']}: {r['error']}" for r in recs if not r["ok"]]
     assert not bad, "compile errors:\n" + "\n".join(bad[:10])
-    spill = [f"{r['kernel']} sm_{r['cc']} {r['variant']}: {r['spills']} B" for r in recs
-             if r["spill_free"] and r["spills"] > 0]
-    assert not spill, "spills in spill-free kernels:\n" + "\n".join(spill)
-    # maxsim's launcher (and the argmax forward's, which reuses it) picks its tiles by this shared-memory
-    # bound (so they fit sm_86/sm_89's 99 KB): it must hold for every config compiled
+    # spills are allowed per variant (kernel + arch + dtype + JIT spec + constexprs, tests/_known_spills.py), up to
+    # the bytes listed: a new spill anywhere, or a larger one in a listed variant, fails
+    spill = [f"{r['kernel']} {r['key']}: {r['spills']} B (allowed {r['allowed_spills']})" for r in recs
+             if r["spills"] > r["allowed_spills"]]
+    assert not spill, "spills beyond tests/_known_spills.py:\n" + "\n".join(spill)
+    assert set(KNOWN_SPILLS) <= declared, sorted(set(KNOWN_SPILLS) - declared)   # no entry for a gone kernel
+    shrink = [f"{r['kernel']} {r['key']}: {r['spills']} B < allowed {r['allowed_spills']}" for r in recs
+              if r["spills"] < r["allowed_spills"]]
+    if shrink:
+        print("allow-list entries larger than this compile needs (shrink them):\n" + "\n".join(shrink))
+    # maxsim's launcher (and the argmax forward's, which reuses it) picks its tiles by this shared-memory bound (so they fit sm_86/sm_89's 99 KB):
+    # it must hold for every config compiled
     from vkern.kernels import maxsim
 
     over = []

@@ -1,40 +1,18 @@
 """Non-finite inputs follow one rule on every backend (issue 11, defects 4 and 7).
 
 attention_colsum: each query row's probabilities are what float64 NumPy's exp(s - max) / sum gives
-over the keys that row sees (docs/contracts.md, section 3); the oracle below is written out here,
-independently of vkern.reference.
+over the keys that row sees (docs/contracts.md, section 3); the oracle (tests/_oracles.py) is written
+out independently of vkern.reference.
 """
 import numpy as np
 import pytest
+from _oracles import softmax_colsum
 from conftest import host, needs, to_kind
 
 import vkern
 from vkern.reference import vatp as ref_vatp
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-
-
-def numpy_softmax_colsum(q, k, seq_lens, causal, scale):
-    """Row by row: exp(s - s.max()) / sum over the visible keys, float64, summed per key."""
-    q = np.asarray(q, np.float64)
-    k = np.asarray(k, np.float64)
-    B, Hq, Tq, D = q.shape
-    H, T = k.shape[1], k.shape[2]
-    G = Hq // H
-    out = np.zeros((B, H, T))
-    with np.errstate(all="ignore"):
-        for b in range(B):
-            L = int(seq_lens[b])
-            for hq in range(Hq):
-                for i in range(Tq):
-                    pos = T - Tq + i
-                    n = (pos + 1 if 0 <= pos < L else 0) if causal else L
-                    if n <= 0:
-                        continue
-                    s = (q[b, hq, i] @ k[b, hq // G, :n].T) * scale
-                    e = np.exp(s - s.max())
-                    out[b, hq // G, :n] += e / e.sum()
-    return out.astype(np.float32)
 
 
 def _colsum(backend, q, k, lens, causal, scale):
@@ -81,7 +59,7 @@ CASES = _cases()
 
 @pytest.mark.parametrize("q,k,lens,causal", CASES)
 def test_colsum_reference_is_numpy_softmax(q, k, lens, causal):
-    want = numpy_softmax_colsum(q, k, lens, causal, 0.5)
+    want = softmax_colsum(q, k, lens, causal, 0.5)
     got = ref_vatp.attention_colsum(q, k, lens, causal, 0.5)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, equal_nan=True)
     assert np.array_equal(np.isnan(got), np.isnan(want))
@@ -91,7 +69,7 @@ def test_colsum_reference_is_numpy_softmax(q, k, lens, causal):
 @pytest.mark.parametrize("q,k,lens,causal", CASES)
 def test_colsum_backends_follow_numpy_softmax(backend, q, k, lens, causal):
     needs(backend, "attention_colsum")
-    want = numpy_softmax_colsum(q, k, lens, causal, 0.5)
+    want = softmax_colsum(q, k, lens, causal, 0.5)
     got = _colsum(backend, q, k, lens, causal, 0.5)
     assert np.array_equal(np.isnan(got), np.isnan(want)), (np.isnan(got).astype(int), np.isnan(want).astype(int))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
@@ -129,7 +107,7 @@ def test_colsum_nonfinite_every_simd_level(level):
     k[0, 0, 35, 3] = np.inf
     k[0, 0, 50, 0] = -np.inf
     q[0, 1, 7, 2] = np.nan
-    want = {c: numpy_softmax_colsum(q, k, [70], c, 0.25) for c in (True, False)}
+    want = {c: softmax_colsum(q, k, [70], c, 0.25) for c in (True, False)}
     try:
         vkern.set_simd_level(level)
         got = {c: vkern.vatp.attention_colsum(q, k, causal=c, scale=0.25, backend="cpu") for c in (True, False)}

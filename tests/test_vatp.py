@@ -2,6 +2,7 @@
 compaction, every backend against the float64 NumPy reference / brute force."""
 import numpy as np
 import pytest
+from _oracles import softmax_colsum
 
 import vkern
 from vkern import _ext
@@ -48,30 +49,6 @@ def _np(x):
     return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
 
 
-def brute_colsum(q, k, seq_lens, causal, scale):
-    """float64 definition with the full Tq x T matrix (tests only)."""
-    q = np.asarray(q, np.float64)
-    k = np.asarray(k, np.float64)
-    B, Hq, Tq, D = q.shape
-    H, T = k.shape[1], k.shape[2]
-    G = Hq // H
-    out = np.zeros((B, H, T))
-    for b in range(B):
-        L = int(seq_lens[b])
-        for hq in range(Hq):
-            for i in range(Tq):
-                pos = T - Tq + i
-                if causal and not (0 <= pos < L):
-                    continue
-                hi = min(pos, L - 1) if causal else L - 1
-                if hi < 0:
-                    continue
-                s = q[b, hq, i] @ k[b, hq // G, :hi + 1].T * scale
-                p = np.exp(s - s.max())
-                out[b, hq // G, :hi + 1] += p / p.sum()
-    return out
-
-
 # --------------------------------------------------------------- colsum
 
 COLSUM_CASES = [  # B, Hq, H_kv, Tq, T, D, causal, seq_lens
@@ -93,7 +70,7 @@ def test_colsum_matches_brute_force(backend, case, rng):
     q = rng.standard_normal((B, Hq, Tq, D)).astype(np.float32)
     k = rng.standard_normal((B, H, T, D)).astype(np.float32)
     lens = np.array(sl if sl is not None else [T] * B, dtype=np.int64)
-    want = brute_colsum(q, k, lens, causal, 1 / np.sqrt(D))
+    want = softmax_colsum(q, k, lens, causal, 1 / np.sqrt(D))
     got = vkern.vatp.attention_colsum(_as(q, backend), _as(k, backend), causal=causal,
                                       seq_lens=None if sl is None else _as(lens, backend, "int64")
                                       if backend not in ("reference", "cpu") else lens, backend=backend)
@@ -115,7 +92,7 @@ def test_colsum_low_precision(backend, dtype, rng):
     k = rng.standard_normal((1, 2, 40, 16)).astype(np.float32)
     qd, kd = _as(q, backend, dtype), _as(k, backend, dtype)
     qr, kr = _np(qd).astype(np.float64), _np(kd).astype(np.float64)   # the values the kernel sees
-    want = brute_colsum(qr, kr, [40], True, 0.25)
+    want = softmax_colsum(qr, kr, [40], True, 0.25)
     got = _np(vkern.vatp.attention_colsum(qd, kd, scale=0.25, backend=backend))
     # float32 accumulation of exactly representable inputs: as tight as float32.
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -156,7 +133,7 @@ def test_colsum_every_simd_level(level, rng):
         pytest.skip(f"{level} not supported here")
     q = rng.standard_normal((1, 4, 45, 24)).astype(np.float32)
     k = rng.standard_normal((1, 2, 60, 24)).astype(np.float32)
-    want = brute_colsum(q, k, [60], True, 0.2)
+    want = softmax_colsum(q, k, [60], True, 0.2)
     kc, vc, sc = _prune_inputs(rng, T=300, Dk=40, Dv=24, ties=False)
     v16 = vc.astype(np.float16)
     try:
@@ -172,7 +149,7 @@ def test_colsum_every_simd_level(level, rng):
     finally:
         vkern.set_simd_level("auto")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    want16 = brute_colsum(q.astype(np.float16), k.astype(np.float16), [60], True, 0.2)
+    want16 = softmax_colsum(q.astype(np.float16), k.astype(np.float16), [60], True, 0.2)
     np.testing.assert_allclose(got16, want16, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(l1, np.abs(v16.astype(np.float64)).sum(-1), rtol=1e-5)
     _check_prune(pruned, kc, vc, sc, [300, 300], 0.4, 3, 5)
@@ -184,12 +161,12 @@ def test_colsum_every_simd_level(level, rng):
 def test_colsum_strided_inputs(backend, rng):
     q = rng.standard_normal((1, 3, 20, 2, 16)).astype(np.float32)[:, :, :, 1]      # non-contiguous
     k = np.asfortranarray(rng.standard_normal((1, 3, 30, 16)).astype(np.float32))  # Fortran order
-    want = brute_colsum(q, k, [30], True, 0.25)
+    want = softmax_colsum(q, k, [30], True, 0.25)
     np.testing.assert_allclose(vkern.vatp.attention_colsum(q, k, scale=0.25, backend=backend), want,
                                rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(vkern.vatp.attention_colsum(q[:, :, ::-1], k[:, :, ::-1], causal=False,
                                                            scale=0.25, backend=backend),
-                               brute_colsum(q[:, :, ::-1], k[:, :, ::-1], [30], False, 0.25), rtol=1e-5, atol=1e-5)
+                               softmax_colsum(q[:, :, ::-1], k[:, :, ::-1], [30], False, 0.25), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------- value_l1
@@ -640,7 +617,7 @@ def test_backend_unavailable_lists_reasons(rng):
 def test_torch_custom_ops_opcheck(rng):
     from vkern import _torch  # noqa: F401
 
-    be = "cpu" if _ext.C is not None else "reference"   # "auto" would take the slow Triton interpreter here
+    be = "cpu" if _ext.C is not None else "reference"   # the C++ kernels when built (what "auto" picks here)
     q = torch.randn(2, 4, 6, 8)
     k = torch.randn(2, 2, 10, 8)
     v = torch.randn(2, 2, 10, 4)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
+GPU_BACKENDS = ("cuda", "triton")
 
 
 class BackendUnavailable(RuntimeError):
@@ -52,15 +53,27 @@ class Op:
                 " (from VKERN_BACKEND)" if requested == "auto" else "") + " cannot run this call", call))
         for name in BACKENDS:
             b = self.backends.get(name)
-            if b is not None and b.why_not(call) is None:
+            if b is not None and auto_skips(name, call) is None and b.why_not(call) is None:
                 return b
-        raise BackendUnavailable(self._message("no backend can run this call", call))
+        raise BackendUnavailable(self._message("no backend can run this call", call, auto=True))
 
-    def _message(self, head: str, call: Any) -> str:
+    def _message(self, head: str, call: Any, auto: bool = False) -> str:
         lines = [f"vkern.{self.name}: {head} ({call!r}):"]
         for name, reason in self.reasons(call).items():
+            if auto and reason is None:
+                reason = auto_skips(name, call)
             lines.append(f"  {name}: {'available' if reason is None else reason}")
         return "\n".join(lines)
+
+
+def auto_skips(name: str, call: Any) -> Optional[str]:
+    """Why backend="auto" passes over a backend that could run the call, or None. The GPU backends
+    are picked for GPU data only: CPU data (NumPy, CPU torch) goes to cpu / reference even where
+    TRITON_INTERPRET=1 lets the Triton kernels run on it (the interpreter is a test tool, orders of
+    magnitude slower); backend="triton" still runs them there."""
+    if name in GPU_BACKENDS and getattr(call, "device", None) == "cpu":
+        return "backend='auto' picks it for GPU tensors only (the data is on the CPU; name it to run it there)"
+    return None
 
 
 OPS: Dict[str, Op] = {}

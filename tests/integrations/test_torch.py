@@ -52,7 +52,7 @@ def test_one_batch_of_tenants_equals_each_finetune_separately(family, residual):
                 bits=2 if residual else 8, group="32", residual=residual, progress=False)
     store = ts.Store(path)
     served = copy.deepcopy(base)
-    # backend="cpu": under TRITON_INTERPRET=1 (set by conftest) "auto" would pick the interpreted Triton kernel
+    # backend="cpu" (what "auto" picks for CPU tensors), named so that a missing build fails here
     replaced = patch_linear_layers(served, store, backend="cpu")
     assert len(replaced) == 2 * 7 + 1 and "lm_head" in replaced             # q k v o gate up down x 2, lm_head
     assert isinstance(served.model.layers[0].self_attn.q_proj, DeltaLinear)

@@ -21,8 +21,8 @@ NEW = 20
 
 @pytest.fixture(autouse=True, scope="module")
 def cpu_kernels():
-    """The C++ kernels, as "auto" picks them for CPU tensors when Triton's interpreter is off
-    (tests/conftest.py turns it on, and auto would then run every decode step interpreted)."""
+    """The C++ kernels, pinned (they are what "auto" picks for CPU tensors): a missing build then fails
+    here instead of running every decode step on the NumPy reference."""
     before = os.environ.get("VKERN_BACKEND")
     os.environ["VKERN_BACKEND"] = "cpu"
     yield

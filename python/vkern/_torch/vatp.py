@@ -37,7 +37,9 @@ def _budget(budget_tokens: int, budget_frac: float):
 
 
 def _fake_kmax(k, seq_lens, budget_tokens, budget_frac, num_sink, num_recent):
-    if seq_lens is None:
+    # The output width is the largest resolved budget: it depends on host seq_lens' values; with no
+    # seq_lens or seq_lens on a GPU (not read on the host) it is the budget at seq_len = T.
+    if seq_lens is None or seq_lens.device.type != "cpu":
         T = k.shape[2]
         if isinstance(T, int):
             return _ref.resolve_budget(_budget(budget_tokens, budget_frac), T, num_sink, num_recent)

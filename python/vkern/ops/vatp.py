@@ -44,8 +44,15 @@ def _host_ints(x: Any) -> np.ndarray:
     return x.detach().to("cpu").numpy().astype(np.int64, copy=False)
 
 
+def device_lens(x: Any) -> bool:
+    """Whether seq_lens lives on a GPU. Its values are then never read on the host (no sync: a decode
+    step can be captured in a CUDA graph); the GPU paths clamp them to [0, T] and resolve the budgets
+    on the device."""
+    return x is not None and not isinstance(x, np.ndarray) and x.device.type != "cpu"
+
+
 def _seq_lens(seq_lens: Any, B: int, T: int, arrays: dict):
-    """Validated (native seq_lens or None, host int64 [B])."""
+    """Validated (native seq_lens or None, host int64 [B], or None when seq_lens is on a GPU)."""
     if seq_lens is None:
         return None, np.full(B, T, dtype=np.int64)
     sl, _ = A.to_native(seq_lens, "seq_lens")
@@ -55,6 +62,8 @@ def _seq_lens(seq_lens: Any, B: int, T: int, arrays: dict):
         raise ValueError(f"seq_lens: expected shape ({B},) (one per sequence), got {tuple(sl.shape)}")
     arrays["seq_lens"] = sl
     _same_place(arrays)
+    if device_lens(sl):
+        return sl, None   # not range-checked on the host (a sync); clamped to [0, T] on the device
     host = np.ascontiguousarray(_host_ints(sl))
     if B and (host.min() < 0 or host.max() > T):
         raise ValueError(f"seq_lens: every length must be in [0, T={T}], got min={int(host.min())}, "
@@ -77,7 +86,7 @@ class ColsumCall:
     q: Any                  # native [B, Hq, Tq, D]
     k: Any                  # native [B, H_kv, T, D]
     seq_lens: Any           # native int [B] or None
-    host_lens: np.ndarray   # int64 [B]
+    host_lens: Optional[np.ndarray]   # int64 [B]; None when seq_lens lives on a GPU (never read on the host)
     causal: bool
     scale: float
     device: str
@@ -106,9 +115,10 @@ class PruneCall:
     v: Any                  # native [B, H_kv, T, Dv]
     scores: Any             # native float [B, H_kv, T]
     seq_lens: Any           # native int [B] or None
-    host_lens: np.ndarray   # int64 [B] valid tokens
-    kept_lens: np.ndarray   # int64 [B] resolved budget per sequence
-    kmax: int
+    host_lens: Optional[np.ndarray]   # int64 [B] valid tokens; None when seq_lens lives on a GPU
+    kept_lens: Optional[np.ndarray]   # int64 [B] resolved budget per sequence; None with host_lens
+    kmax: int               # output width: the largest kept_lens, or the budget at seq_len = T (device lengths)
+    budget: Union[int, float]   # as validated (the GPU paths resolve kept_lens from it on the device)
     num_sink: int
     num_recent: int
     inplace: bool
@@ -274,10 +284,16 @@ def _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace
             (k0, k1), (v0, v1) = _extent(kn), _extent(vn)
             if A.data_ptr(kn) == A.data_ptr(vn) or (k0 < v1 and v0 < k1 and _really_overlap(kn, vn)):
                 raise ValueError("k, v: inplace=True needs k and v in separate memory (they overlap)")
-    kept = np.array([ref.resolve_budget(budget, int(L), num_sink, num_recent) for L in host], dtype=np.int64)
-    kmax = int(kept.max()) if B else 0
+    if host is None:
+        # seq_lens on a GPU: the output width comes from host-known arguments only; the budget
+        # never shrinks as seq_len grows, so the budget at seq_len = T bounds every sequence's
+        kept = None
+        kmax = ref.resolve_budget(budget, T, num_sink, num_recent) if B else 0
+    else:
+        kept = np.array([ref.resolve_budget(budget, int(L), num_sink, num_recent) for L in host], dtype=np.int64)
+        kmax = int(kept.max()) if B else 0
     dst = None if out is None else _prepare_out(out, kn, vn, sn, kmax, bool(inplace))
-    return PruneCall(kn, vn, sn, sl, host, kept, kmax, num_sink, num_recent, bool(inplace),
+    return PruneCall(kn, vn, sn, sl, host, kept, kmax, budget, num_sink, num_recent, bool(inplace),
                      A.device_of(kn), lib, origin, dst)
 
 
@@ -314,6 +330,10 @@ def _into_out(call: PruneCall, k_kept, v_kept, kept_idx):
 
 
 def _prune_reference(call: PruneCall):
+    return _prune_reference_rows(call) + (A.as_kind(call.kept_lens, call.k),)
+
+
+def _prune_reference_rows(call: PruneCall):
     idx = ref.prune_indices(A.to_numpy(call.scores, np.float32), call.host_lens, call.kept_lens,
                             call.num_sink, call.num_recent)
     kept_idx = A.as_kind(idx, call.k)
@@ -419,9 +439,10 @@ def _prune_cpu(call: PruneCall):
                           list(A.elem_strides(scores)), call.host_lens.ctypes.data, call.kept_lens.ctypes.data,
                           call.num_sink, call.num_recent, kmax, A.data_ptr(idx), call.inplace,
                           call.out is None and not call.inplace)
+    kept_lens = A.as_kind(call.kept_lens, call.k)
     if call.inplace:
-        return k[:, :, :kmax], v[:, :, :kmax], idx
-    return k_out, v_out, idx
+        return k[:, :, :kmax], v[:, :, :kmax], idx, kept_lens
+    return k_out, v_out, idx, kept_lens
 
 
 _COLSUM.register(Backend("cpu", _cpu_why_not, _colsum_cpu))
@@ -444,9 +465,7 @@ def value_l1_impl(v, *, backend="auto"):
 def vatp_prune_impl(k, v, scores, *, budget, num_sink=4, num_recent=32, seq_lens=None, inplace=False, out=None,
                     backend="auto"):
     call = _prepare_prune(k, v, scores, budget, num_sink, num_recent, seq_lens, inplace, out)
-    k_kept, v_kept, kept_idx = _PRUNE.pick(backend, call).run(call)
-    kept_lens = A.as_kind(call.kept_lens, call.k)
-    return tuple(A.from_native(x, call.origin) for x in (k_kept, v_kept, kept_idx, kept_lens))
+    return tuple(A.from_native(x, call.origin) for x in _PRUNE.pick(backend, call).run(call))
 
 
 def _compiling(x) -> bool:
@@ -470,6 +489,7 @@ def attention_colsum(q, k, *, causal: bool = True, seq_lens=None, scale: Optiona
             rows at positions >= seq_lens[b] are padding and add nothing.
             Non-causal: every query row sees every valid key.
         seq_lens: int [B] valid keys per sequence (default T); keys at or past it get 0.
+            On a GPU it is not read on the host (CUDA-graph safe; outside [0, T] it is clamped).
         scale: logit scale, default 1 / sqrt(D).
         backend: "auto", "cpu", "cuda", "triton" or "reference".
 
@@ -539,6 +559,13 @@ def vatp_prune(k, v, scores, *, budget: Union[int, float], num_sink: int = 4, nu
         [B, H_kv, Kmax] ascending, padded with -1, kept_lens int64 [B]),
         Kmax = max kept_lens. Padded K/V rows are zero.
 
+    CUDA graphs: with CUDA tensors and ``seq_lens`` on the GPU (or None) the cuda and
+    triton paths do no host synchronisation (kept_lens is resolved on the device and
+    returned there), so the call can be captured in a ``torch.cuda.CUDAGraph``. Host
+    values are then budget, num_sink, num_recent, inplace, the shapes and the out=
+    buffers; Kmax is the budget at seq_len = T, and lengths outside [0, T] are not
+    reported but clamped into it on the device (docs/ops/vatp.md, "CUDA graphs").
+
     Example:
         >>> import numpy as np, vkern
         >>> k = np.arange(6, dtype=np.float32).reshape(1, 1, 6, 1); s = np.array([[[0, 5, 1, 9, 2, 0]]], np.float32)
@@ -559,9 +586,30 @@ _triton_why_not = triton_reason
 
 
 def _gpu_lens(call):
+    """int64 [B] lengths on the data's own device (cuda:1, ..., not the current one that call.device
+    "cuda" names), made there from seq_lens (or T): no host round trip, so CUDA-graph safe. Lengths
+    that were not range-checked on the host (seq_lens on a GPU) are clamped to [0, T]."""
     torch = A.torch_module()
-    # the tensor's own device (cuda:1, ...), not the current one that call.device ("cuda") would give
-    return torch.from_numpy(call.host_lens).to(_tensor_of(call).device)
+    x = _tensor_of(call)
+    T = int(call.k.shape[2])
+    if call.seq_lens is None:
+        return torch.full((int(x.shape[0]),), T, dtype=torch.int64, device=x.device)
+    lens = call.seq_lens.to(device=x.device, dtype=torch.int64)
+    if call.host_lens is None:
+        lens = lens.clamp(0, T)
+    return lens.contiguous()
+
+
+def _device_kept(budget, lens, T: int, num_sink: int, num_recent: int):
+    """ref.resolve_budget(budget, L, num_sink, num_recent) for every length L <= T, computed where lens
+    lives (the same float64 steps: floor(budget * L), raised to the protected count, capped at L)."""
+    torch = A.torch_module()
+    if isinstance(budget, float):
+        n = torch.floor(lens.to(torch.float64) * budget).to(torch.int64)
+        n = torch.maximum(n, lens.clamp(max=min(num_sink + num_recent, T)))
+    else:
+        n = torch.full_like(lens, min(int(budget), T))
+    return torch.minimum(n, lens)
 
 
 def _tensor_of(call):
@@ -595,8 +643,8 @@ def _prune_gpu_inputs(call: PruneCall):
     k = call.k if call.inplace else call.k.contiguous()
     v = call.v if call.inplace else call.v.contiguous()
     scores = call.scores.to(torch.float32).contiguous()
-    kept = torch.from_numpy(call.kept_lens).to(call.k.device)
-    return k, v, scores, _gpu_lens(call), kept
+    lens = _gpu_lens(call)
+    return k, v, scores, lens, _device_kept(call.budget, lens, int(call.k.shape[2]), call.num_sink, call.num_recent)
 
 
 def _direct_out(call: PruneCall):
@@ -611,7 +659,7 @@ def _prune_triton(call: PruneCall):
     direct = _direct_out(call)
     res = _ext.triton_kernels("vatp").prune(k, v, scores, lens, kept, call.num_sink, call.num_recent, call.kmax,
                                             call.inplace, out_bufs=direct)
-    return res if direct is not None else _into_out(call, *res)
+    return (res if direct is not None else _into_out(call, *res)) + (kept,)
 
 
 _COLSUM.register(Backend("triton", _triton_why_not, _colsum_triton))
@@ -672,10 +720,10 @@ def _prune_cuda(call: PruneCall):
                                B, H, T, scores.data_ptr(), lens.data_ptr(), kept.data_ptr(), call.num_sink,
                                call.num_recent, kmax, idx.data_ptr(), call.inplace, _stream(k))
     if call.inplace:
-        return k[:, :, :kmax], v[:, :, :kmax], idx
+        return k[:, :, :kmax], v[:, :, :kmax], idx, kept
     if direct is not None:
-        return k_out, v_out, idx
-    return _into_out(call, k_out, v_out, idx)
+        return k_out, v_out, idx, kept
+    return _into_out(call, k_out, v_out, idx) + (kept,)
 
 
 _COLSUM.register(Backend("cuda", _cuda_why_not, _colsum_cuda))
