@@ -11,7 +11,8 @@ live in the maxsim workloads, beside the f32 kernel).
   the memmap then a flat GEMM. The file was just written, so it sits in the page cache: this
   measures the in-memory access pattern, not a disk.
 - MUVERA document encoding (R=20, k=5, AMS 16 -> 10,240 dims) of the same documents: vkern cpu
-  beside vkern's NumPy reference (no fastembed here, so no peer row).
+  beside vkern's NumPy reference and fastembed's ``Muvera`` post-processor (same R, k, d_proj
+  and size; each draws its own random matrices, so the vectors differ).
 """
 from __future__ import annotations
 
@@ -104,9 +105,17 @@ def retrieval_workloads(size: str, threads: int) -> List[Workload]:
                  bytes=docs.nbytes, flops=2.0 * T * D * cfg.num_repetitions * cfg.num_simhash_projections)
     w.contenders.append(Contender("vkern reference", lambda: vkern.muvera.encode_documents(
         docs, cfg, doc_offsets=offsets, backend="reference"), "reference", note="NumPy"))
-    w.contenders.append(missing("fastembed MUVERA", "peer",
-                                "no comparison with fastembed's MUVERA is written yet (its encoder "
-                                "fetches a model from a hub, which this machine cannot reach); pip install fastembed"))
+    try:
+        from fastembed.postprocess import Muvera
+
+        theirs = Muvera(D, k_sim=cfg.num_simhash_projections, dim_proj=cfg.projection_dim,
+                        r_reps=cfg.num_repetitions, random_seed=cfg.seed)
+        w.contenders.append(Contender("fastembed Muvera.process_document", lambda: [theirs.process_document(
+            docs[offsets[n]:offsets[n + 1]]) for n in range(n_docs)], "peer",
+            note="same R, k, d_proj, FDE size; its own random draws (vectors differ, see tests/integrations/test_fastembed.py)"))
+    except Exception:
+        w.contenders.append(missing("fastembed Muvera.process_document", "peer",
+                                    "fastembed not installed: pip install fastembed (no torch; built offline from the dim)"))
     if _ext.cpu_reason() is None:
         w.contenders.append(Contender("vkern cpu", lambda: vkern.muvera.encode_documents(
             docs, cfg, doc_offsets=offsets, backend="cpu"), "vkern"))
