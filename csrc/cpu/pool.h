@@ -6,11 +6,29 @@
 namespace vkern {
 namespace cpu {
 
-// out[i * ldo + j] = <a_i, b_j> in float32 (rows have unit element stride).
+// Row stride (elements) of the Ward matrices: m rounded up to a multiple of this.
+constexpr int64_t kWardPad = 32;
+
 struct PoolLevel {
   const char* name;
+  // out[i * ldo + j] = <a_i, b_j> in float32 (rows have unit element stride).
   void (*dots)(const float* a, int64_t na, int64_t lda, const float* b, int64_t nb, int64_t ldb, int64_t D,
                float* out, int64_t ldo);
+  // d [m, ldd] float64 = s|s| with s = 1 - <x_i, x_j> (dots in float32; the signed square has
+  // the order of s), +inf on the diagonal and in columns >= m. Scratch: pack [ldd * D] floats,
+  // g [m * ldd] floats.
+  void (*ward_dist)(const float* x, int64_t m, int64_t ld, int64_t D, float* pack, float* g, double* d,
+                    int64_t ldd);
+  // Ward merges of d (overwritten) by the nearest-neighbour chain: merge_a/b = lowest token of
+  // each side, merge_h = height as its signed square (the order fcluster needs), m-1 of each in
+  // merge order. size / pen [ldd]: 1 / 0 below m,
+  // 0 / +inf after (overwritten); live, chain, rep [m] scratch.
+  void (*ward_chain)(double* d, int64_t m, int64_t ldd, double* size, double* pen, int64_t* live, int64_t* chain,
+                     int64_t* rep, int64_t* merge_a, int64_t* merge_b, double* merge_h);
+  // out [nc, D] = float32 of the float64 mean of the rows i with labels[i] == g (every g in
+  // [0, nc) has one); sums [nc * D], counts [nc] scratch.
+  void (*cluster_means)(const float* x, int64_t m, int64_t ld, int64_t D, const int64_t* labels, int64_t nc,
+                        double* sums, int64_t* counts, float* out);
 };
 
 const PoolLevel& pool_level_generic();
@@ -31,7 +49,8 @@ struct PoolCall {
   int method;                 // PoolMethod
   uint64_t seed;              // k-means
   const int64_t* out_starts;  // [N] first output row of each document (room for the upper bound)
-  float* out;                 // output rows, contiguous [*, D]
+  float* out;                 // output rows, contiguous [*, D]; packed on return (document n's rows
+                              // start at the sum of out_lens before n)
   int64_t* out_lens;          // [N] rows written per document
 };
 

@@ -156,6 +156,16 @@ def to_numpy(a: Any, float_dtype=None) -> np.ndarray:
     return out
 
 
+def all_finite(x: np.ndarray) -> bool:
+    """True if no element of the float array x is NaN or +-inf, without an x-sized temporary in
+    the usual case: a sum that is finite proves every term finite (any inf or NaN term makes it
+    inf or NaN); only a sum that overflowed or hit one is checked element by element."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(x.sum()):
+            return True
+    return bool(np.isfinite(x).all())
+
+
 def empty_like_kind(shape, dtype: str, like: Any):
     """Uninitialised array of the same kind and device as `like`."""
     if isinstance(like, np.ndarray):

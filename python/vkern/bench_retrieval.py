@@ -11,7 +11,8 @@ live in the maxsim workloads, beside the f32 kernel).
   the memmap then a flat GEMM. The file was just written, so it sits in the page cache: this
   measures the in-memory access pattern, not a disk.
 - MUVERA document encoding (R=20, k=5, AMS 16 -> 10,240 dims) of the same documents: vkern cpu
-  beside vkern's NumPy reference (no fastembed here, so no peer row).
+  beside vkern's NumPy reference and fastembed's ``Muvera`` post-processor (same R, k, d_proj
+  and size; each draws its own random matrices, so the vectors differ).
 """
 from __future__ import annotations
 
@@ -26,23 +27,41 @@ from vkern.bench_maxsim import colbert_like
 
 
 def scipy_ward_recipe(docs: np.ndarray, offsets: np.ndarray, pool_factor: int = 2, protected: int = 1):
+    """PyLate's token pooling written with SciPy, each step in its fastest plain form, so that a
+    ratio against it measures the clustering and not Python overhead: per document the float32
+    dissimilarities 1 - x x^T (one BLAS call, on one BLAS thread: for matrices this small more
+    threads only add hand-off and spin time), condensed by ``squareform`` (C), ``linkage(ward)``,
+    ``fcluster(maxclust)``, and the cluster means by one sort + ``np.add.reduceat``. Returns the
+    pooled documents (protected rows first, then the means in SciPy's cluster order)."""
     from scipy.cluster import hierarchy
+    from scipy.spatial.distance import squareform
 
+    try:
+        from threadpoolctl import threadpool_limits
+
+        ctx = threadpool_limits(1)
+    except Exception:  # pragma: no cover - threadpoolctl comes with scipy's usual installs
+        import contextlib
+
+        ctx = contextlib.nullcontext()
     out = []
-    for n in range(len(offsets) - 1):
-        d = docs[offsets[n]:offsets[n + 1]]
-        rest = d[protected:]
-        m = len(rest)
-        k = max(m // pool_factor, 1)
-        if k >= m:
-            out.append(d)
-            continue
-        dist = 1.0 - rest @ rest.T
-        lab = hierarchy.fcluster(hierarchy.linkage(dist[np.triu_indices(m, 1)], method="ward"), k,
-                                 criterion="maxclust") - 1
-        sums = np.zeros((lab.max() + 1, d.shape[1]))
-        np.add.at(sums, lab, rest)
-        out.append(np.concatenate([d[:protected], sums / np.bincount(lab)[:, None]]))
+    with ctx:
+        for n in range(len(offsets) - 1):
+            d = docs[offsets[n]:offsets[n + 1]]
+            rest = d[protected:]
+            m = len(rest)
+            k = max(m // pool_factor, 1)
+            if k >= m:
+                out.append(d)
+                continue
+            condensed = squareform(1.0 - rest @ rest.T, checks=False)
+            lab = hierarchy.fcluster(hierarchy.linkage(condensed, method="ward"), k, criterion="maxclust") - 1
+            order = np.argsort(lab, kind="stable")
+            counts = np.bincount(lab)
+            starts = np.zeros(len(counts), np.int64)
+            np.cumsum(counts[:-1], out=starts[1:])
+            means = np.add.reduceat(rest[order], starts, axis=0) / counts[:, None].astype(np.float32)
+            out.append(np.concatenate([d[:protected], means]))
     return out
 
 
@@ -86,9 +105,17 @@ def retrieval_workloads(size: str, threads: int) -> List[Workload]:
                  bytes=docs.nbytes, flops=2.0 * T * D * cfg.num_repetitions * cfg.num_simhash_projections)
     w.contenders.append(Contender("vkern reference", lambda: vkern.muvera.encode_documents(
         docs, cfg, doc_offsets=offsets, backend="reference"), "reference", note="NumPy"))
-    w.contenders.append(missing("fastembed MUVERA", "peer",
-                                "no comparison with fastembed's MUVERA is written yet (its encoder "
-                                "fetches a model from a hub, which this machine cannot reach); pip install fastembed"))
+    try:
+        from fastembed.postprocess import Muvera
+
+        theirs = Muvera(D, k_sim=cfg.num_simhash_projections, dim_proj=cfg.projection_dim,
+                        r_reps=cfg.num_repetitions, random_seed=cfg.seed)
+        w.contenders.append(Contender("fastembed Muvera.process_document", lambda: [theirs.process_document(
+            docs[offsets[n]:offsets[n + 1]]) for n in range(n_docs)], "peer",
+            note="same R, k, d_proj, FDE size; its own random draws (vectors differ, see tests/integrations/test_fastembed.py)"))
+    except Exception:
+        w.contenders.append(missing("fastembed Muvera.process_document", "peer",
+                                    "fastembed not installed: pip install fastembed (no torch; built offline from the dim)"))
     if _ext.cpu_reason() is None:
         w.contenders.append(Contender("vkern cpu", lambda: vkern.muvera.encode_documents(
             docs, cfg, doc_offsets=offsets, backend="cpu"), "vkern"))

@@ -126,10 +126,7 @@ def _pool_cpu(call: PoolCall):
                            out.ctypes.data if out.size else 0, out_lens.ctypes.data)
     new_off = np.zeros(N + 1, np.int64)
     np.cumsum(out_lens, out=new_off[1:])
-    if np.array_equal(out_lens, bound):
-        return out, new_off
-    keep = np.arange(out.shape[0]) < np.repeat(out_starts[:-1] + out_lens, bound)   # ties: fewer clusters
-    return out[keep], new_off
+    return out[:int(new_off[-1])], new_off            # the kernel packed the rows (ties: fewer clusters)
 
 
 _POOL.register(Backend("reference", host_reason, _pool_reference))
@@ -171,7 +168,7 @@ def pool_tokens(docs, *, doc_offsets=None, doc_lengths=None, pool_factor: int = 
     protected_tokens = _int_arg(protected_tokens, "protected_tokens", 0)
     seed = _int_arg(seed, "seed", 0)
     x, off, like = packed_docs(docs, doc_offsets, doc_lengths)
-    if x.size and not np.isfinite(x).all():
+    if x.size and not A.all_finite(x):
         raise ValueError("docs: contains NaN or inf (clustering needs finite vectors)")
     call = PoolCall(x, off, pool_factor, protected_tokens, method, seed)
     pooled, new_off = _POOL.pick(backend, call).run(call)
