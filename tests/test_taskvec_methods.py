@@ -244,3 +244,39 @@ def test_gpu_backends_name_the_limitation(rng, backend):
     with pytest.raises(BackendUnavailable, match="runs on the cpu and reference backends only"):
         vkern.apply_task_vectors(torch.zeros(4, 8), tv.to_device(qs, "cpu"), [1.0], method="cabs", n=1, m=2,
                                  backend=backend)
+
+
+# ------------------------------------------- delta_linear: 4-bit tenants straight from the codes
+
+@pytest.mark.parametrize("level", ["generic", "avx2"])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
+def test_delta_linear_q4_tenants_and_plan(rng, level, M):
+    """One affine 4-bit task per row (the serving case: x . delta from the codes, the base by the
+    BLAS for 2..8 rows) against the float64 definition, on both SIMD levels, K with a short group;
+    DeltaPlan (what DeltaLinear runs) gives the same result as delta_linear."""
+    from vkern.ops.taskvec import DeltaPlan
+
+    try:
+        vkern.set_simd_level(level)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    try:
+        N, K = 37, 203
+        base = rng.standard_normal((N, K)).astype(np.float32)
+        qs = [tv.quantize(0.1 * rng.standard_normal((N, K)).astype(np.float32), bits=4, group_size=g)
+              for g in (32, 64, 128, 32)]
+        qs.append(tv.quantize(0.1 * rng.standard_normal((N, K)).astype(np.float32), bits=2, group_size=32))
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        ids = rng.integers(-1, len(qs), M)
+        want = ref.delta_linear(x, base, qs, None, ids)
+        got = vkern.delta_linear(x, base, qs, task_ids=ids, backend="cpu")
+        scale = np.abs(x).sum(axis=1, keepdims=True) * (np.abs(base).max() + 0.2)
+        assert np.all(np.abs(got - want) <= 1e-5 * scale)
+        plan = DeltaPlan(base, qs)
+        np.testing.assert_array_equal(plan(x, ids), got)
+        with pytest.raises(ValueError, match=r"^task_ids: every id must be in \[-1, T=5\)"):
+            plan(x, np.full(M, 5))
+        with pytest.raises(ValueError, match=r"^x: expected shape"):
+            plan(x[:, :7], ids)
+    finally:
+        vkern.set_simd_level("auto")

@@ -469,27 +469,29 @@ def _task_groups(ids: np.ndarray, T: int):
 _BLAS_ROWS = 8  # above this many rows of x, delta_linear's base product goes to the BLAS
 
 
-def _delta_cpu(call: DeltaCall):
-    torch = A.torch_module() if call.lib == "torch" else None
-    x = call.x
-    if torch is None:
-        x32 = np.ascontiguousarray(x, dtype=np.float32)
-    else:
-        x32 = x.detach().to(torch.float32).contiguous()
-    base = call.base if _rows_ok(call.base) else A.contiguous(call.base)
-    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+def _base_by_blas(M: int, base, qtvs: Sequence[QTaskVector], merged: bool) -> bool:
+    """Whether x @ base^T goes to the BLAS (then the kernel adds the deltas only). Many rows of
+    float32: always (a GEMM). 2..8 rows, one tenant per row (task ids), no sign-only task: also
+    (the kernel's fused pass is for BitDelta sign tasks; with affine codes the BLAS product plus
+    one pass over each tenant's codes is faster)."""
+    if A.dtype_name(base) != "float32":
+        return False
+    if M > _BLAS_ROWS:
+        return True
+    return M >= 2 and not merged and all(q.scheme != "sign" for q in qtvs)
+
+
+def _delta_cpu_core(x32, base, qtvs, table, coefs, coeffs64, ids, torch, out_name: str):
+    """y = x32 @ base^T + the deltas (task mode when ids is not None) on the cpu kernel."""
     M, K = (int(s) for s in x32.shape)
     N = int(base.shape[0])
     T = len(qtvs)
     y = A.empty_like_kind((M, N), "float32", base)
-    merged = call.task_ids is None
-    table, coefs = _components(qtvs, call.coeffs, share_bases=merged)
+    merged = ids is None
     order = starts = None
     if not merged:
-        order, starts = _task_groups(call.task_ids, T)
-    # Many rows of float32: x @ base^T is a GEMM, which the BLAS does best; the kernel then
-    # adds the deltas only (still never a dense delta). Few rows: one fused pass over the base.
-    base_done = M > _BLAS_ROWS and A.dtype_name(base) == "float32"
+        order, starts = _task_groups(ids, T)
+    base_done = _base_by_blas(M, base, qtvs, merged)
     if base_done and M and N:
         if torch is None:
             np.matmul(x32, base.T, out=y)
@@ -500,16 +502,76 @@ def _delta_cpu(call: DeltaCall):
                                         _row_stride(base), table.ctypes.data, coefs.ctypes.data, len(table), T,
                                         int(merged), 0 if merged else order.ctypes.data,
                                         0 if merged else starts.ctypes.data, A.data_ptr(y), int(base_done))
-        _nonfinite_rows_by_definition(call, x32, base, y)
+        _nonfinite_rows_by_definition(qtvs, coeffs64, ids, x32, base, y)
     elif M:
         y[...] = 0
-    name = A.dtype_name(call.x)
-    if name == "float32":
+    if out_name == "float32":
         return y
-    return y.astype(name) if torch is None else y.to(getattr(torch, name))
+    return y.astype(out_name) if torch is None else y.to(getattr(torch, out_name))
 
 
-def _nonfinite_rows_by_definition(call: DeltaCall, x32, base, y) -> None:
+def _delta_cpu(call: DeltaCall):
+    torch = A.torch_module() if call.lib == "torch" else None
+    x = call.x
+    if torch is None:
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+    else:
+        x32 = x.detach().to(torch.float32).contiguous()
+    base = call.base if _rows_ok(call.base) else A.contiguous(call.base)
+    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+    table, coefs = _components(qtvs, call.coeffs, share_bases=call.task_ids is None)
+    return _delta_cpu_core(x32, base, qtvs, table, coefs, call.coeffs, call.task_ids, torch, A.dtype_name(call.x))
+
+
+class DeltaPlan:
+    """One base weight and its T task vectors, checked and laid out once, for many
+    multi-tenant ``delta_linear`` calls (what DeltaLinear runs per forward): each call skips
+    the argument checks and the component table, and goes straight to the cpu kernel.
+
+    ``plan(x, task_ids)``: x ``[M, K]`` torch CPU tensor or NumPy array (any float dtype),
+    task_ids int ``[M]`` (NumPy or torch; -1 = base only). Same result as
+    ``vkern.delta_linear(x, base, qtvs, task_ids=task_ids, backend="cpu")``.
+    """
+
+    def __init__(self, base, qtvs: Sequence[QTaskVector]):
+        b, _ = A.to_native(base, "base")
+        _check_float(b, "base")
+        if b.ndim != 2:
+            raise ValueError(f"base: expected shape [N_out, K_in], got {tuple(b.shape)}")
+        if _device_str(b) != "cpu":
+            raise ValueError(f"base: DeltaPlan runs the cpu kernel, got a tensor on {_device_str(b)}")
+        self.base = b if _rows_ok(b) else A.contiguous(b)
+        self.qtvs = [_contiguous_qtv(q) for q in _check_qtvs(qtvs, tuple(int(s) for s in b.shape), "cpu", "base")]
+        self.T = len(self.qtvs)
+        self.coeffs = np.ones(self.T)
+        self.table, self.coefs = _components(self.qtvs, self.coeffs, share_bases=False)
+        self.K = int(b.shape[1])
+
+    def __call__(self, x, task_ids):
+        torch = A.torch_module() if A.is_torch(x) else None
+        if x.ndim != 2 or int(x.shape[1]) != self.K:
+            raise ValueError(f"x: expected shape [M, {self.K}], got {tuple(x.shape)}")
+        if torch is not None:
+            x32 = x.detach().to(torch.float32).contiguous()
+            ids = task_ids.numpy() if A.is_torch(task_ids) else np.asarray(task_ids)
+        else:
+            x32 = np.ascontiguousarray(x, dtype=np.float32)
+            ids = np.asarray(task_ids)
+        ids = ids.astype(np.int64, copy=False)
+        M = int(x32.shape[0])
+        if ids.shape != (M,):
+            raise ValueError(f"task_ids: expected shape ({M},) (one per row of x), got {tuple(ids.shape)}")
+        if M and (ids.min() < -1 or ids.max() >= self.T):
+            raise ValueError(f"task_ids: every id must be in [-1, T={self.T}) (-1 = base only), "
+                             f"got min={int(ids.min())}, max={int(ids.max())}")
+        base = self.base
+        if type(x32) is not type(base):
+            raise TypeError(f"x: expected the array kind of base ({type(base).__name__}), got {type(x).__name__}")
+        return _delta_cpu_core(x32, base, self.qtvs, self.table, self.coefs, self.coeffs, ids, torch,
+                               A.dtype_name(x))
+
+
+def _nonfinite_rows_by_definition(qtvs, coeffs64, task_ids, x32, base, y) -> None:
     """Rows of x holding a NaN or inf, recomputed by the definition x @ base^T + sum_t c_t x @ dequant_t^T.
     The kernel's fused identities (one merged weight row for a coefficient sum; x . (2b - 1) = 2 x.b - sum x
     for sign deltas) are exact for finite x only: with inf in x they can give inf where the definition
@@ -520,8 +582,8 @@ def _nonfinite_rows_by_definition(call: DeltaCall, x32, base, y) -> None:
         bad = A.torch_module().nonzero(~A.torch_module().isfinite(x32).all(dim=1)).reshape(-1).numpy()
     if not bad.size:
         return
-    ids = None if call.task_ids is None else np.asarray(call.task_ids)[bad]
-    fixed = ref.delta_linear(A.to_numpy(x32)[bad], A.to_numpy(base), [_host_qtv(q) for q in call.qtvs], call.coeffs,
+    ids = None if task_ids is None else np.asarray(task_ids)[bad]
+    fixed = ref.delta_linear(A.to_numpy(x32)[bad], A.to_numpy(base), [_host_qtv(q) for q in qtvs], coeffs64,
                              ids).astype(np.float32)
     y[bad] = fixed if isinstance(y, np.ndarray) else A.torch_module().from_numpy(fixed)
 
@@ -711,6 +773,16 @@ def apply_task_vectors_impl(base, qtvs, coeffs, *, method="sum", density=None, o
                             seed=None, n=None, m=None, block=None):
     call = _prepare_apply(base, qtvs, coeffs, method, density, out, p, seed, n, m, block)
     return A.from_native(_APPLY.pick(backend, call).run(call), call.origin)
+
+
+def delta_backend(base, qtvs, backend: str = "auto") -> str:
+    """The backend name delta_linear(x, base, qtvs, task_ids=..., backend=backend) would run on."""
+    b, _ = A.to_native(base, "base")
+    x = A.empty_like_kind((1, int(b.shape[1])), "float32", b)
+    ids = np.zeros(1, np.int64) if isinstance(b, np.ndarray) else A.torch_module().zeros(1, dtype=A.torch_module().int64,
+                                                                             device=b.device)
+    call = _prepare_delta(x, b, qtvs, None, ids if qtvs else None)
+    return _DELTA.pick(backend, call).name
 
 
 def delta_linear_impl(x, base, qtvs, coeffs=None, *, task_ids=None, backend="auto"):
