@@ -70,7 +70,7 @@ import numpy as np
 
 from .ops import taskvec_methods as MM
 from .checkpoint import (DTYPE_NAMES, FLOAT_DTYPES, Checkpoint, CheckpointError, ShardedWriter, encode_f32, parse_size,
-                         read_f32_range)
+                         read_f32_range, writing)
 
 # method -> (consensus, sparsification, default normalize, default rescale)
 GTA_METHODS = {
@@ -622,17 +622,6 @@ def _merge_from_stores(plan: MergePlan, name: str, base: np.ndarray, w: List[flo
 
 # ------------------------------------------------------------------ execution
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="vkern merge", file=sys.stderr,
-                dynamic_ncols=True)
-
-
 def execute(plan: MergePlan, outdir: str, *, max_shard_size: str = "5GB", progress: bool = True, seed: int = 0,
             overwrite: bool = False) -> Dict[str, Any]:
     """Streams the merge into `outdir` (created). Returns a summary dict."""
@@ -648,20 +637,13 @@ def execute(plan: MergePlan, outdir: str, *, max_shard_size: str = "5GB", progre
     os.makedirs(outdir, exist_ok=True)
     writer = ShardedWriter(outdir, [(n, d, s) for n, d, s, _ in plan.tensors], shard_bytes,
                            metadata={"format": "pt", "merged_by": "vkern", "merge_method": plan.method})
-    bar = _progress(plan.input_bytes, progress)
     ref = plan.reference
-
-    def bar_tick(nbytes: int) -> None:
-        if bar is not None:
-            bar.update(nbytes)
-
-    try:
+    with writing(writer, plan.input_bytes, "vkern merge", progress) as bar_tick:
         for index, (name, out_dtype, shape, merged) in enumerate(plan.tensors):
             info = ref.tensors[name]
             if not merged:
                 writer.write(name, ref.read_raw(name))
-                if bar is not None:
-                    bar.update(info.nbytes)
+                bar_tick(info.nbytes)
                 continue
             if plan.sources[0].store is not None:
                 base = plan.reference.read_f32(name).reshape(-1)
@@ -673,13 +655,6 @@ def execute(plan: MergePlan, outdir: str, *, max_shard_size: str = "5GB", progre
                 bar_tick(info.nbytes)
             merge_streamed(plan, name, index, lambda block: writer.write_part(name, encode_f32(block, out_dtype)),
                            seed, bar_tick)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
     copied = []
     if ref.dir:
         for fname in COPY_FILES:
