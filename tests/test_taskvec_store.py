@@ -203,7 +203,8 @@ def _out(tmp, d):
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("method,params", [("task_arithmetic", {"lambda": 0.7}),
                                            ("task_arithmetic", {"normalize": True}),
-                                           ("ties", {"lambda": 1.2})])
+                                           ("ties", {"lambda": 1.2}),
+                                           ("negmerge", {"lambda": 0.6})])
 def test_merge_from_store_equals_merge_from_dequantised(family, residual, method, params):
     tmp, base, fts = family
     compress(tmp, bits=3, group="32", residual=residual)
@@ -219,6 +220,32 @@ def test_merge_from_store_equals_merge_from_dequantised(family, residual, method
     a, b = _out(tmp, "o_store"), _out(tmp, "o_deq")
     for n in base:
         np.testing.assert_allclose(a[n], b[n], rtol=1e-5, atol=2e-6 * float(np.abs(base[n]).max()), err_msg=n)
+
+
+def test_cabs_from_store_equals_definition_on_dequantised(family):
+    """CABS from codes (through apply_task_vectors) against its definition on the exact dequantised
+    vectors: per group of m flat elements, n largest |tau| among positions no earlier task kept."""
+    tmp, base, fts = family
+    compress(tmp, bits=3, group="32")
+    store = ts.Store(str(tmp / "s.safetensors"))
+    ws, n_keep, m = [0.5, 0.3, 0.8], 2, 5
+    r = _recipe(tmp, "cabs", [{"store": str(tmp / "s.safetensors"), "task": t, "parameters": {"weight": w}}
+                              for t, w in zip(store.tasks, ws)], {"lambda": 0.9, "n": n_keep, "m": m})
+    vm.run(r, str(tmp / "o"), progress=False)
+    got = _out(tmp, "o")
+    for n in base:
+        L = base[n].size
+        taken = np.zeros(L, bool)
+        want = base[n].astype(np.float64).reshape(-1)
+        for t, w in zip(store.tasks, ws):
+            d = taskvec.dequantize(store.qtv(n, t), backend="cpu").astype(np.float64).reshape(-1)
+            keep = np.zeros(L, bool)
+            for g in range(0, L, m):
+                free = sorted((j for j in range(g, min(L, g + m)) if not taken[j]), key=lambda j: (-abs(d[j]), j))
+                keep[free[:n_keep]] = True
+            taken |= keep
+            want = want + 0.9 * w * np.where(keep, d, 0.0)
+        np.testing.assert_allclose(got[n].reshape(-1), want, rtol=1e-5, atol=1e-5, err_msg=n)
 
 
 def test_ties_density_from_store_equals_definition_on_dequantised(family):
@@ -264,7 +291,7 @@ def test_refuses_store_made_against_another_base(family):
 
 @pytest.mark.parametrize("entry,match", [
     ({"task": "nope"}, r"task: expected one of \['t0', 't1', 't2'\]"),
-    ({"task": "t0", "method": "dare_ties"}, r"stores merge with task_arithmetic or ties"),
+    ({"task": "t0", "method": "dare_ties"}, r"stores merge with task_arithmetic, ties, negmerge, cabs, not dare_ties"),
 ])
 def test_store_recipe_errors(family, entry, match):
     tmp, _, _ = family

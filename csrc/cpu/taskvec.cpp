@@ -153,7 +153,7 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
   const int nthreads = num_threads();
   // Columns per chunk: the chunk of every row of x stays in L2 (<= 256 KiB), and a
   // few rows take the whole row at once (longer streams for the prefetcher).
-  int64_t chunk = std::max<int64_t>(512, (int64_t(1) << 16) / std::max<int64_t>(M, 1));
+  int64_t chunk = std::max<int64_t>(512, (int64_t(1) << 16) / std::max<int64_t>(M, 1)) / 32 * 32;
   chunk = std::min<int64_t>(chunk, (K + 7) / 8 * 8);
   const int64_t kDeltaChunk = chunk;
   const int64_t per_worker = 2 * kDeltaChunk + 2 * M + 16;  // + 16: workers' sums never share a cache line
@@ -183,6 +183,19 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
           sx[(i - r0) * G + g] = static_cast<float>(acc);
         }
       }
+    }
+  }
+
+  // Tasks of one affine 4-bit component (group_size a multiple of 32, chunks start at
+  // multiples of 32): x . delta straight from the codes, no decoded row.
+  std::vector<const TvComp*> q4(static_cast<size_t>(T), nullptr);
+  if (!call.merged && (kDeltaChunk % 32 == 0 || kDeltaChunk >= K)) {
+    for (int64_t t = 0; t < T; ++t) {
+      const TvComp* only = nullptr;
+      int count = 0;
+      for (int64_t c = 0; c < call.C; ++c)
+        if (call.comps[c].task == t) { only = &call.comps[c]; ++count; }
+      if (count == 1 && only->scheme == 0 && only->bits == 4 && only->group_size % 32 == 0) q4[t] = only;
     }
   }
 
@@ -285,6 +298,8 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
           if (r1 == r0) continue;
           if (sign[t] != nullptr) {
             lv.sign_dot_rows(*sign[t], n, call.x, K, call.row_order + r0, r1 - r0, k0, len, dacc + r0);
+          } else if (q4[t] != nullptr) {
+            lv.q4_dot_rows(*q4[t], n, call.x, K, call.row_order + r0, r1 - r0, k0, len, dacc + r0);
           } else {
             task_values(lv, call.comps, call.C, t, n, k0, len, buf);
             lv.dot_rows(buf, call.x, K, call.row_order + r0, r1 - r0, k0, len, dacc + r0);

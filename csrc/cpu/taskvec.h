@@ -59,6 +59,10 @@ struct TaskvecLevel {
   void (*ties)(const float* const* vals, const float* coef, int64_t T, int64_t len, float* acc);
   // TIES trim of one chunk: zero v[i] unless |v| > thr or (|v| == thr and flat0 + i <= cut).
   void (*trim)(float* v, int64_t len, float thr, int64_t cut, int64_t flat0);
+  // sums[i] += x[rows[i], k0:k0+len] . dequant(c)[n, k0:k0+len], c affine 4-bit with
+  // group_size % 32 == 0, k0 % 32 == 0: straight from the codes (no decoded buffer).
+  void (*q4_dot_rows)(const TvComp& c, int64_t n, const float* x, int64_t x_stride, const int64_t* rows,
+                      int64_t nrows, int64_t k0, int64_t len, float* sums);
 };
 
 const TaskvecLevel& taskvec_level_generic();

@@ -15,10 +15,12 @@ A checkpoint is a directory (``model.safetensors``, or shards listed by
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -361,6 +363,36 @@ class ShardedWriter:
             p = os.path.join(self.outdir, n)
             if os.path.exists(p):
                 os.remove(p)
+
+
+@contextlib.contextmanager
+def writing(writer: "ShardedWriter", total_bytes: int, desc: str, progress: bool = True):
+    """The write loop's frame, shared by ``vkern merge`` and ``vkern taskvec compress``: yields
+    ``tick(nbytes)`` for a bytes/s progress bar (tqdm, when installed and `progress`); closes the
+    writer when the block ends, aborts it (partial files removed) on any exception, closes the bar."""
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+                       dynamic_ncols=True)
+        except ImportError:
+            bar = None
+
+    def tick(nbytes: int) -> None:
+        if bar is not None:
+            bar.update(nbytes)
+
+    try:
+        yield tick
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def save_file(tensors: Dict[str, np.ndarray], path: str, metadata: Optional[Dict[str, str]] = None) -> None:

@@ -68,8 +68,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .ops import taskvec_methods as MM
 from .checkpoint import (DTYPE_NAMES, FLOAT_DTYPES, Checkpoint, CheckpointError, ShardedWriter, encode_f32, parse_size,
-                         read_f32_range)
+                         read_f32_range, writing)
 
 # method -> (consensus, sparsification, default normalize, default rescale)
 GTA_METHODS = {
@@ -79,6 +80,7 @@ GTA_METHODS = {
     "dare_linear": (None, "random", False, True),
 }
 METHODS = ("linear",) + tuple(GTA_METHODS) + ("negmerge", "cabs")
+STORE_METHODS = ("task_arithmetic", "ties", "negmerge", "cabs")   # what apply_task_vectors merges from codes
 MODEL_PARAMS = {"linear": ("weight",), **{m: ("weight", "density") for m in GTA_METHODS},
                 "negmerge": ("weight",), "cabs": ("weight",)}
 GLOBAL_PARAMS = {"linear": ("normalize", "weight"),
@@ -268,8 +270,8 @@ def plan_merge(recipe: Dict[str, Any], recipe_dir: str = ".") -> MergePlan:
         if "store" in entry:
             if "model" in entry:
                 raise RecipeError(f"{where}: give either model or store, not both")
-            if method not in ("task_arithmetic", "ties"):
-                raise RecipeError(f"{where}: quantized stores merge with task_arithmetic or ties, not {method}")
+            if method not in STORE_METHODS:
+                raise RecipeError(f"{where}: quantized stores merge with {', '.join(STORE_METHODS)}, not {method}")
             from .taskvec_store import Store, StoreError
 
             spath = _resolve(entry["store"], recipe_dir, f"{where}.store")
@@ -384,7 +386,7 @@ def _check_params(plan: MergePlan) -> None:
 
 # ------------------------------------------------------------------ merge math
 
-BLOCK = 1 << 18   # elements per streamed block (1 MiB of float32): inputs are read block by block
+BLOCK = MM.BLOCK   # elements per streamed block (1 MiB of float32): inputs are read block by block
 
 
 def _blocks(n: int):
@@ -428,10 +430,9 @@ def _magnitude_trim(n: int, density: float, delta_block) -> _Trim:
 
 
 def _dare_mask(seed: int, tensor: int, task: int, s: int, e: int, density: float) -> np.ndarray:
-    """DARE's keep mask of elements [s, e): Bernoulli(density), one seeded stream per
-    (seed, tensor, task, block), so a second pass draws the same mask."""
-    rng = np.random.default_rng((seed, tensor, task, s // BLOCK))
-    return rng.random(e - s, dtype=np.float32) < np.float32(density)
+    """DARE's keep mask of elements [s, e): Bernoulli(density), the stream of
+    vkern.apply_task_vectors(method="dare") with seed (seed, tensor), so a second pass draws the same mask."""
+    return MM.dare_keep((seed, tensor), task, s, e, density)
 
 
 def merge_streamed(plan: MergePlan, name: str, index: int, emit: Callable[[np.ndarray], None], seed: int,
@@ -539,82 +540,62 @@ def merge_streamed(plan: MergePlan, name: str, index: int, emit: Callable[[np.nd
         emit(acc)
 
 
+def _read_deltas(infos, s, e, b, n, tick) -> List[np.ndarray]:
+    out = []
+    for info in infos:
+        d = read_f32_range(info, s, e)
+        tick(info.nbytes * (e - s) // max(1, n))
+        d -= b
+        out.append(d)
+    return out
+
+
 def _negmerge(plan, name, n, infos, w, base_block, emit, tick) -> None:
-    """NegMerge (Kim et al., ICML 2025): of several task vectors of one forget task keep the
-    elements whose sign is the same (and non-zero) in all of them, merge those (weighted mean,
-    weights 1 by default) and subtract: ``base - lambda * merged``."""
+    """NegMerge, block by block through vkern.apply_task_vectors' definition (ops/taskvec_methods.negmerge):
+    ``base - lambda * mean_w(delta)`` where every delta has the same non-zero sign."""
     lam = float(plan.global_param("lambda", name, 1.0))
-    wsum = np.float32(sum(w))
+    wsum = sum(w) if sum(w) != 0 else 1.0
+    coeffs = [lam * wi / wsum for wi in w]
     for s, e in _blocks(n):
         b = base_block(s, e)
-        pos = np.ones(e - s, dtype=bool)
-        neg = np.ones(e - s, dtype=bool)
-        acc = np.zeros(e - s, dtype=np.float32)
-        for i, info in enumerate(infos):
-            d = read_f32_range(info, s, e)
-            tick(info.nbytes * (e - s) // max(1, n))
-            d -= b
-            pos &= d > 0
-            neg &= d < 0
-            d *= np.float32(w[i])
-            acc += d
-        acc /= wsum if wsum != 0 else np.float32(1)
-        acc[~(pos | neg)] = 0
-        acc *= np.float32(-lam)
+        acc = MM.negmerge(_read_deltas(infos, s, e, b, n, tick), coeffs)
         acc += b
         emit(acc)
 
 
-def _nm_select(mag: np.ndarray, taken: np.ndarray, n_keep: int, m: int) -> np.ndarray:
-    """Per group of m consecutive elements, the n_keep largest |values| among those not `taken`
-    (ties to the lower index; fewer when fewer are free). Returns the keep mask."""
-    L = mag.size
-    G = -(-L // m)
-    pad = G * m - L
-    score = np.where(taken, -1.0, mag.astype(np.float64))
-    if pad:
-        score = np.concatenate([score, np.full(pad, -1.0)])
-    order = np.argsort(-score.reshape(G, m), axis=1, kind="stable")[:, :n_keep]
-    keep = np.zeros((G, m), dtype=bool)
-    np.put_along_axis(keep, order, True, axis=1)
-    keep = keep.reshape(-1)[:L]
-    return keep & ~taken
-
-
 def _cabs(plan, name, n, infos, w, base_block, emit, tick) -> None:
-    """CABS (Yang et al., ICML 2025): task vectors pruned in turn, n:m balanced (in every group
-    of m consecutive elements, flat order, keep the n largest |tau|) and conflict-aware (a
-    later task chooses only among positions no earlier task kept, so the masks never
-    overlap); then ``base + lambda * sum_t w_t * (tau_t * mask_t)``. Tasks go in recipe order."""
+    """CABS, block by block (blocks hold whole groups of m) through ops/taskvec_methods.cabs:
+    ``base + lambda * sum_t w_t * kept delta_t``, tasks in recipe order."""
     lam = float(plan.global_param("lambda", name, 1.0))
     n_keep, m = int(plan.globals["n"]), int(plan.globals["m"])
     step = max(m, (BLOCK // m) * m)                  # blocks hold whole groups
+    coeffs = [lam * wi for wi in w]
     for s in range(0, n, step):
         e = min(n, s + step)
         b = base_block(s, e)
-        taken = np.zeros(e - s, dtype=bool)
-        acc = np.zeros(e - s, dtype=np.float32)
-        for i, info in enumerate(infos):
-            d = read_f32_range(info, s, e)
-            tick(info.nbytes * (e - s) // max(1, n))
-            d -= b
-            keep = _nm_select(np.abs(d), taken, n_keep, m)
-            taken |= keep
-            d[~keep] = 0
-            d *= np.float32(w[i])
-            acc += d
-        acc *= np.float32(lam)
+        acc = MM.cabs(_read_deltas(infos, s, e, b, n, tick), coeffs, n_keep, m)
         acc += b
         emit(acc)
 
 
 def merge_from_stores(plan: MergePlan, name: str, base: np.ndarray) -> np.ndarray:
     """The fused quantized merge of one tensor from the stores' codes (flat float32)."""
+    w = [plan.param(s, "weight", name) for s in plan.sources]
+    w = [1.0 if v is None else float(v) for v in w]
+    lam = float(plan.global_param("lambda", name, 1.0))
+    if plan.method in ("negmerge", "cabs"):
+        from .ops.taskvec import apply_task_vectors
+
+        base2 = base.reshape(plan.sources[0].store.view_shape(name))
+        qtvs = [s.store.qtv(name, s.task) for s in plan.sources]
+        if plan.method == "negmerge":
+            wsum = sum(w) if sum(w) != 0 else 1.0
+            return apply_task_vectors(base2, qtvs, [lam * wi / wsum for wi in w], method="negmerge").reshape(-1)
+        return apply_task_vectors(base2, qtvs, [lam * wi for wi in w], method="cabs", n=int(plan.globals["n"]),
+                                  m=int(plan.globals["m"])).reshape(-1)
     consensus, sparsify, norm_default, _ = GTA_METHODS[plan.method]
-    w = [float(plan.param(s, "weight", name)) for s in plan.sources]
     density = plan.param(plan.sources[0], "density", name)
     density = 1.0 if density is None else float(density)
-    lam = float(plan.global_param("lambda", name, 1.0))
     normalize = plan.global_param("normalize", name, norm_default)
     return _merge_from_stores(plan, name, base, w, density, lam, normalize)
 
@@ -641,17 +622,6 @@ def _merge_from_stores(plan: MergePlan, name: str, base: np.ndarray, w: List[flo
 
 # ------------------------------------------------------------------ execution
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="vkern merge", file=sys.stderr,
-                dynamic_ncols=True)
-
-
 def execute(plan: MergePlan, outdir: str, *, max_shard_size: str = "5GB", progress: bool = True, seed: int = 0,
             overwrite: bool = False) -> Dict[str, Any]:
     """Streams the merge into `outdir` (created). Returns a summary dict."""
@@ -667,20 +637,13 @@ def execute(plan: MergePlan, outdir: str, *, max_shard_size: str = "5GB", progre
     os.makedirs(outdir, exist_ok=True)
     writer = ShardedWriter(outdir, [(n, d, s) for n, d, s, _ in plan.tensors], shard_bytes,
                            metadata={"format": "pt", "merged_by": "vkern", "merge_method": plan.method})
-    bar = _progress(plan.input_bytes, progress)
     ref = plan.reference
-
-    def bar_tick(nbytes: int) -> None:
-        if bar is not None:
-            bar.update(nbytes)
-
-    try:
+    with writing(writer, plan.input_bytes, "vkern merge", progress) as bar_tick:
         for index, (name, out_dtype, shape, merged) in enumerate(plan.tensors):
             info = ref.tensors[name]
             if not merged:
                 writer.write(name, ref.read_raw(name))
-                if bar is not None:
-                    bar.update(info.nbytes)
+                bar_tick(info.nbytes)
                 continue
             if plan.sources[0].store is not None:
                 base = plan.reference.read_f32(name).reshape(-1)
@@ -692,13 +655,6 @@ def execute(plan: MergePlan, outdir: str, *, max_shard_size: str = "5GB", progre
                 bar_tick(info.nbytes)
             merge_streamed(plan, name, index, lambda block: writer.write_part(name, encode_f32(block, out_dtype)),
                            seed, bar_tick)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
     copied = []
     if ref.dir:
         for fname in COPY_FILES:

@@ -35,7 +35,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, ShardedWriter, read_bytes, read_header
+from .checkpoint import (FLOAT_DTYPES, Checkpoint, CheckpointError, ShardedWriter, read_bytes, read_header,
+                         writing)
 from .taskvec import AFFINE_BITS, QTaskVector
 
 FORMAT = "vkern.taskvec-store/1"
@@ -304,17 +305,8 @@ def compress(base_path: str, finetuned: Sequence[str], out: str, *, bits: int = 
     outdir, fname = os.path.split(os.path.abspath(out))
     os.makedirs(outdir, exist_ok=True)
     writer = ShardedWriter(outdir, plan, 1 << 62, metadata=meta, single_name=fname)
-    bar = None
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=base.nbytes + sum(ck.nbytes for ck in fts), unit="B", unit_scale=True,
-                       unit_divisor=1024, desc="vkern taskvec compress", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            bar = None
     float_bytes = 0
-    try:
+    with writing(writer, base.nbytes + sum(ck.nbytes for ck in fts), "vkern taskvec compress", progress) as tick:
         for n in names:
             taus = taus_of(n)
             float_bytes += 4 * sum(t.size for t in taus)
@@ -329,16 +321,8 @@ def compress(base_path: str, finetuned: Sequence[str], out: str, *, bits: int = 
                 writer.write(f"{n}/{who}/codes", q.codes)
                 writer.write(f"{n}/{who}/scales", q.scales)
                 writer.write(f"{n}/{who}/zero_points", q.zero_points)
-            if bar is not None:
-                bar.update(base.tensors[n].nbytes * (1 + len(fts)))
+            tick(base.tensors[n].nbytes * (1 + len(fts)))
             del taus, parts
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
     return {"tasks": [t for t, _ in tasks], "tensors": len(names), "bytes": writer.total_bytes,
             "float32_bytes": float_bytes, "bits": per_tensor_bits}
 

@@ -14,22 +14,13 @@ from safetensors.torch import load_file  # noqa: E402
 
 from vkern import merge as vm  # noqa: E402
 
+from _tiny_llama import save_family  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
     root = tmp_path_factory.mktemp("llamas")
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg)
-    base.save_pretrained(str(root / "base"), safe_serialization=True)
-    for i in range(3):
-        m = transformers.LlamaForCausalLM(cfg)
-        m.load_state_dict(base.state_dict())
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        m.save_pretrained(str(root / f"ft{i}"), safe_serialization=True)
+    save_family(root, vocab_size=96, noise=lambda i: 0.02)
     return root
 
 

@@ -12,24 +12,13 @@ from vkern import taskvec  # noqa: E402
 from vkern import taskvec_store as ts  # noqa: E402
 from vkern.integrations.torch import DeltaLinear, patch_linear_layers, tenants  # noqa: E402
 
+from _tiny_llama import save_family  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("tenants")
-    cfg = transformers.LlamaConfig(vocab_size=80, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(cfg).eval()
-    base.save_pretrained(str(root / "base"), safe_serialization=True)
-    fts = []
-    for i in range(3):
-        m = copy.deepcopy(base)
-        with torch.no_grad():
-            for mod in m.modules():       # fine-tunes move the linear layers (what DeltaLinear serves)
-                if isinstance(mod, torch.nn.Linear):
-                    mod.weight.add_(0.01 * (i + 1) * torch.randn_like(mod.weight))
-        m.save_pretrained(str(root / f"ft{i}"), safe_serialization=True)
-        fts.append(m)
+    base, fts = save_family(root, vocab_size=80, noise=lambda i: 0.01 * (i + 1), linear_only=True)
     return root, base, fts
 
 

@@ -81,6 +81,18 @@ class DeltaLinear(_Module):
         self.task_names = list(task_names) if task_names is not None else [str(i) for i in range(len(qtvs))]
         self.task_ids = None
         self.backend = backend
+        self._plan = None
+        self._make_plan()
+
+    def _make_plan(self) -> None:
+        """CPU weights on the cpu kernel: checks and layout once (vkern.ops.taskvec.DeltaPlan), so a
+        forward pays only the kernel, not delta_linear's per-call argument checks."""
+        from ..ops import taskvec as ops
+
+        self._plan = None
+        if self.qtvs and self.weight.device.type == "cpu" and ops.delta_backend(self.weight, self.qtvs,
+                                                                                self.backend) == "cpu":
+            self._plan = ops.DeltaPlan(self.weight, self.qtvs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -93,6 +105,7 @@ class DeltaLinear(_Module):
             from ..taskvec import to_device
 
             self.qtvs = to_device(self.qtvs, dev)
+        self._make_plan()
         return out
 
     def forward(self, x):
@@ -112,8 +125,11 @@ class DeltaLinear(_Module):
                 raise ValueError(f"task_ids: {ids.shape[0]} ids for an input of shape {tuple(x.shape)} "
                                  "(give one id per batch element)")
             rows_per = x2.shape[0] // ids.shape[0]
-            y = vkern.delta_linear(x2, w, self.qtvs, task_ids=ids.repeat_interleave(rows_per),
-                                   backend=self.backend)
+            if self._plan is not None and x.dtype == self.weight.dtype:
+                y = self._plan(x2, np.repeat(ids.numpy(), rows_per))
+            else:
+                y = vkern.delta_linear(x2, w, self.qtvs, task_ids=ids.repeat_interleave(rows_per),
+                                       backend=self.backend)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)

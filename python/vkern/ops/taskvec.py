@@ -8,7 +8,7 @@ base plus its offset), described by a flat table (see ``_components``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -17,12 +17,15 @@ from .. import _ext
 from .._backend import Backend, cpu_reason, cuda_reason, host_reason, op, triton_reason
 from ..reference import taskvec as ref
 from ..taskvec import QTaskVector, _validate
+from . import taskvec_methods as MM
 
 _APPLY = op("apply_task_vectors")
 _DELTA = op("delta_linear")
 _DEQ = op("dequantize")
 
-METHODS = ("sum", "ties")
+METHODS = ("sum", "ties", "dare", "negmerge", "cabs")
+KERNEL_METHODS = ("sum", "ties")      # fused one-pass kernels on every backend
+DENSE_METHODS = ("dare", "negmerge", "cabs")   # cpu and reference: dequantize, then taskvec_methods
 
 
 @dataclass
@@ -36,6 +39,9 @@ class ApplyCall:
     device: str
     lib: str
     origin: str
+    p: Optional[float] = None           # dare: drop rate
+    seed: Tuple[int, ...] = (0,)        # dare: random stream
+    nm: Optional[Tuple[int, int]] = None  # cabs: keep n of every m
 
     def __repr__(self) -> str:
         fmts = ", ".join(f"{q.scheme}{q.bits}{'+res' if q.base is not None else ''}" for q in self.qtvs)
@@ -132,22 +138,71 @@ def _check_coeffs(coeffs: Any, T: int, name: str = "coeffs") -> np.ndarray:
     return c
 
 
-def _prepare_apply(base, qtvs, coeffs, method, density, out) -> ApplyCall:
+def _check_seed(seed: Any) -> Tuple[int, ...]:
+    vals = seed if isinstance(seed, (list, tuple)) else (seed,)
+    if not vals or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in vals):
+        raise TypeError(f"seed: expected a non-negative int (or a tuple of them), got {seed!r}")
+    return tuple(int(v) for v in vals)
+
+
+def _check_int(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    return int(v)
+
+
+def _prepare_apply(base, qtvs, coeffs, method, density, out, p=None, seed=None, n=None, m=None,
+                   block=None) -> ApplyCall:
     b, origin = A.to_native(base, "base")
     _check_float(b, "base")
     if b.ndim != 2:
         raise ValueError(f"base: expected shape [N_out, K_in], got {tuple(b.shape)}")
     device = _device_str(b)
     qs = _check_qtvs(qtvs, tuple(int(s) for s in b.shape), device, "base")
-    c = _check_coeffs(coeffs, len(qs))
-    if method not in METHODS:
+    if isinstance(coeffs, Mapping):
+        c = _check_coeffs(MM.block_coeffs(coeffs, block, len(qs)), len(qs), f"coeffs[{block!r}]")
+    elif block is not None:
+        raise TypeError(f"block: only with coeffs given as a mapping {{block name: T coefficients}} (aTLAS), "
+                        f"got coeffs of type {type(coeffs).__name__}")
+    else:
+        c = _check_coeffs(coeffs, len(qs))
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if density is not None:
+        if method not in KERNEL_METHODS:
+            raise ValueError(f"density: the TIES trim goes with method 'sum' or 'ties', not {method!r}")
         if isinstance(density, bool) or not isinstance(density, (int, float, np.floating, np.integer)):
             raise TypeError(f"density: expected a float in [0, 1] or None, got {type(density).__name__}")
         density = float(density)
         if not (0.0 <= density <= 1.0):
             raise ValueError(f"density: expected a float in [0, 1], got {density}")
+    if method == "dare":
+        if p is None:
+            raise TypeError("p: method 'dare' needs the drop rate p (a float in [0, 1))")
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)):
+            raise TypeError(f"p: expected a float in [0, 1), got {type(p).__name__}")
+        p = float(p)
+        if not (0.0 <= p < 1.0):
+            raise ValueError(f"p: expected a drop rate in [0, 1), got {p}")
+        seed = _check_seed(0 if seed is None else seed)
+    else:
+        if p is not None:
+            raise ValueError(f"p: the drop rate goes with method 'dare', not {method!r}")
+        if seed is not None:
+            raise ValueError(f"seed: goes with method 'dare', not {method!r}")
+        seed = (0,)
+    nm = None
+    if method == "cabs":
+        if n is None or m is None:
+            raise TypeError("n, m: method 'cabs' needs n and m (keep n of every m consecutive elements)")
+        n, m = _check_int(n, "n"), _check_int(m, "m")
+        if m < 1:
+            raise ValueError(f"m: expected m >= 1, got {m}")
+        if not (1 <= n <= m):
+            raise ValueError(f"n: expected 1 <= n <= m={m}, got {n}")
+        nm = (n, m)
+    elif n is not None or m is not None:
+        raise ValueError(f"n, m: go with method 'cabs', not {method!r}")
     o = None
     if out is not None:
         o, _ = A.to_native(out, "out", writes=True)
@@ -162,7 +217,7 @@ def _prepare_apply(base, qtvs, coeffs, method, density, out) -> ApplyCall:
         if isinstance(o, np.ndarray) and not o.flags.writeable:
             raise ValueError("out: array is read-only")
     lib = "numpy" if isinstance(b, np.ndarray) else "torch"
-    return ApplyCall(b, qs, c, method, density, o, A.device_of(b), lib, origin)
+    return ApplyCall(b, qs, c, method, density, o, A.device_of(b), lib, origin, p, seed, nm)
 
 
 def _prepare_delta(x, base, qtvs, coeffs, task_ids) -> DeltaCall:
@@ -239,7 +294,25 @@ def _write_out(call: ApplyCall, result):
     return call.out
 
 
+def _dense_merge(call: ApplyCall, base: np.ndarray, taus: List[np.ndarray]) -> np.ndarray:
+    """base + the method's merge of the dense task vectors (DENSE_METHODS), in base's dtype."""
+    if not taus:
+        return base.copy()
+    if call.method == "dare":
+        delta = MM.dare(taus, call.coeffs, call.p, call.seed)
+    elif call.method == "negmerge":
+        delta = MM.negmerge(taus, call.coeffs)
+    else:
+        delta = MM.cabs(taus, call.coeffs, *call.nm)
+    delta += base
+    return delta
+
+
 def _apply_reference(call: ApplyCall):
+    if call.method in DENSE_METHODS:
+        taus = [ref.dequantize(_host_qtv(q)).astype(np.float64) for q in call.qtvs]
+        res = _dense_merge(call, A.to_numpy(call.base).astype(np.float64), taus)
+        return _write_out(call, _cast_result(res, call.base))
     res = ref.apply_task_vectors(A.to_numpy(call.base), [_host_qtv(q) for q in call.qtvs], call.coeffs,
                                  call.method, call.density)
     return _write_out(call, _cast_result(res, call.base))
@@ -358,6 +431,10 @@ def _deq_cpu(call: DeqCall):
 
 
 def _apply_cpu(call: ApplyCall):
+    if call.method in DENSE_METHODS:
+        taus = [_cpu_deq_host(_contiguous_qtv(q)) for q in call.qtvs]
+        res = _dense_merge(call, np.asarray(A.to_numpy(call.base), dtype=np.float32), taus)
+        return _write_out(call, _cast_result(res, call.base))
     base = call.base if _rows_ok(call.base) else A.contiguous(call.base)
     qtvs = [_contiguous_qtv(q) for q in call.qtvs]
     N, K = (int(s) for s in base.shape)
@@ -392,27 +469,29 @@ def _task_groups(ids: np.ndarray, T: int):
 _BLAS_ROWS = 8  # above this many rows of x, delta_linear's base product goes to the BLAS
 
 
-def _delta_cpu(call: DeltaCall):
-    torch = A.torch_module() if call.lib == "torch" else None
-    x = call.x
-    if torch is None:
-        x32 = np.ascontiguousarray(x, dtype=np.float32)
-    else:
-        x32 = x.detach().to(torch.float32).contiguous()
-    base = call.base if _rows_ok(call.base) else A.contiguous(call.base)
-    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+def _base_by_blas(M: int, base, qtvs: Sequence[QTaskVector], merged: bool) -> bool:
+    """Whether x @ base^T goes to the BLAS (then the kernel adds the deltas only). Many rows of
+    float32: always (a GEMM). 2..8 rows, one tenant per row (task ids), no sign-only task: also
+    (the kernel's fused pass is for BitDelta sign tasks; with affine codes the BLAS product plus
+    one pass over each tenant's codes is faster)."""
+    if A.dtype_name(base) != "float32":
+        return False
+    if M > _BLAS_ROWS:
+        return True
+    return M >= 2 and not merged and all(q.scheme != "sign" for q in qtvs)
+
+
+def _delta_cpu_core(x32, base, qtvs, table, coefs, coeffs64, ids, torch, out_name: str):
+    """y = x32 @ base^T + the deltas (task mode when ids is not None) on the cpu kernel."""
     M, K = (int(s) for s in x32.shape)
     N = int(base.shape[0])
     T = len(qtvs)
     y = A.empty_like_kind((M, N), "float32", base)
-    merged = call.task_ids is None
-    table, coefs = _components(qtvs, call.coeffs, share_bases=merged)
+    merged = ids is None
     order = starts = None
     if not merged:
-        order, starts = _task_groups(call.task_ids, T)
-    # Many rows of float32: x @ base^T is a GEMM, which the BLAS does best; the kernel then
-    # adds the deltas only (still never a dense delta). Few rows: one fused pass over the base.
-    base_done = M > _BLAS_ROWS and A.dtype_name(base) == "float32"
+        order, starts = _task_groups(ids, T)
+    base_done = _base_by_blas(M, base, qtvs, merged)
     if base_done and M and N:
         if torch is None:
             np.matmul(x32, base.T, out=y)
@@ -423,16 +502,76 @@ def _delta_cpu(call: DeltaCall):
                                         _row_stride(base), table.ctypes.data, coefs.ctypes.data, len(table), T,
                                         int(merged), 0 if merged else order.ctypes.data,
                                         0 if merged else starts.ctypes.data, A.data_ptr(y), int(base_done))
-        _nonfinite_rows_by_definition(call, x32, base, y)
+        _nonfinite_rows_by_definition(qtvs, coeffs64, ids, x32, base, y)
     elif M:
         y[...] = 0
-    name = A.dtype_name(call.x)
-    if name == "float32":
+    if out_name == "float32":
         return y
-    return y.astype(name) if torch is None else y.to(getattr(torch, name))
+    return y.astype(out_name) if torch is None else y.to(getattr(torch, out_name))
 
 
-def _nonfinite_rows_by_definition(call: DeltaCall, x32, base, y) -> None:
+def _delta_cpu(call: DeltaCall):
+    torch = A.torch_module() if call.lib == "torch" else None
+    x = call.x
+    if torch is None:
+        x32 = np.ascontiguousarray(x, dtype=np.float32)
+    else:
+        x32 = x.detach().to(torch.float32).contiguous()
+    base = call.base if _rows_ok(call.base) else A.contiguous(call.base)
+    qtvs = [_contiguous_qtv(q) for q in call.qtvs]
+    table, coefs = _components(qtvs, call.coeffs, share_bases=call.task_ids is None)
+    return _delta_cpu_core(x32, base, qtvs, table, coefs, call.coeffs, call.task_ids, torch, A.dtype_name(call.x))
+
+
+class DeltaPlan:
+    """One base weight and its T task vectors, checked and laid out once, for many
+    multi-tenant ``delta_linear`` calls (what DeltaLinear runs per forward): each call skips
+    the argument checks and the component table, and goes straight to the cpu kernel.
+
+    ``plan(x, task_ids)``: x ``[M, K]`` torch CPU tensor or NumPy array (any float dtype),
+    task_ids int ``[M]`` (NumPy or torch; -1 = base only). Same result as
+    ``vkern.delta_linear(x, base, qtvs, task_ids=task_ids, backend="cpu")``.
+    """
+
+    def __init__(self, base, qtvs: Sequence[QTaskVector]):
+        b, _ = A.to_native(base, "base")
+        _check_float(b, "base")
+        if b.ndim != 2:
+            raise ValueError(f"base: expected shape [N_out, K_in], got {tuple(b.shape)}")
+        if _device_str(b) != "cpu":
+            raise ValueError(f"base: DeltaPlan runs the cpu kernel, got a tensor on {_device_str(b)}")
+        self.base = b if _rows_ok(b) else A.contiguous(b)
+        self.qtvs = [_contiguous_qtv(q) for q in _check_qtvs(qtvs, tuple(int(s) for s in b.shape), "cpu", "base")]
+        self.T = len(self.qtvs)
+        self.coeffs = np.ones(self.T)
+        self.table, self.coefs = _components(self.qtvs, self.coeffs, share_bases=False)
+        self.K = int(b.shape[1])
+
+    def __call__(self, x, task_ids):
+        torch = A.torch_module() if A.is_torch(x) else None
+        if x.ndim != 2 or int(x.shape[1]) != self.K:
+            raise ValueError(f"x: expected shape [M, {self.K}], got {tuple(x.shape)}")
+        if torch is not None:
+            x32 = x.detach().to(torch.float32).contiguous()
+            ids = task_ids.numpy() if A.is_torch(task_ids) else np.asarray(task_ids)
+        else:
+            x32 = np.ascontiguousarray(x, dtype=np.float32)
+            ids = np.asarray(task_ids)
+        ids = ids.astype(np.int64, copy=False)
+        M = int(x32.shape[0])
+        if ids.shape != (M,):
+            raise ValueError(f"task_ids: expected shape ({M},) (one per row of x), got {tuple(ids.shape)}")
+        if M and (ids.min() < -1 or ids.max() >= self.T):
+            raise ValueError(f"task_ids: every id must be in [-1, T={self.T}) (-1 = base only), "
+                             f"got min={int(ids.min())}, max={int(ids.max())}")
+        base = self.base
+        if type(x32) is not type(base):
+            raise TypeError(f"x: expected the array kind of base ({type(base).__name__}), got {type(x).__name__}")
+        return _delta_cpu_core(x32, base, self.qtvs, self.table, self.coefs, self.coeffs, ids, torch,
+                               A.dtype_name(x))
+
+
+def _nonfinite_rows_by_definition(qtvs, coeffs64, task_ids, x32, base, y) -> None:
     """Rows of x holding a NaN or inf, recomputed by the definition x @ base^T + sum_t c_t x @ dequant_t^T.
     The kernel's fused identities (one merged weight row for a coefficient sum; x . (2b - 1) = 2 x.b - sum x
     for sign deltas) are exact for finite x only: with inf in x they can give inf where the definition
@@ -443,8 +582,8 @@ def _nonfinite_rows_by_definition(call: DeltaCall, x32, base, y) -> None:
         bad = A.torch_module().nonzero(~A.torch_module().isfinite(x32).all(dim=1)).reshape(-1).numpy()
     if not bad.size:
         return
-    ids = None if call.task_ids is None else np.asarray(call.task_ids)[bad]
-    fixed = ref.delta_linear(A.to_numpy(x32)[bad], A.to_numpy(base), [_host_qtv(q) for q in call.qtvs], call.coeffs,
+    ids = None if task_ids is None else np.asarray(task_ids)[bad]
+    fixed = ref.delta_linear(A.to_numpy(x32)[bad], A.to_numpy(base), [_host_qtv(q) for q in qtvs], coeffs64,
                              ids).astype(np.float32)
     y[bad] = fixed if isinstance(y, np.ndarray) else A.torch_module().from_numpy(fixed)
 
@@ -484,7 +623,15 @@ def _gpu_out(call: ApplyCall, base):
     return A.torch_module().empty_like(base, memory_format=A.torch_module().contiguous_format), False
 
 
-_triton_why_not = triton_reason
+def _kernel_methods_only(reason_fn):
+    def why_not(call) -> Optional[str]:
+        if isinstance(call, ApplyCall) and call.method not in KERNEL_METHODS:
+            return f"method {call.method!r} runs on the cpu and reference backends only (no GPU kernel yet)"
+        return reason_fn(call)
+    return why_not
+
+
+_triton_why_not = _kernel_methods_only(triton_reason)
 
 
 def _triton_deq_why_not(call: DeqCall) -> Optional[str]:
@@ -538,7 +685,7 @@ _DEQ.register(Backend("triton", _triton_deq_why_not, _deq_triton))
 
 
 def _cuda_why_not(call) -> Optional[str]:
-    reason = cuda_reason(call)
+    reason = _kernel_methods_only(cuda_reason)(call)
     if reason is not None:
         return reason
     qtvs = call.qtvs if hasattr(call, "qtvs") else [call.qtv]
@@ -622,9 +769,20 @@ def dequantize_impl(qtv: QTaskVector, *, backend: str = "auto"):
     return _DEQ.pick(backend, call).run(call)
 
 
-def apply_task_vectors_impl(base, qtvs, coeffs, *, method="sum", density=None, out=None, backend="auto"):
-    call = _prepare_apply(base, qtvs, coeffs, method, density, out)
+def apply_task_vectors_impl(base, qtvs, coeffs, *, method="sum", density=None, out=None, backend="auto", p=None,
+                            seed=None, n=None, m=None, block=None):
+    call = _prepare_apply(base, qtvs, coeffs, method, density, out, p, seed, n, m, block)
     return A.from_native(_APPLY.pick(backend, call).run(call), call.origin)
+
+
+def delta_backend(base, qtvs, backend: str = "auto") -> str:
+    """The backend name delta_linear(x, base, qtvs, task_ids=..., backend=backend) would run on."""
+    b, _ = A.to_native(base, "base")
+    x = A.empty_like_kind((1, int(b.shape[1])), "float32", b)
+    ids = np.zeros(1, np.int64) if isinstance(b, np.ndarray) else A.torch_module().zeros(1, dtype=A.torch_module().int64,
+                                                                             device=b.device)
+    call = _prepare_delta(x, b, qtvs, None, ids if qtvs else None)
+    return _DELTA.pick(backend, call).name
 
 
 def delta_linear_impl(x, base, qtvs, coeffs=None, *, task_ids=None, backend="auto"):
@@ -634,7 +792,8 @@ def delta_linear_impl(x, base, qtvs, coeffs=None, *, task_ids=None, backend="aut
 
 
 def apply_task_vectors(base, qtvs: Sequence[QTaskVector], coeffs, *, method: str = "sum",
-                       density: Optional[float] = None, out=None, backend: str = "auto"):
+                       density: Optional[float] = None, out=None, backend: str = "auto", p: Optional[float] = None,
+                       seed=None, n: Optional[int] = None, m: Optional[int] = None, block: Optional[str] = None):
     """Merges T quantized task vectors into a base weight in one pass over memory.
 
     ``W = base + sum_t coeffs[t] * dequantize(qtvs[t])`` (``method="sum"``, task arithmetic),
@@ -645,13 +804,33 @@ def apply_task_vectors(base, qtvs: Sequence[QTaskVector], coeffs, *, method: str
     agrees where ``sign(w_t)`` equals it (a zero never agrees); ``W = base + (sum of
     agreeing w_t) / (sum of agreeing coeffs[t])`` (a sum of 0 counts as 1).
 
-    ``density`` (either method) first trims each tau_t to its ``k = int(density * numel)``
+    ``density`` (sum or ties) first trims each tau_t to its ``k = int(density * numel)``
     entries of largest magnitude (exact count, ties to the lower flat index).
+
+    Three more methods (cpu and reference backends; they dequantize each task vector once,
+    so they are not one-pass; Triton and CUDA raise BackendUnavailable for them):
+
+    * ``"dare"`` (DARE): each element of tau_t is dropped with probability ``p`` and the
+      rest scaled by ``1 / (1 - p)``; ``W = base + sum_t coeffs[t] * dare(tau_t)``. The drop
+      is deterministic given ``seed`` (an int or tuple of ints; default 0): flat element i of
+      task t is kept when ``u < 1 - p`` for the float32 uniform that
+      ``np.random.default_rng((*seed, t, i // 2**18)).random`` draws for it.
+    * ``"negmerge"`` (NegMerge, unlearning): the T task vectors are fine-tunes on one forget
+      task; ``W = base - sum_t coeffs[t] * tau_t`` where every tau_t has the same non-zero
+      sign, ``W = base`` elsewhere (coeffs ``lambda / T`` give ``base - lambda * mean``).
+    * ``"cabs"`` (CABS): in list order, tau_t keeps, in every group of ``m`` consecutive
+      flat elements, its ``n`` largest magnitudes among positions no earlier task kept
+      (ties to the lower index), so the masks never overlap; ``W = base + sum_t coeffs[t] *
+      kept tau_t``.
+
+    aTLAS-style per-block coefficients: ``coeffs`` may be a mapping ``{block: T numbers}``
+    with ``block=`` naming this weight's parameter block (e.g. its tensor name); the entry
+    is the exact key, else the first key that is a substring of ``block``, else ``"*"``.
 
     Args:
         base: [N_out, K_in] float32 / float16 / bfloat16 (NumPy or torch, CPU or CUDA).
         qtvs: list of T QTaskVector of shape [N_out, K_in], formats may differ, on base's device.
-        coeffs: T numbers.
+        coeffs: T numbers, or a mapping {block: T numbers} with ``block``.
         out: optional array like base to write into (``out=base`` updates in place).
         backend: "auto", "cpu", "cuda", "triton" or "reference".
 
@@ -666,10 +845,14 @@ def apply_task_vectors(base, qtvs: Sequence[QTaskVector], coeffs, *, method: str
     """
     torch = A.torch_module() if A.is_torch(base) else None
     if torch is not None and torch.compiler.is_compiling():
+        if method not in KERNEL_METHODS or isinstance(coeffs, Mapping) or block is not None:
+            raise TypeError(f"method: under torch.compile apply_task_vectors runs {KERNEL_METHODS} with a "
+                            f"sequence of coeffs; call it outside the compiled region for {method!r} or a mapping")
         from .._torch.taskvec import call_apply_task_vectors
 
         return call_apply_task_vectors(base, qtvs, coeffs, method, density, out, backend)
-    return apply_task_vectors_impl(base, qtvs, coeffs, method=method, density=density, out=out, backend=backend)
+    return apply_task_vectors_impl(base, qtvs, coeffs, method=method, density=density, out=out, backend=backend,
+                                   p=p, seed=seed, n=n, m=m, block=block)
 
 
 def delta_linear(x, base, qtvs: Sequence[QTaskVector], coeffs=None, *, task_ids=None, backend: str = "auto"):
