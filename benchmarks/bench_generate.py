@@ -9,7 +9,9 @@ sums gathered) gives the K/V every setting starts from (each gets its own copy, 
 setting decodes from the same prefill). Then, per setting:
 
 - decode ms/token: the median time between two tokens of ``model.generate(..., max_new_tokens=new)``
-  (greedy; every step is a decode step; the median, as other jobs share the machine);
+  (greedy; every step is a decode step; the median, as other jobs share the machine), over
+  ``--rounds`` round-robin passes (every setting generates once per round, the order reversed in
+  every other round, so a change in the machine's load hits all settings alike);
 - KV-cache bytes after prefill (and after pruning) measured from the cache's tensors (allocated
   buffers; "held" = the rows holding tokens);
 - quality: perplexity of the text's true continuation (teacher-forced through the same cache
@@ -92,8 +94,13 @@ def nbytes(cache, held=False):
     return vt.cache_nbytes(cache)
 
 
-def run(model, tok, n_prompt, new, bases, settings):
+def run(model, tok, n_prompt, new, bases, settings, rounds=2, verbose=True):
+    """One prompt length: a shared prefill, then ``rounds`` round-robin passes over the settings
+    (one ``generate`` each; the order alternates between rounds so a drift in machine load
+    hits all settings alike), then each setting's teacher-forced perplexity."""
     torch = smollm2.torch
+    import statistics
+
     import vkern.integrations.transformers as vt
 
     text = smollm2.evaluation_ids(tok, n_prompt + new + 1)
@@ -106,23 +113,43 @@ def run(model, tok, n_prompt, new, bases, settings):
         model(ids[:, :-1], past_key_values=src, use_cache=True)
     t_prefill = time.perf_counter() - t0
     kv = kv_of(src)
-    rows, dense_tokens = [], None
-    for name, kind, impl, opts in settings:
-        opts = dict(opts, bases=bases)
-        total = n_prompt + new + 2
-        cache = seeded(kind, model, kv, src, opts, total)
-        b_after = nbytes(cache)
-        b_held = nbytes(cache, held=True)
+    total = n_prompt + new + 2
+    state = [dict(setting=name, steps=[], round_ms=[]) for name, *_ in settings]
+
+    def use(impl):
         if impl in vt._IMPLS:
             vt.enable(model, impl)
         else:
             model.set_attn_implementation(impl)
+
+    for r in range(rounds):
+        order = list(range(len(settings)))
+        if r % 2:
+            order.reverse()
+        for i in order:
+            name, kind, impl, opts = settings[i]
+            opts = dict(opts, bases=bases)
+            cache = seeded(kind, model, kv, src, opts, total)
+            st = state[i]
+            if r == 0:
+                st["kv_bytes"], st["kv_bytes_held"] = nbytes(cache), nbytes(cache, held=True)
+            use(impl)
+            with torch.inference_mode():
+                clock = StepClock()
+                out = model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False,
+                                     min_new_tokens=new, pad_token_id=tok.eos_token_id or 0, streamer=clock)
+            gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+            st["steps"] += gaps
+            st["round_ms"].append(1000 * statistics.median(gaps))
+            if r == 0:
+                st["tokens"] = out[0, n_prompt:]
+            del cache
+    rows = []
+    dense_tokens = state[0]["tokens"]
+    for (name, kind, impl, opts), st in zip(settings, state):
+        opts = dict(opts, bases=bases)
+        use(impl)
         with torch.inference_mode():
-            clock = StepClock()
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False,
-                                 min_new_tokens=new, pad_token_id=tok.eos_token_id or 0, streamer=clock)
-            dt = clock.median_step() * new       # median step: robust to other jobs on a shared machine
-            gen_tokens = out[0, n_prompt:]
             # teacher-forced perplexity of the true continuation, on a fresh copy of the same cache
             c2 = seeded(kind, model, kv, src, opts, total)
             nll = []
@@ -131,21 +158,37 @@ def run(model, tok, n_prompt, new, bases, settings):
                 lg = model(cont[:, t:t + 1], past_key_values=c2, position_ids=pos, use_cache=True).logits
                 nll.append(smollm2.token_nll(lg[0, -1:], cont[0, t + 1:t + 2]))
             ppl = smollm2.perplexity(torch.cat(nll))
-        if dense_tokens is None:
-            dense_tokens = gen_tokens
-        agree = float((gen_tokens == dense_tokens).float().mean())
-        rows.append(dict(setting=name, ms_per_token=1000 * dt / new, kv_bytes=b_after, kv_bytes_held=b_held,
-                         ppl=ppl, agree=agree))
-        print(f"  {n_prompt:>5} {name:<34} {1000 * dt / new:8.1f} ms/tok  kv {b_after / 2**20:7.1f} MiB "
-              f"(held {b_held / 2**20:6.1f})  ppl {ppl:7.3f}  greedy same {agree:5.1%}", flush=True)
-        del cache, c2
+            del c2
+        agree = float((st["tokens"] == dense_tokens).float().mean())
+        ms = 1000 * statistics.median(st["steps"])     # median step: robust to other jobs on a shared machine
+        row = dict(setting=name, ms_per_token=ms, round_ms=st["round_ms"], kv_bytes=st["kv_bytes"],
+                   kv_bytes_held=st["kv_bytes_held"], ppl=ppl, agree=agree)
+        rows.append(row)
+        if verbose:
+            print(f"  {n_prompt:>5} {name:<34} {ms:8.1f} ms/tok (rounds: "
+                  f"{', '.join(f'{x:.1f}' for x in st['round_ms'])})  kv {st['kv_bytes'] / 2**20:7.1f} MiB "
+                  f"(held {st['kv_bytes_held'] / 2**20:6.1f})  ppl {ppl:7.3f}  greedy same {agree:5.1%}", flush=True)
     base = rows[0]
     for r in rows:
         r["speedup"] = base["ms_per_token"] / r["ms_per_token"]
         r["kv_ratio"] = r["kv_bytes"] / base["kv_bytes"]
         r["ppl_ratio"] = r["ppl"] / base["ppl"]
     model.set_attn_implementation("sdpa")
-    return dict(prompt=n_prompt, new=new, prefill_s=t_prefill, rows=rows)
+    return dict(prompt=n_prompt, new=new, rounds=rounds, prefill_s=t_prefill, rows=rows)
+
+
+def default_settings(new: int):
+    return [
+        ("transformers DynamicCache + sdpa", "dynamic", "sdpa", {}),
+        ("transformers StaticCache + sdpa", "static", "sdpa", {}),
+        ("VkernCache + vkern dense", "vkern", "vkern", {}),
+        ("vkern Loki r32 topk 1/4 (4+16)", "loki", "vkern_loki", dict(rank=32, topk=0.25)),
+        ("vkern Loki r32 topk 1/8 (4+16)", "loki", "vkern_loki", dict(rank=32, topk=0.125)),
+        ("vkern Loki r16 topk 1/4 (4+16)", "loki", "vkern_loki", dict(rank=16, topk=0.25)),
+        ("vkern Loki r16 topk 1/8 (4+16)", "loki", "vkern_loki", dict(rank=16, topk=0.125)),
+        ("VATP 50% (4+32) + vkern dense", "vatp", "vkern", dict(budget=0.5, reserve=new + 8)),
+        ("VATP 25% (4+32) + vkern dense", "vatp", "vkern", dict(budget=0.25, reserve=new + 8)),
+    ]
 
 
 def main(argv=None):
@@ -154,6 +197,7 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib", type=int, default=2048, help="calibration tokens for Loki's PCA")
+    ap.add_argument("--rounds", type=int, default=2, help="round-robin generate passes per setting (timing)")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--only", type=str, default=None,
                     help="comma-separated substrings: run only the settings whose name contains one "
@@ -172,26 +216,19 @@ def main(argv=None):
     bases = vt.calibrate_loki(model, smollm2.calibration_ids(tok, args.calib))
     print(f"# Loki bases from {args.calib} calibration tokens in {time.perf_counter() - t0:.1f} s; rank for 90% "
           f"variance: {bases.rank_for_variance(0.9)}", file=sys.stderr)
-    settings = [
-        ("transformers DynamicCache + sdpa", "dynamic", "sdpa", {}),
-        ("transformers StaticCache + sdpa", "static", "sdpa", {}),
-        ("VkernCache + vkern dense", "vkern", "vkern", {}),
-        ("vkern Loki r32 topk 1/4 (4+16)", "loki", "vkern_loki", dict(rank=32, topk=0.25)),
-        ("vkern Loki r32 topk 1/8 (4+16)", "loki", "vkern_loki", dict(rank=32, topk=0.125)),
-        ("vkern Loki r16 topk 1/4 (4+16)", "loki", "vkern_loki", dict(rank=16, topk=0.25)),
-        ("vkern Loki r16 topk 1/8 (4+16)", "loki", "vkern_loki", dict(rank=16, topk=0.125)),
-        ("VATP 50% (4+32) + vkern dense", "vatp", "vkern", dict(budget=0.5, reserve=args.new + 8)),
-        ("VATP 25% (4+32) + vkern dense", "vatp", "vkern", dict(budget=0.25, reserve=args.new + 8)),
-    ]
+    settings = default_settings(args.new)
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         settings = settings[:1] + [s for s in settings[1:] if any(k in s[0] for k in keys)]
-    print(f"# {smollm2.MODEL_NAME}; torch {torch.__version__}, {args.threads} threads; greedy, {args.new} new tokens")
+    print(f"# {smollm2.MODEL_NAME}; torch {torch.__version__}, {args.threads} threads (torch and vkern); greedy, "
+          f"{args.new} new tokens; {args.rounds} round-robin generate passes per setting; load average at start "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     results = []
     for n in args.lengths:
         print(f"  {'len':>5} {'setting':<34} decode, KV cache after prefill (pruning), quality")
-        res = run(model, tok, n, args.new, bases, settings)
+        res = run(model, tok, n, args.new, bases, settings, rounds=args.rounds)
         results.append(res)
+        print(f"  # prefill {res['prefill_s']:.1f} s; load average now {os.getloadavg()[0]:.1f}")
         print(f"  {n}: ratios vs DynamicCache + sdpa (speed-up / KV bytes / perplexity):")
         for r in res["rows"]:
             print(f"      {r['setting']:<34} {r['speedup']:5.2f}x  {r['kv_ratio']:6.1%}  {r['ppl_ratio']:6.3f}")
