@@ -9,9 +9,11 @@ sums gathered) gives the K/V every setting starts from (each gets its own copy, 
 setting decodes from the same prefill). Then, per setting:
 
 - decode ms/token: the median time between two tokens of ``model.generate(..., max_new_tokens=new)``
-  (greedy; every step is a decode step; the median, as other jobs share the machine), over
-  ``--rounds`` round-robin passes (every setting generates once per round, the order reversed in
-  every other round, so a change in the machine's load hits all settings alike);
+  (greedy; every step is a decode step; the median, as other jobs share the machine). The
+  settings' ``generate`` calls run side by side in threads that take turns token by token (one
+  runs at a time; the model is switched to each setting's attention implementation, untimed,
+  when its turn comes), so step t of every setting runs at nearly the same moment and a change
+  in the machine's load hits all settings alike;
 - KV-cache bytes after prefill (and after pruning) measured from the cache's tensors (allocated
   buffers; "held" = the rows holding tokens);
 - quality: perplexity of the text's true continuation (teacher-forced through the same cache
@@ -67,23 +69,54 @@ def seeded(kind, model, kv, src, opts, total):
     return c
 
 
-class StepClock:
-    """A generate streamer that stamps the time of every token (the first put is the prompt)."""
+class Baton:
+    """Token-by-token turns between the settings' ``generate`` calls, each in its own thread:
+    only the thread holding the baton runs, and it hands the baton on after every token, so
+    step t of every setting runs at nearly the same time (a change in the machine's load hits
+    all settings alike; one generate per setting at a time would see different loads)."""
 
-    def __init__(self):
-        self.stamps = []
+    def __init__(self, n):
+        import threading
+
+        self.cv = threading.Condition()
+        self.turn = 0
+        self.live = list(range(n))
+
+    def wait(self, i):
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == i)
+
+    def pass_on(self, i, finished=False):
+        with self.cv:
+            k = self.live.index(i)
+            if finished:
+                self.live.remove(i)
+            if self.live:
+                self.turn = self.live[(k if finished else k + 1) % len(self.live)]
+            self.cv.notify_all()
+
+
+class StepClock:
+    """A generate streamer that times every decode step of its setting between baton turns: the
+    clock starts when the setting gets the baton (after switching the model to its attention
+    implementation, untimed) and stops at the next token."""
+
+    def __init__(self, baton, i, switch):
+        self.baton, self.i, self.switch = baton, i, switch
+        self.steps = []
+        self.t0 = None
 
     def put(self, value):
-        self.stamps.append(time.perf_counter())
+        now = time.perf_counter()
+        if self.t0 is not None:
+            self.steps.append(now - self.t0)
+        self.baton.pass_on(self.i)
+        self.baton.wait(self.i)
+        self.switch()
+        self.t0 = time.perf_counter()
 
     def end(self):
-        pass
-
-    def median_step(self):
-        import statistics
-
-        d = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-        return statistics.median(d)
+        self.baton.pass_on(self.i, finished=True)
 
 
 def nbytes(cache, held=False):
@@ -94,10 +127,9 @@ def nbytes(cache, held=False):
     return vt.cache_nbytes(cache)
 
 
-def run(model, tok, n_prompt, new, bases, settings, rounds=2, verbose=True):
-    """One prompt length: a shared prefill, then ``rounds`` round-robin passes over the settings
-    (one ``generate`` each; the order alternates between rounds so a drift in machine load
-    hits all settings alike), then each setting's teacher-forced perplexity."""
+def run(model, tok, n_prompt, new, bases, settings, verbose=True):
+    """One prompt length: a shared prefill, then every setting's ``generate`` at once, token by
+    token in turns (``Baton``), then each setting's teacher-forced perplexity."""
     torch = smollm2.torch
     import statistics
 
@@ -114,7 +146,7 @@ def run(model, tok, n_prompt, new, bases, settings, rounds=2, verbose=True):
     t_prefill = time.perf_counter() - t0
     kv = kv_of(src)
     total = n_prompt + new + 2
-    state = [dict(setting=name, steps=[], round_ms=[]) for name, *_ in settings]
+    state = [dict(setting=name, steps=[]) for name, *_ in settings]
 
     def use(impl):
         if impl in vt._IMPLS:
@@ -122,28 +154,39 @@ def run(model, tok, n_prompt, new, bases, settings, rounds=2, verbose=True):
         else:
             model.set_attn_implementation(impl)
 
-    for r in range(rounds):
-        order = list(range(len(settings)))
-        if r % 2:
-            order.reverse()
-        for i in order:
-            name, kind, impl, opts = settings[i]
-            opts = dict(opts, bases=bases)
-            cache = seeded(kind, model, kv, src, opts, total)
-            st = state[i]
-            if r == 0:
-                st["kv_bytes"], st["kv_bytes_held"] = nbytes(cache), nbytes(cache, held=True)
+    import threading
+
+    caches = []
+    for i, (name, kind, impl, opts) in enumerate(settings):
+        cache = seeded(kind, model, kv, src, dict(opts, bases=bases), total)
+        state[i]["kv_bytes"], state[i]["kv_bytes_held"] = nbytes(cache), nbytes(cache, held=True)
+        caches.append(cache)
+    baton = Baton(len(settings))
+    errors = []
+
+    def worker(i):
+        impl = settings[i][2]
+        clock = StepClock(baton, i, lambda: use(impl))
+        try:
+            baton.wait(i)
             use(impl)
             with torch.inference_mode():
-                clock = StepClock()
-                out = model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False,
+                out = model.generate(ids, past_key_values=caches[i], max_new_tokens=new, do_sample=False,
                                      min_new_tokens=new, pad_token_id=tok.eos_token_id or 0, streamer=clock)
-            gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
-            st["steps"] += gaps
-            st["round_ms"].append(1000 * statistics.median(gaps))
-            if r == 0:
-                st["tokens"] = out[0, n_prompt:]
-            del cache
+            state[i]["tokens"] = out[0, n_prompt:]
+            state[i]["steps"] = clock.steps
+        except BaseException as e:       # keep the other settings' turns going, report at the end
+            errors.append((settings[i][0], e))
+            baton.pass_on(i, finished=True)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(settings))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"generate failed for {errors[0][0]}") from errors[0][1]
+    del caches
     rows = []
     dense_tokens = state[0]["tokens"]
     for (name, kind, impl, opts), st in zip(settings, state):
@@ -161,12 +204,13 @@ def run(model, tok, n_prompt, new, bases, settings, rounds=2, verbose=True):
             del c2
         agree = float((st["tokens"] == dense_tokens).float().mean())
         ms = 1000 * statistics.median(st["steps"])     # median step: robust to other jobs on a shared machine
-        row = dict(setting=name, ms_per_token=ms, round_ms=st["round_ms"], kv_bytes=st["kv_bytes"],
+        row = dict(setting=name, ms_per_token=ms, steps_ms=[1000 * x for x in st["steps"]], kv_bytes=st["kv_bytes"],
                    kv_bytes_held=st["kv_bytes_held"], ppl=ppl, agree=agree)
         rows.append(row)
         if verbose:
-            print(f"  {n_prompt:>5} {name:<34} {ms:8.1f} ms/tok (rounds: "
-                  f"{', '.join(f'{x:.1f}' for x in st['round_ms'])})  kv {st['kv_bytes'] / 2**20:7.1f} MiB "
+            q = statistics.quantiles([1000 * x for x in st["steps"]], n=4)
+            print(f"  {n_prompt:>5} {name:<34} {ms:8.1f} ms/tok (quartiles {q[0]:.1f}-{q[2]:.1f})  "
+                  f"kv {st['kv_bytes'] / 2**20:7.1f} MiB "
                   f"(held {st['kv_bytes_held'] / 2**20:6.1f})  ppl {ppl:7.3f}  greedy same {agree:5.1%}", flush=True)
     base = rows[0]
     for r in rows:
@@ -174,7 +218,7 @@ def run(model, tok, n_prompt, new, bases, settings, rounds=2, verbose=True):
         r["kv_ratio"] = r["kv_bytes"] / base["kv_bytes"]
         r["ppl_ratio"] = r["ppl"] / base["ppl"]
     model.set_attn_implementation("sdpa")
-    return dict(prompt=n_prompt, new=new, rounds=rounds, prefill_s=t_prefill, rows=rows)
+    return dict(prompt=n_prompt, new=new, prefill_s=t_prefill, rows=rows)
 
 
 def default_settings(new: int):
@@ -197,7 +241,6 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--calib", type=int, default=2048, help="calibration tokens for Loki's PCA")
-    ap.add_argument("--rounds", type=int, default=2, help="round-robin generate passes per setting (timing)")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--only", type=str, default=None,
                     help="comma-separated substrings: run only the settings whose name contains one "
@@ -221,12 +264,12 @@ def main(argv=None):
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         settings = settings[:1] + [s for s in settings[1:] if any(k in s[0] for k in keys)]
     print(f"# {smollm2.MODEL_NAME}; torch {torch.__version__}, {args.threads} threads (torch and vkern); greedy, "
-          f"{args.new} new tokens; {args.rounds} round-robin generate passes per setting; load average at start "
+          f"{args.new} new tokens; the settings' generate calls interleaved token by token; load average at start "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     results = []
     for n in args.lengths:
         print(f"  {'len':>5} {'setting':<34} decode, KV cache after prefill (pruning), quality")
-        res = run(model, tok, n, args.new, bases, settings, rounds=args.rounds)
+        res = run(model, tok, n, args.new, bases, settings)
         results.append(res)
         print(f"  # prefill {res['prefill_s']:.1f} s; load average now {os.getloadavg()[0]:.1f}")
         print(f"  {n}: ratios vs DynamicCache + sdpa (speed-up / KV bytes / perplexity):")
