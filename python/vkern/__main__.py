@@ -7,7 +7,7 @@ import os
 import sys
 
 # The ops `bench --ops` takes (the keys of vkern.bench.WORKLOADS; a test keeps the two equal).
-BENCH_OPS = ("maxsim", "loki", "vatp", "taskvec", "retrieval")
+BENCH_OPS = ("maxsim", "loki", "vatp", "taskvec", "retrieval", "generate")
 
 
 def _ops_arg(text: str) -> str:
