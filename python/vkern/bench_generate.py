@@ -84,8 +84,7 @@ def missing_for_model() -> Optional[str]:
 def load_smollm2(verbose: bool = True):
     """(model, tokenizer): float32, eval mode, offline. The first call converts the GGUF into the
     cache directory; later calls load the safetensors (about a second)."""
-    why = missing_for_model() or ("not run at --tiny (a real model: run --quick or the full bench)"
-                                  if size == "tiny" else None)
+    why = missing_for_model()
     if why:
         raise SystemExit(f"SmolLM2-135M cannot be loaded: {why}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
