@@ -156,6 +156,10 @@ WORKLOADS = {
 }
 
 
+# Ops only run when named in --ops (not in "all"): generate loads a real model into transformers.
+OPT_IN = ("generate",)
+
+
 def workloads_for(op_name: str) -> Callable[[bool, int], List[Workload]]:
     fn = WORKLOADS[op_name]
     if isinstance(fn, str):
@@ -220,7 +224,7 @@ def run(args) -> int:
     gemm_n = {"tiny": 256, "quick": 1024, "full": 2048}[size]
     ops = [o.strip() for o in (args.ops or "all").split(",") if o.strip()]
     if ops == ["all"]:
-        ops = list(WORKLOADS)
+        ops = [o for o in WORKLOADS if o not in OPT_IN]
     if "generate" in ops and "torch" not in sys.modules:
         # Before torch starts OpenMP: its spinning workers and vkern's threads fought over the cores
         # between the ops of a decode step (see vkern/bench_generate.py).
