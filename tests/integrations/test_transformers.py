@@ -208,6 +208,26 @@ def test_loki_full_rank_all_tokens_equals_dense(model, batch, dense, bases, gqa)
     assert cache.layers[0].rotated and cache.layers[0].kpre.shape[-1] == 16
 
 
+def test_loki_cache_holds_rotated_keys_and_their_prefix(model, batch, dense, bases):
+    """Keys are rotated as they enter the cache (prefill once, then every decode step's new key,
+    written in place): the buffers equal DynamicCache's keys times each layer's basis, with the
+    left padding removed, and the prefix buffer is their first `rank` columns. V is not rotated."""
+    ref_cache = DynamicCache()
+    ref = gen(model, *batch, ref_cache, "sdpa")
+    cache = vt.VkernCache(model, loki=bases, rank=8, topk=1.0, num_sink=0, num_recent=0)
+    got = gen(model, *batch, cache, "vkern_loki")
+    assert torch.equal(ref.sequences, got.sequences)
+    pads = (batch[1] == 0).sum(dim=1).tolist()
+    for i, (layer, rl) in enumerate(zip(cache.layers, ref_cache.layers)):
+        L = rl.keys.shape[2]
+        assert layer.lens == [L - p for p in pads]
+        for b, p in enumerate(pads):
+            want_k = rl.keys[b, :, p:].double() @ bases.P[i].double()      # [H_kv, L - p, D] @ [H_kv, D, D]
+            torch.testing.assert_close(layer.keys[b, :, :L - p].double(), want_k, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(layer.kpre[b, :, :L - p], layer.keys[b, :, :L - p, :8], atol=0, rtol=0)
+            torch.testing.assert_close(layer.values[b, :, :L - p], rl.values[b, :, p:], atol=2e-5, rtol=1e-5)
+
+
 def test_loki_key_prefix_matches_full_rows_and_rank_only_steers_selection(model, batch, dense, bases):
     a = gen(model, *batch, vt.VkernCache(model, loki=bases, rank=8, topk=12, num_sink=2, num_recent=4), "vkern_loki")
     b = gen(model, *batch, vt.VkernCache(model, loki=bases, rank=8, topk=12, num_sink=2, num_recent=4,

@@ -373,23 +373,19 @@ def _attend(impl, module, query, key, value, mask, dropout, scaling, kwargs):
             layer.add_colsum(query, None, scaling)
         return out, None
     k, v, lens = layer.views()
+    q = layer.rotate_query(query)[:, :, 0] if layer.rotated else query[:, :, 0]
     if impl == IMPL_LOKI:
-        from ..loki import rotate
         from ..ops.loki import loki_attention
 
-        q_rot = rotate(query[:, :, 0], layer.P)
-        out = loki_attention(q_rot, k, v, rank=layer.rank, topk=layer.topk_for(lens), seq_lens=lens,
+        out = loki_attention(q, k, v, rank=layer.rank, topk=layer.topk_for(lens), seq_lens=lens,
                              num_sink=layer.num_sink, num_recent=layer.num_recent, gqa=layer.gqa,
                              scale=float(scaling), k_prefix=layer.prefix_view())
     else:
         from ..ops.loki import decode_attention
 
-        q = query[:, :, 0]
-        if layer.loki is not None:                               # rotated keys: rotate the query too
-            from ..loki import rotate
-
-            q = rotate(q, layer.P)
         out = decode_attention(q, k, v, seq_lens=lens, scale=float(scaling))
+    if out.dtype != query.dtype:
+        out = out.to(query.dtype)
     return out[:, None], None
 
 
@@ -440,7 +436,8 @@ def _build_classes():
                 if self.P_cpu.shape[0] != H or self.P_cpu.shape[-1] != D:
                     raise ValueError(f"bases: layer bases [H_kv, D, D] = {tuple(self.P_cpu.shape)} do not match the "
                                      f"model's keys (H_kv={H}, D={D})")
-                self.P = self.P_cpu.to(device=self.device, dtype=torch.float32)
+                self.P = self.P_cpu.to(device=self.device, dtype=torch.float32).contiguous()
+                self._Pq = None
                 if self.loki["key_prefix"]:
                     self.kpre = key_states.new_zeros((B, H, cap, self.loki["rank"]))
             self.is_initialized = True
@@ -459,11 +456,7 @@ def _build_classes():
                                  f"D={self.keys.shape[3]}], got {tuple(key_states.shape)}")
             first = self.columns == 0
             self._grow(max(self.lens) + n)
-            k_in = key_states
-            if self.rotated:
-                from ..loki import rotate
-
-                k_in = rotate(key_states.transpose(1, 2), self.P).transpose(1, 2)
+            k_in = self.rotate_keys(key_states) if self.rotated else key_states
             if len(set(self.lens)) == 1:
                 L = self.lens[0]
                 self.keys[:, :, L:L + n].copy_(k_in)
@@ -541,6 +534,21 @@ def _build_classes():
             raise NotImplementedError("VkernCache does not offload")
 
         # -- vkern side
+        def rotate_keys(self, x):
+            """x [B, H_kv, n, D] (post-RoPE keys) into this layer's Loki basis, in the cache's dtype:
+            one batched float32 matmul (x[b, h] @ P[h]); a decode step's one new key is too small
+            for a threaded kernel call to pay off."""
+            xf = x if x.dtype == torch.float32 else x.float()
+            out = torch.matmul(xf, self.P)
+            return out if out.dtype == self.dtype else out.to(self.dtype)
+
+        def rotate_query(self, q):
+            """q [B, Hq, Tq, D] into the basis (query head h uses its KV head's P[h // G]); float32."""
+            Hq = q.shape[1]
+            if self._Pq is None or self._Pq.shape[0] != Hq:
+                self._Pq = self.P.repeat_interleave(Hq // self.P.shape[0], dim=0).contiguous()
+            return torch.matmul(q if q.dtype == torch.float32 else q.float(), self._Pq)
+
         @property
         def needs_vkern(self) -> bool:
             return (not self.aligned) or self.rotated
