@@ -62,11 +62,8 @@ def test_triton_paths_do_not_read_device_values(monkeypatch, topk, gqa):
     assert tuple(out.shape) == (2, 4, 16)
 
 
-def test_cuda_paths_do_not_read_device_values(monkeypatch):
-    calls = []
-    fake_c = SimpleNamespace(loki_cuda_splits=lambda B, Hq, K: 2, loki_cuda=lambda *a: calls.append(a))
-    monkeypatch.setattr(L._ext, "C", fake_c)
-
+def _fake_cuda_device(monkeypatch):
+    """torch.cuda.device as a no-op context and a stream with handle 0: the CUDA wrappers run on meta tensors."""
     class Guard:
         def __init__(self, dev):
             pass
@@ -79,6 +76,14 @@ def test_cuda_paths_do_not_read_device_values(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", Guard)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: SimpleNamespace(cuda_stream=0))
+
+
+def test_cuda_paths_do_not_read_device_values(monkeypatch):
+    calls = []
+    fake_c = SimpleNamespace(loki_cuda_splits=lambda B, Hq, K: 2, loki_cuda=lambda *a: calls.append(a))
+    monkeypatch.setattr(L._ext, "C", fake_c)
+
+    _fake_cuda_device(monkeypatch)
     out, idx = L._cuda_attention(_meta_call(True), True)
     assert tuple(idx.shape) == (2, 4, 5) and out.device.type == "meta"
     assert tuple(L._cuda_attention(_meta_call(False), False).shape) == (2, 4, 16)
@@ -226,18 +231,7 @@ def test_vatp_prune_cuda_path_does_not_read_device_values(monkeypatch, mode):
     monkeypatch.setattr(V._ext, "C", SimpleNamespace(vatp_prune_cuda=lambda *a: calls.append(a),
                                                      vatp_colsum_cuda=lambda *a: calls.append(a)))
 
-    class Guard:
-        def __init__(self, dev):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(torch.cuda, "device", Guard)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: SimpleNamespace(cuda_stream=0))
+    _fake_cuda_device(monkeypatch)
     call = _meta_prune(monkeypatch, 0.5, mode)
     k_kept, v_kept, idx, kept = V._prune_cuda(call)
     assert tuple(k_kept.shape) == (2, 3, 18, 16) and tuple(idx.shape) == (2, 3, 18) and kept.device.type == "meta"
