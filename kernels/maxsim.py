@@ -83,6 +83,40 @@ if triton is not None:
         # tl.max skips NaN (maxnum); the float64 NumPy reference propagates it.
         return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
+    # The tile arithmetic every MaxSim kernel shares (this one, maxsim_grad's argmax forward and
+    # maxsim_int8): inlined by Triton, so each kernel compiles as if it were written out in it.
+    @triton.jit
+    def query_tile(q_rows, row_ok, dims, D, UPCAST_TO_FP32: tl.constexpr):
+        """The whole-D query tile [rows, BLOCK_D] at row pointers q_rows (rows not row_ok, and
+        dims past D, are 0)."""
+        tile = tl.load(q_rows[:, None] + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0)
+        if UPCAST_TO_FP32:
+            tile = tile.to(tl.float32)
+        return tile
+
+    @triton.jit
+    def dot_tile(acc, q_tile, q_rows, row_ok, d_rows, col_ok, dims, D, BLOCK_D: tl.constexpr,
+                 SINGLE_D_BLOCK: tl.constexpr, UPCAST_TO_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+        """acc + Q D^T for one tile of document rows (row pointers d_rows, col_ok the real ones; the
+        accumulator's dtype is the dot's: float32, or int32 for int8 codes). SINGLE_D_BLOCK: Q is
+        q_tile (from query_tile); otherwise D is looped in BLOCK_D chunks, Q's chunks read from q_rows."""
+        if SINGLE_D_BLOCK:
+            d_tile = tl.load(d_rows[:, None] + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D), other=0)
+            if UPCAST_TO_FP32:
+                d_tile = d_tile.to(tl.float32)
+            acc = tl.dot(q_tile, tl.trans(d_tile), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+        else:
+            for d_start in range(0, D, BLOCK_D):
+                d_idx = d_start + dims
+                d_ok = d_idx < D
+                q_chunk = tl.load(q_rows[:, None] + d_idx[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0)
+                d_chunk = tl.load(d_rows[:, None] + d_idx[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0)
+                if UPCAST_TO_FP32:
+                    q_chunk = q_chunk.to(tl.float32)
+                    d_chunk = d_chunk.to(tl.float32)
+                acc = tl.dot(q_chunk, tl.trans(d_chunk), acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+        return acc
+
     @triton.jit
     def _maxsim_kernel(
         queries_ptr,  # [B, Lq, D]
@@ -133,35 +167,17 @@ if triton is not None:
             row_ok = query_ok & (token < query_len)
             q_rows = query_row_base + token.to(tl.int64) * D
             if SINGLE_D_BLOCK:
-                q_tile = tl.load(q_rows[:, None] + dims[None, :],
-                                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
-                if UPCAST_TO_FP32:
-                    q_tile = q_tile.to(tl.float32)
+                q_tile = query_tile(q_rows, row_ok, dims, D, UPCAST_TO_FP32)
+            else:
+                q_tile = 0   # unused: dot_tile reads the query's D chunks itself
 
             running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             for t_start in range(doc_start, doc_end, BLOCK_T):
                 cols = t_start + doc_tokens
                 col_ok = cols < doc_end
                 d_rows = docs_ptr + cols.to(tl.int64) * D
-                sims = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
-                if SINGLE_D_BLOCK:
-                    d_tile = tl.load(d_rows[:, None] + dims[None, :],
-                                     mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
-                    if UPCAST_TO_FP32:
-                        d_tile = d_tile.to(tl.float32)
-                    sims = tl.dot(q_tile, tl.trans(d_tile), sims, input_precision=INPUT_PRECISION)
-                else:
-                    for d_start in range(0, D, BLOCK_D):
-                        d_idx = d_start + dims
-                        d_ok = d_idx < D
-                        q_chunk = tl.load(q_rows[:, None] + d_idx[None, :],
-                                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                        d_chunk = tl.load(d_rows[:, None] + d_idx[None, :],
-                                          mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                        if UPCAST_TO_FP32:
-                            q_chunk = q_chunk.to(tl.float32)
-                            d_chunk = d_chunk.to(tl.float32)
-                        sims = tl.dot(q_chunk, tl.trans(d_chunk), sims, input_precision=INPUT_PRECISION)
+                sims = dot_tile(tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32), q_tile, q_rows, row_ok, d_rows,
+                                col_ok, dims, D, BLOCK_D, SINGLE_D_BLOCK, UPCAST_TO_FP32, INPUT_PRECISION)
                 # Tokens past the document end take no part in the max (not 0).
                 sims = tl.where(col_ok[None, :], sims, float("-inf"))
                 if NAN_BY_FLAG:

@@ -52,6 +52,7 @@ def _block_d(dim: int) -> int:
 
 
 if triton is not None:
+    from .maxsim import dot_tile, query_tile   # the shared tile arithmetic
 
     @triton.jit
     def _maxsim_argmax_kernel(
@@ -104,10 +105,9 @@ if triton is not None:
             row_ok = query_ok & (token < query_len)
             q_rows = query_row_base + token.to(tl.int64) * D
             if SINGLE_D_BLOCK:
-                q_tile = tl.load(q_rows[:, None] + dims[None, :],
-                                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
-                if UPCAST_TO_FP32:
-                    q_tile = q_tile.to(tl.float32)
+                q_tile = query_tile(q_rows, row_ok, dims, D, UPCAST_TO_FP32)
+            else:
+                q_tile = 0   # unused: dot_tile reads the query's D chunks itself
 
             running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             running_arg = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -115,25 +115,8 @@ if triton is not None:
                 cols = t_start + doc_tokens
                 col_ok = cols < doc_end
                 d_rows = docs_ptr + cols * D
-                sims = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
-                if SINGLE_D_BLOCK:
-                    d_tile = tl.load(d_rows[:, None] + dims[None, :],
-                                     mask=col_ok[:, None] & (dims[None, :] < D), other=0.0)
-                    if UPCAST_TO_FP32:
-                        d_tile = d_tile.to(tl.float32)
-                    sims = tl.dot(q_tile, tl.trans(d_tile), sims, input_precision=INPUT_PRECISION)
-                else:
-                    for d_start in range(0, D, BLOCK_D):
-                        d_idx = d_start + dims
-                        d_ok = d_idx < D
-                        q_chunk = tl.load(q_rows[:, None] + d_idx[None, :],
-                                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                        d_chunk = tl.load(d_rows[:, None] + d_idx[None, :],
-                                          mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                        if UPCAST_TO_FP32:
-                            q_chunk = q_chunk.to(tl.float32)
-                            d_chunk = d_chunk.to(tl.float32)
-                        sims = tl.dot(q_chunk, tl.trans(d_chunk), sims, input_precision=INPUT_PRECISION)
+                sims = dot_tile(tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32), q_tile, q_rows, row_ok, d_rows,
+                                col_ok, dims, D, BLOCK_D, SINGLE_D_BLOCK, UPCAST_TO_FP32, INPUT_PRECISION)
                 if HAS_MASK:
                     keep = tl.load(mask_ptr + cols, mask=col_ok, other=0)
                     sims = tl.where(keep[None, :] != 0, sims, 0.0)

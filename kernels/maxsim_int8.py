@@ -45,6 +45,7 @@ def is_available() -> tuple[bool, str]:
 
 
 if triton is not None:
+    from .maxsim import dot_tile, query_tile   # the shared tile arithmetic
 
     @triton.jit
     def _maxsim_int8_kernel(
@@ -92,26 +93,16 @@ if triton is not None:
             q_rows = q_codes_ptr + q_index * D
             q_scale = tl.load(q_scales_ptr + q_index, mask=row_ok, other=0.0)
             if SINGLE_D_BLOCK:
-                q_tile = tl.load(q_rows[:, None] + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D), other=0)
+                q_tile = query_tile(q_rows, row_ok, dims, D, False)
+            else:
+                q_tile = 0   # unused: dot_tile reads the query's D chunks itself
             running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             for t_start in range(doc_start, doc_end, BLOCK_T):
                 cols = t_start + doc_tokens                  # int64 (doc_start is)
                 col_ok = cols < doc_end
                 d_rows = codes_ptr + cols * doc_row_stride
-                dots = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.int32)
-                if SINGLE_D_BLOCK:
-                    d_tile = tl.load(d_rows[:, None] + dims[None, :], mask=col_ok[:, None] & (dims[None, :] < D),
-                                     other=0)
-                    dots = tl.dot(q_tile, tl.trans(d_tile), dots, out_dtype=tl.int32)
-                else:
-                    for d_start in range(0, D, BLOCK_D):
-                        d_idx = d_start + dims
-                        d_ok = d_idx < D
-                        q_chunk = tl.load(q_rows[:, None] + d_idx[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                                          other=0)
-                        d_chunk = tl.load(d_rows[:, None] + d_idx[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                                          other=0)
-                        dots = tl.dot(q_chunk, tl.trans(d_chunk), dots, out_dtype=tl.int32)
+                dots = dot_tile(tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.int32), q_tile, q_rows, row_ok, d_rows, col_ok,
+                                dims, D, BLOCK_D, SINGLE_D_BLOCK, False, None)
                 d_scale = tl.load(doc_scales_ptr + cols, mask=col_ok, other=0.0)
                 sims = dots.to(tl.float32) * d_scale[None, :]
                 # tokens past the document end take no part in the max (not 0); scales and codes are
