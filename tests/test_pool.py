@@ -70,6 +70,36 @@ def test_ward_matches_scipy(backend, pool_factor, protected, rng):
         np.testing.assert_array_equal(got[:p], x[off[n]:off[n] + p])   # protected rows untouched, first
 
 
+@pytest.mark.parametrize("D", [50, 384])
+def test_ward_matches_scipy_at_tile_edges(D, rng):
+    """Documents whose token counts sit on either side of the Gram panel and tile edges (8, 16
+    and 32 columns; one- and two-vector tiles), D with and without a ragged tail, pool factors
+    2 and 3: the same rows as SciPy."""
+    needs("cpu")
+    lengths = [7, 8, 9, 10, 16, 17, 18, 24, 25, 26, 32, 33, 34, 41, 48, 49, 50, 57, 64, 65, 66, 98, 129, 198]
+    x, off = normalised(rng, lengths, D)
+    for pf in (2, 3):
+        pooled, new_off = vkern.pool_tokens(x, doc_offsets=off, pool_factor=pf, backend="cpu")
+        for n in range(len(lengths)):
+            assert same_rows(pooled[new_off[n]:new_off[n + 1]], scipy_pool(x[off[n]:off[n + 1]], pf, 1)), (pf, n)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_in_any_document_raises(backend, value, rng):
+    """The cpu kernel checks each document as it takes it up: a NaN or inf in a later document,
+    or in one with nothing to pool (returned as it is otherwise), still raises."""
+    needs(backend)
+    x, off = normalised(rng, [30, 2, 40, 25], 16)
+    for row in (off[2] + 1, 31, off[3] + 24):           # third document; the short second; the last row
+        bad = x.copy()
+        bad[row, 5] = value
+        for method in ("ward", "kmeans"):
+            with pytest.raises(ValueError, match="docs: contains NaN or inf"):
+                vkern.pool_tokens(bad, doc_offsets=off, method=method, backend=backend)
+    vkern.pool_tokens(x, doc_offsets=off, backend=backend)     # and the clean one runs
+
+
 def test_cpu_equals_reference_exactly_and_cluster_order(rng):
     needs("cpu")
     x, off = normalised(rng, list(rng.integers(1, 90, 40)), 40)

@@ -8,7 +8,8 @@ using namespace vkern::bind;
 
 namespace {
 
-void pool_tokens_cpu(uintptr_t x, int64_t D, int64_t row_stride, uintptr_t doc_starts, uintptr_t doc_lens, int64_t N,
+// False if a document holds a NaN or an inf (then nothing in out is meaningful).
+bool pool_tokens_cpu(uintptr_t x, int64_t D, int64_t row_stride, uintptr_t doc_starts, uintptr_t doc_lens, int64_t N,
                      int64_t pool_factor, int64_t protected_tokens, int method, uint64_t seed, uintptr_t out_starts,
                      uintptr_t out, uintptr_t out_lens) {
   require(D >= 1 && N >= 0 && row_stride >= D, "pool_tokens: bad sizes");
@@ -20,7 +21,7 @@ void pool_tokens_cpu(uintptr_t x, int64_t D, int64_t row_stride, uintptr_t doc_s
                      ptr<int64_t>(out_lens)};
   py::gil_scoped_release release;
   cpu::CallScope scope;  // pins the thread count and a pool for this call
-  cpu::pool_tokens(call);
+  return cpu::pool_tokens(call);
 }
 
 void segment_mean_cpu(uintptr_t x, int64_t T, int64_t D, int64_t row_stride, uintptr_t ids, int64_t S,

@@ -51,9 +51,8 @@ int64_t find(std::vector<int64_t>& parent, int64_t a) {
 void ward_labels(const PoolLevel& lv, const float* x, int64_t m, int64_t ld, int64_t D, int64_t k, Scratch& s) {
   const int64_t ldd = (m + kWardPad - 1) / kWardPad * kWardPad;
   s.pack.resize(static_cast<size_t>(ldd * D));
-  s.dots.resize(static_cast<size_t>(m * ldd));
   s.dist.resize(static_cast<size_t>(m * ldd));
-  lv.ward_dist(x, m, ld, D, s.pack.data(), s.dots.data(), s.dist.data(), ldd);
+  lv.ward_dist(x, m, ld, D, s.pack.data(), s.dist.data(), ldd);
   s.size.assign(static_cast<size_t>(ldd), 0.0);
   std::fill(s.size.begin(), s.size.begin() + m, 1.0);
   s.pen.assign(static_cast<size_t>(ldd), std::numeric_limits<double>::infinity());
@@ -207,16 +206,24 @@ void kmeans_labels(const PoolLevel& lv, const float* x, int64_t m, int64_t ld, i
 
 }  // namespace
 
-void pool_tokens(const PoolCall& c) {
+bool pool_tokens(const PoolCall& c) {
   const PoolLevel& lv = level_for(simd_active());
   const int threads = num_threads();
   std::vector<Scratch> scratch(threads);
   const int64_t D = c.D;
+  std::vector<char> bad(static_cast<size_t>(threads), 0);
   parallel_for(c.N, [&](int64_t n, int worker) {
     Scratch& s = scratch[worker];
     const float* doc = c.x + c.doc_starts[n] * c.row_stride;
     float* out = c.out + c.out_starts[n] * D;
     const int64_t len = c.doc_lens[n];
+    // The finiteness check runs here, on rows about to be read anyway, rather than as a
+    // separate serial pass over all the tokens before the call.
+    if (bad[worker] || !lv.finite_rows(doc, len, c.row_stride, D)) {
+      bad[worker] = 1;
+      c.out_lens[n] = 0;
+      return;
+    }
     const int64_t p = std::min(c.protected_tokens, len), m = len - p;
     const int64_t k = std::max<int64_t>(m / c.pool_factor, 1);
     if (k >= m) {  // nothing to pool: the document as it is
@@ -232,11 +239,13 @@ void pool_tokens(const PoolCall& c) {
       kmeans_labels(lv, rest, m, c.row_stride, D, k, c.seed, n, s);
     int64_t nc = 0;
     for (int64_t i = 0; i < m; ++i) nc = std::max(nc, s.labels[i] + 1);
-    s.sums.resize(static_cast<size_t>(nc * D));
+    s.sums.resize(static_cast<size_t>(nc + m + D));
     s.counts.resize(static_cast<size_t>(nc));
     lv.cluster_means(rest, m, c.row_stride, D, s.labels.data(), nc, s.sums.data(), s.counts.data(), out + p * D);
     c.out_lens[n] = p + nc;
   });
+  for (char b : bad)
+    if (b) return false;
   // Where ties left a document fewer clusters than its room, move the later rows up so the
   // output is packed (only the rows after the first such document move).
   int64_t dst = 0;
@@ -245,6 +254,7 @@ void pool_tokens(const PoolCall& c) {
     if (dst != src && len > 0) std::memmove(c.out + dst * D, c.out + src * D, sizeof(float) * len * D);
     dst += len;
   }
+  return true;
 }
 
 void segment_mean(const float* x, int64_t T, int64_t D, int64_t row_stride, const int64_t* ids, int64_t S,

@@ -15,10 +15,8 @@ struct PoolLevel {
   void (*dots)(const float* a, int64_t na, int64_t lda, const float* b, int64_t nb, int64_t ldb, int64_t D,
                float* out, int64_t ldo);
   // d [m, ldd] float64 = s|s| with s = 1 - <x_i, x_j> (dots in float32; the signed square has
-  // the order of s), +inf on the diagonal and in columns >= m. Scratch: pack [ldd * D] floats,
-  // g [m * ldd] floats.
-  void (*ward_dist)(const float* x, int64_t m, int64_t ld, int64_t D, float* pack, float* g, double* d,
-                    int64_t ldd);
+  // the order of s), +inf on the diagonal and in columns >= m. Scratch: pack [ldd * D] floats.
+  void (*ward_dist)(const float* x, int64_t m, int64_t ld, int64_t D, float* pack, double* d, int64_t ldd);
   // Ward merges of d (overwritten) by the nearest-neighbour chain: merge_a/b = lowest token of
   // each side, merge_h = height as its signed square (the order fcluster needs), m-1 of each in
   // merge order. size / pen [ldd]: 1 / 0 below m,
@@ -26,9 +24,11 @@ struct PoolLevel {
   void (*ward_chain)(double* d, int64_t m, int64_t ldd, double* size, double* pen, int64_t* live, int64_t* chain,
                      int64_t* rep, int64_t* merge_a, int64_t* merge_b, double* merge_h);
   // out [nc, D] = float32 of the float64 mean of the rows i with labels[i] == g (every g in
-  // [0, nc) has one); sums [nc * D], counts [nc] scratch.
+  // [0, nc) has one; each sum in row order); sums [nc + m + D], counts [nc] scratch.
   void (*cluster_means)(const float* x, int64_t m, int64_t ld, int64_t D, const int64_t* labels, int64_t nc,
                         double* sums, int64_t* counts, float* out);
+  // True if none of the n rows (stride ld) x D floats is NaN or +-inf.
+  bool (*finite_rows)(const float* x, int64_t n, int64_t ld, int64_t D);
 };
 
 const PoolLevel& pool_level_generic();
@@ -54,7 +54,9 @@ struct PoolCall {
   int64_t* out_lens;          // [N] rows written per document
 };
 
-void pool_tokens(const PoolCall& call);
+// Returns false (out and out_lens then unspecified) if some document holds a NaN or an inf:
+// each document is checked before it is clustered, and none with one is.
+bool pool_tokens(const PoolCall& call);
 
 // out[s] = mean of the rows x[t] with ids[t] == s (float64 sums), zero where none; ids in [0, S).
 void segment_mean(const float* x, int64_t T, int64_t D, int64_t row_stride, const int64_t* ids, int64_t S,

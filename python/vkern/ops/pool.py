@@ -99,7 +99,12 @@ class PoolCall:
                 f"pool_factor={self.pool_factor}")
 
 
+_NONFINITE = "docs: contains NaN or inf (clustering needs finite vectors)"
+
+
 def _pool_reference(call: PoolCall):
+    if call.x.size and not A.all_finite(call.x):
+        raise ValueError(_NONFINITE)
     return ref.pool_tokens(call.x, call.offsets, call.pool_factor, call.protected_tokens, call.method, call.seed)
 
 
@@ -120,10 +125,14 @@ def _pool_cpu(call: PoolCall):
     N = len(lens)
     starts = np.ascontiguousarray(call.offsets[:-1])
     lens = np.ascontiguousarray(lens)
-    _ext.C.pool_tokens_cpu(x.ctypes.data if T else 0, D, int(x.strides[0] // 4) if T > 1 else D,
-                           starts.ctypes.data, lens.ctypes.data, N, call.pool_factor, call.protected_tokens,
-                           METHODS[call.method], call.seed % (1 << 64), out_starts.ctypes.data,
-                           out.ctypes.data if out.size else 0, out_lens.ctypes.data)
+    # The kernel checks each document for NaN / inf before clustering it (no separate serial pass
+    # over all the tokens here) and reports one; no rows are returned then.
+    finite = _ext.C.pool_tokens_cpu(x.ctypes.data if T else 0, D, int(x.strides[0] // 4) if T > 1 else D,
+                                    starts.ctypes.data, lens.ctypes.data, N, call.pool_factor, call.protected_tokens,
+                                    METHODS[call.method], call.seed % (1 << 64), out_starts.ctypes.data,
+                                    out.ctypes.data if out.size else 0, out_lens.ctypes.data)
+    if not finite:
+        raise ValueError(_NONFINITE)
     new_off = np.zeros(N + 1, np.int64)
     np.cumsum(out_lens, out=new_off[1:])
     return out[:int(new_off[-1])], new_off            # the kernel packed the rows (ties: fewer clusters)
@@ -168,8 +177,6 @@ def pool_tokens(docs, *, doc_offsets=None, doc_lengths=None, pool_factor: int = 
     protected_tokens = _int_arg(protected_tokens, "protected_tokens", 0)
     seed = _int_arg(seed, "seed", 0)
     x, off, like = packed_docs(docs, doc_offsets, doc_lengths)
-    if x.size and not A.all_finite(x):
-        raise ValueError("docs: contains NaN or inf (clustering needs finite vectors)")
     call = PoolCall(x, off, pool_factor, protected_tokens, method, seed)
     pooled, new_off = _POOL.pick(backend, call).run(call)
     if A.is_torch(like):
