@@ -63,6 +63,13 @@ struct TaskvecLevel {
   // group_size % 32 == 0, k0 % 32 == 0: straight from the codes (no decoded buffer).
   void (*q4_dot_rows)(const TvComp& c, int64_t n, const float* x, int64_t x_stride, const int64_t* rows,
                       int64_t nrows, int64_t k0, int64_t len, float* sums);
+  // x . dequant(c)[n, 0:K] for one row x and one affine 4-bit component c (group_size % 32 == 0),
+  // straight from the codes: xs is x with each block of 16 columns deinterleaved (the 8 even
+  // columns, then the 8 odd ones: the order of the low and high nibbles of 8 code bytes) for the
+  // first K / 16 * 16 columns; gsum[g] the sum of x over group g. Per group
+  // s * (x . q - z * gsum): the zero point folded, as q4_dot_rows.
+  float (*q4_dot_split)(const TvComp& c, int64_t n, const float* xs, const float* x, const float* gsum,
+                        int64_t K);
 };
 
 const TaskvecLevel& taskvec_level_generic();
