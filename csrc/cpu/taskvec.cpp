@@ -68,7 +68,7 @@ void taskvec_apply(const TvApplyCall& call) {
     q4 = call.comps[c].scheme == 0 && call.comps[c].bits == 4 && call.comps[c].group_size == call.comps[0].group_size;
   // In place the written lines are read back soon by nobody, but the base lines are
   // already in cache: plain stores. A separate out: streaming stores (no read for ownership).
-  const int stream_out = call.out != call.base;
+  const int stream_out = call.out != call.base && !call.keep_out;
   const int64_t rows = rows_per_task(N, K);
   const int64_t ntasks = (N + rows - 1) / rows;
   parallel_for(ntasks, [&](int64_t task, int worker) {

@@ -87,6 +87,7 @@ struct TvApplyCall {
   const float* task_coef;    // [T]
   const float* thr;          // [T] trim thresholds, or nullptr (no trim)
   const int64_t* cut;        // [T]
+  int keep_out = 0;          // 1: out is read again right away (a GEMM's weight): plain stores, no streaming
 };
 void taskvec_apply(const TvApplyCall& call);
 

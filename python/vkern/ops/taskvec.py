@@ -453,7 +453,7 @@ def _apply_cpu(call: ApplyCall):
         _ext.C.taskvec_apply_cpu(A.data_ptr(base), A.DTYPE_CODE[A.dtype_name(base)], N, K, _row_stride(base),
                                  A.data_ptr(target), _row_stride(target), table.ctypes.data, coefs.ctypes.data,
                                  len(table), T, 1 if call.method == "ties" else 0, task_coef.ctypes.data,
-                                 0 if thr is None else thr.ctypes.data, 0 if cut is None else cut.ctypes.data)
+                                 0 if thr is None else thr.ctypes.data, 0 if cut is None else cut.ctypes.data, 0)
     if out is None or direct:
         return target
     return _write_out(call, target)
@@ -619,7 +619,8 @@ class DeltaPlan:
             w = scratch[j * N * K:(j + 1) * N * K].view(N, K)  # vkern's threads and the BLAS's, not 2 per tenant
             table, coefs = self._task_tables[t]
             _ext.C.taskvec_apply_cpu(base.data_ptr(), 0, N, K, _row_stride(base), w.data_ptr(), K,
-                                     table.ctypes.data, coefs.ctypes.data, len(table), 1, 0, one.ctypes.data, 0, 0)
+                                     table.ctypes.data, coefs.ctypes.data, len(table), 1, 0, one.ctypes.data, 0, 0,
+                                     1)
             weights[t] = w
         for t in range(-1, self.T):
             r0, r1 = int(starts[t + 1]), int(starts[t + 2])
