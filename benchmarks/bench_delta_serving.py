@@ -20,7 +20,9 @@ batch of 4 rows, row b of tenant b (greedy, KV cache):
 * apply into dense weights: one model, whose linear weights are rewritten with
   `vkern.apply_task_vectors` before each tenant's row (the swap cost counted).
 
-Tokens/s counts the 4 rows' new tokens. All three produce the same tokens (checked).
+Tokens/s counts the 4 rows' new tokens (prefill of the prompt included). The three contenders
+run in turn, ``--repeats`` times (default 3), and each one's median time is reported, with every
+repeat's time. All three produce the same tokens (checked, every repeat).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=30, help="decoder layers (--model random only)")
     ap.add_argument("--model", choices=["smollm2", "random"], default="smollm2")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each contender, interleaved (median reported)")
     args = ap.parse_args()
 
     if args.model == "smollm2":
@@ -46,6 +49,7 @@ def main():
         import smollm2
 
         smollm2.setup_threads(args.threads)
+    import numpy as np
     import torch
     import transformers
 
@@ -107,9 +111,9 @@ def main():
     # 1. DeltaLinear: one batch
     served = copy.deepcopy(base)
     patch_linear_layers(served, store, include=["model.layers"], backend="cpu")
-    t0 = time.perf_counter()
-    got = decode(served, prompt, ctx=lambda: tenants(served, [0, 1, 2, 3]))
-    t_delta = time.perf_counter() - t0
+
+    def run_delta():
+        return decode(served, prompt, ctx=lambda: tenants(served, [0, 1, 2, 3]))
 
     # 2. four dense models, one row each
     dense = []
@@ -120,33 +124,47 @@ def main():
                 mod = m.get_submodule(n)
                 mod.weight.add_(torch.from_numpy(taskvec.dequantize(store.qtv(f"{n}.weight", f"t{t}"), backend="cpu")))
         dense.append(m)
-    t0 = time.perf_counter()
-    want = torch.cat([decode(dense[t], prompt[t:t + 1]) for t in range(4)])
-    t_dense = time.perf_counter() - t0
+
+    def run_dense():
+        return torch.cat([decode(dense[t], prompt[t:t + 1]) for t in range(4)])
 
     # 3. one model, deltas applied into its weights before each tenant's row
     one = copy.deepcopy(base)
     base_w = {n: base.get_submodule(n).weight.detach() for n in layer_names}
     qtvs = {n: [store.qtv(f"{n}.weight", f"t{t}") for t in range(4)] for n in layer_names}
-    t0 = time.perf_counter()
-    rows = []
-    for t in range(4):
-        with torch.no_grad():
-            for n in layer_names:
-                w = one.get_submodule(n).weight
-                w.copy_(torch.from_numpy(vkern.apply_task_vectors(base_w[n].numpy(), [qtvs[n][t]], [1.0],
-                                                                  backend="cpu")))
-        rows.append(decode(one, prompt[t:t + 1]))
-    t_apply = time.perf_counter() - t0
-    applied = torch.cat(rows)
+
+    def run_apply():
+        rows = []
+        for t in range(4):
+            with torch.no_grad():
+                for n in layer_names:
+                    w = one.get_submodule(n).weight
+                    w.copy_(torch.from_numpy(vkern.apply_task_vectors(base_w[n].numpy(), [qtvs[n][t]], [1.0],
+                                                                      backend="cpu")))
+            rows.append(decode(one, prompt[t:t + 1]))
+        return torch.cat(rows)
+
+    # the three in turn, --repeats times (a shared machine's load moves between them); median per contender
+    names = ("DeltaLinear, one batch of 4 tenants", "4 separate dense models",
+             "apply deltas into dense weights, per tenant")
+    times = {n: [] for n in names}
+    outs = {}
+    for _ in range(args.repeats):
+        for name, fn in zip(names, (run_delta, run_dense, run_apply)):
+            t0 = time.perf_counter()
+            outs.setdefault(name, []).append(fn())
+            times[name].append(time.perf_counter() - t0)
+    med = {n: float(np.median(times[n])) for n in names}
+    want = outs[names[1]][0]
+    same = all(bool(torch.equal(o, want)) for n in names for o in outs[n])
 
     tokens = 4 * args.steps
-    same = bool(torch.equal(got, want)) and bool(torch.equal(applied, want))
-    print(f"{'contender':<44}{'s':>8}{'tokens/s':>10}{'vs DeltaLinear':>16}")
-    for name, t in (("DeltaLinear, one batch of 4 tenants", t_delta), ("4 separate dense models", t_dense),
-                    ("apply deltas into dense weights, per tenant", t_apply)):
-        print(f"{name:<44}{t:>8.2f}{tokens / t:>10.1f}{t / t_delta:>15.2f}x")
-    print(f"same tokens from all three: {same}")
+    print(f"{'contender':<44}{'s (median)':>11}{'tokens/s':>10}{'vs DeltaLinear':>16}   each repeat, s")
+    for name in names:
+        t = med[name]
+        each = " ".join(f"{v:.2f}" for v in times[name])
+        print(f"{name:<44}{t:>11.2f}{tokens / t:>10.1f}{t / med[names[0]]:>15.2f}x   {each}")
+    print(f"same tokens from all three, every repeat: {same}")
     return 0 if same else 1
 
 

@@ -473,6 +473,40 @@ def test_delta_linear_fused_bitdelta_path(rng, M, dtype):
         vkern.set_simd_level("auto")
 
 
+@pytest.mark.parametrize("M", [1, 2, 4, 8])
+@pytest.mark.parametrize("K", [64, 301, 576])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_delta_linear_q4_decode_path(rng, M, K, dtype):
+    """Few rows, every task affine 4-bit with groups of whole 32-column blocks (the decode path:
+    base row and each tenant's nibbles in one pass, x deinterleaved per 16 columns): every SIMD
+    level against the reference, K with and without a 16-column tail, numpy and torch."""
+    needs("cpu")
+    N = 45
+    base = (rng.standard_normal((N, K)) * 0.1).astype(np.float32)
+    gs = [g for g in (32, 64, 128) if g <= K] + ["row" if K % 32 == 0 else 32, None if K % 32 == 0 else 64]
+    qs = [q_of(make_tau(rng, N, K, zeros=0.0), ("affine", 4, g)) for g in gs]
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    ids = np.minimum(np.array([0, -1, 1, 2, 3, 4, 2, 0][:M]), len(qs) - 1)
+    c = rng.uniform(-1.5, 1.5, len(qs))
+    bb = to_kind("cpu", base, dtype)
+    xk = x if isinstance(bb, np.ndarray) else torch.from_numpy(x)
+    want = ref.delta_linear(x, host(bb).astype(np.float32), qs, c, ids)
+    scale = np.abs(x) @ (np.abs(host(bb).astype(np.float64)) + sum(np.abs(tv.dequantize(q)) for q in qs)).T
+    levels = [lv for lv in ("generic", "avx2") if lv in vkern.info().get("simd_supported", [])]
+    try:
+        for level in levels + ["auto"]:
+            vkern.set_simd_level(level)
+            for kw in (dict(coeffs=c, task_ids=ids), dict(task_ids=ids)):
+                got = host(vkern.delta_linear(xk, bb, qs, backend="cpu", **kw))
+                w = want if "coeffs" in kw else ref.delta_linear(x, host(bb).astype(np.float32), qs, None, ids)
+                if dtype == "float32":  # a 16-bit base widens exactly; its output is rounded to 16 bits
+                    assert np.all(np.abs(got - w) <= 1e-5 * scale), (level, list(kw))
+                else:
+                    tol_check(got, w, scale, dtype)
+    finally:
+        vkern.set_simd_level("auto")
+
+
 # ------------------------------------------------------------------- RTVQ
 
 def test_rtvq_shared_base_storage_and_accuracy(rng):

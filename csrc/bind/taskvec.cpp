@@ -54,7 +54,7 @@ std::vector<cpu::TvComp> comps_from(uintptr_t table, uintptr_t coefs, int64_t C,
 
 void apply_cpu(uintptr_t base, int dtype, int64_t N, int64_t K, int64_t base_stride, uintptr_t out,
                int64_t out_stride, uintptr_t table, uintptr_t coefs, int64_t C, int64_t T, int method,
-               uintptr_t task_coef, uintptr_t thr, uintptr_t cut) {
+               uintptr_t task_coef, uintptr_t thr, uintptr_t cut, int keep_out) {
   check_dtype(dtype, "base");
   require(N >= 0 && K >= 1 && base_stride >= K && out_stride >= K, "apply_task_vectors: bad sizes/strides");
   require(N == 0 || (base != 0 && out != 0), "apply_task_vectors: null base/out");
@@ -64,7 +64,7 @@ void apply_cpu(uintptr_t base, int dtype, int64_t N, int64_t K, int64_t base_str
   std::vector<cpu::TvComp> comps = comps_from(table, coefs, C, N, K, T);
   cpu::TvApplyCall call{ptr<const void>(base), dtype, N, K, base_stride, ptr<void>(out), out_stride,
                         comps.data(), C, T, method, ptr<const float>(task_coef), ptr<const float>(thr),
-                        ptr<const int64_t>(cut)};
+                        ptr<const int64_t>(cut), keep_out != 0};
   py::gil_scoped_release release;
   cpu::CallScope scope;  // pins the thread count and a pool for this call
   cpu::taskvec_apply(call);

@@ -68,7 +68,7 @@ void taskvec_apply(const TvApplyCall& call) {
     q4 = call.comps[c].scheme == 0 && call.comps[c].bits == 4 && call.comps[c].group_size == call.comps[0].group_size;
   // In place the written lines are read back soon by nobody, but the base lines are
   // already in cache: plain stores. A separate out: streaming stores (no read for ownership).
-  const int stream_out = call.out != call.base;
+  const int stream_out = call.out != call.base && !call.keep_out;
   const int64_t rows = rows_per_task(N, K);
   const int64_t ntasks = (N + rows - 1) / rows;
   parallel_for(ntasks, [&](int64_t task, int worker) {
@@ -251,6 +251,79 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
           if (t >= 0) {
             const float s = sign_any[t]->scales[sign_any[t]->per_row ? n : 0];
             y += row_coef[m] * s * (2.0f * signs[m] - row_sum_x[m]);  // x . (+-s) = s (2 sum_bit x - sum x)
+          }
+          call.y[m * N + n] = y;
+        }
+      }
+    });
+    return;
+  }
+
+  // Few rows (a decode step), each with its own affine 4-bit task or none, the whole row in
+  // one chunk: per output row, one pass over the base row for all rows of x, then each row's
+  // codes once, straight from the nibbles (x deinterleaved per 16 columns and its group sums
+  // taken once per call, not once per output row).
+  bool q4fast = !call.merged && !call.base_done && M >= 1 && M <= 8 && K <= kDeltaChunk;
+  std::vector<int64_t> q4_task(static_cast<size_t>(M), -1);
+  if (q4fast) {
+    for (int64_t t = -1; t < T; ++t)
+      for (int64_t i = call.group_start[t + 1]; i < call.group_start[t + 2]; ++i) q4_task[call.row_order[i]] = t;
+    for (int64_t m = 0; m < M && q4fast; ++m) q4fast = q4_task[m] < 0 || q4[q4_task[m]] != nullptr;
+  }
+  if (q4fast) {
+    const int64_t K16 = K / 16 * 16;
+    std::vector<float> xs(static_cast<size_t>(std::max<int64_t>(1, M * K16)));
+    std::vector<std::vector<float>> gsum(static_cast<size_t>(M));
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = call.x + m * K;
+      float* sm = xs.data() + m * K16;
+      for (int64_t k = 0; k < K16; k += 16)
+        for (int64_t j = 0; j < 8; ++j) {
+          sm[k + j] = xm[k + 2 * j];
+          sm[k + 8 + j] = xm[k + 2 * j + 1];
+        }
+      if (q4_task[m] < 0) continue;
+      const TvComp& c = *q4[q4_task[m]];
+      gsum[m].assign(static_cast<size_t>(c.n_groups), 0.0f);
+      for (int64_t g = 0; g < c.n_groups; ++g) {
+        double acc = 0.0;
+        for (int64_t k = g * c.group_size; k < std::min(K, (g + 1) * c.group_size); ++k) acc += xm[k];
+        gsum[m][g] = static_cast<float>(acc);
+      }
+    }
+    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(16, N / (8 * nthreads)));
+    const int64_t ntasks = (N + rows - 1) / rows;
+    parallel_for(ntasks, [&](int64_t task, int worker) {
+      float* basebuf = scratch.data() + static_cast<size_t>(worker) * per_worker;
+      float* sums = basebuf + kDeltaChunk;
+      const int64_t n_end = std::min(N, (task + 1) * rows);
+      for (int64_t n = task * rows; n < n_end; ++n) {
+        if (n + 1 < N) {  // ask for the next base row and code rows now: their loads overlap this row's work
+          const char* nb = row_ptr(call.base, call.dtype, call.base_stride, n + 1, 0);
+          const int64_t bytes = K * static_cast<int64_t>(elem_size(call.dtype));
+          for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(nb + off, 0, 0);
+          for (int64_t m = 0; m < M; ++m) {
+            if (q4_task[m] < 0) continue;
+            const TvComp& c = *q4[q4_task[m]];
+            const uint8_t* nc = c.codes + (n + 1) * c.row_bytes;
+            for (int64_t off = 0; off < c.row_bytes; off += 64) __builtin_prefetch(nc + off, 0, 0);
+          }
+        }
+        const float* b;
+        if (call.dtype == 0) {
+          b = reinterpret_cast<const float*>(row_ptr(call.base, 0, call.base_stride, n, 0));
+        } else {
+          lv.load_row(row_ptr(call.base, call.dtype, call.base_stride, n, 0), call.dtype, K, basebuf);
+          b = basebuf;
+        }
+        std::fill(sums, sums + M, 0.0f);
+        lv.dot_rows(b, call.x, K, all_rows.data(), M, 0, K, sums);
+        for (int64_t m = 0; m < M; ++m) {
+          float y = sums[m];
+          const int64_t t = q4_task[m];
+          if (t >= 0) {
+            const TvComp& c = *q4[t];
+            y += c.coef * lv.q4_dot_split(c, n, xs.data() + m * K16, call.x + m * K, gsum[m].data(), K);
           }
           call.y[m * N + n] = y;
         }

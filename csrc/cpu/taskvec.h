@@ -63,6 +63,13 @@ struct TaskvecLevel {
   // group_size % 32 == 0, k0 % 32 == 0: straight from the codes (no decoded buffer).
   void (*q4_dot_rows)(const TvComp& c, int64_t n, const float* x, int64_t x_stride, const int64_t* rows,
                       int64_t nrows, int64_t k0, int64_t len, float* sums);
+  // x . dequant(c)[n, 0:K] for one row x and one affine 4-bit component c (group_size % 32 == 0),
+  // straight from the codes: xs is x with each block of 16 columns deinterleaved (the 8 even
+  // columns, then the 8 odd ones: the order of the low and high nibbles of 8 code bytes) for the
+  // first K / 16 * 16 columns; gsum[g] the sum of x over group g. Per group
+  // s * (x . q - z * gsum): the zero point folded, as q4_dot_rows.
+  float (*q4_dot_split)(const TvComp& c, int64_t n, const float* xs, const float* x, const float* gsum,
+                        int64_t K);
 };
 
 const TaskvecLevel& taskvec_level_generic();
@@ -80,6 +87,7 @@ struct TvApplyCall {
   const float* task_coef;    // [T]
   const float* thr;          // [T] trim thresholds, or nullptr (no trim)
   const int64_t* cut;        // [T]
+  int keep_out = 0;          // 1: out is read again right away (a GEMM's weight): plain stores, no streaming
 };
 void taskvec_apply(const TvApplyCall& call);
 

@@ -33,12 +33,15 @@ def _separately(base, store, task):
     return m
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_one_batch_of_tenants_equals_each_finetune_separately(family, residual):
+@pytest.mark.parametrize("residual,bits", [(False, 8), (True, 2), (False, 4)])
+def test_one_batch_of_tenants_equals_each_finetune_separately(family, residual, bits):
+    """9 tokens per row (a prefill: each tenant's own merged GEMM), 3 per row (the base GEMM plus
+    each tenant's pass over its codes) and 1 per row (a decode step: 4-bit codes multiply straight
+    from the nibbles in one pass with the base), each logit against the fine-tune run alone."""
     root, base, fts = family
-    path = str(root / f"store_{residual}.safetensors")
+    path = str(root / f"store_{residual}_{bits}.safetensors")
     ts.compress(str(root / "base"), [f"t{i}={root / f'ft{i}'}" for i in range(3)], path,
-                bits=2 if residual else 8, group="32", residual=residual, progress=False)
+                bits=bits, group="32", residual=residual, progress=False)
     store = ts.Store(path)
     served = copy.deepcopy(base)
     # backend="cpu" (what "auto" picks for CPU tensors), named so that a missing build fails here
@@ -54,9 +57,16 @@ def test_one_batch_of_tenants_equals_each_finetune_separately(family, residual):
             ref_model = base if t < 0 else _separately(base, store, f"t{t}")
             want = ref_model(ids[b:b + 1]).logits[0]
             torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
-            if t >= 0 and not residual:     # 8-bit codes: close to the real fine-tune too
+            if t >= 0 and bits == 8:     # 8-bit codes: close to the real fine-tune too
                 real = fts[t](ids[b:b + 1]).logits[0]
                 assert float((want - real).norm() / (real - base(ids[b:b + 1]).logits[0]).norm()) < 0.05
+    for tokens in (3, 1):
+        with tenants(served, tenant):
+            got = served(ids[:, :tokens]).logits
+        with torch.no_grad():
+            for b, t in enumerate(tenant):
+                ref_model = base if t < 0 else _separately(base, store, f"t{t}")
+                torch.testing.assert_close(got[b], ref_model(ids[b:b + 1, :tokens]).logits[0], rtol=1e-4, atol=1e-4)
     # outside the block: the base
     with torch.no_grad():
         torch.testing.assert_close(served(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)

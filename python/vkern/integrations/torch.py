@@ -82,6 +82,7 @@ class DeltaLinear(_Module):
         self.task_ids = None
         self.backend = backend
         self._plan = None
+        self._groups = None
         self._make_plan()
 
     def _make_plan(self) -> None:
@@ -90,6 +91,7 @@ class DeltaLinear(_Module):
         from ..ops import taskvec as ops
 
         self._plan = None
+        self._groups = None
         if self.qtvs and self.weight.device.type == "cpu" and ops.delta_backend(self.weight, self.qtvs,
                                                                                 self.backend) == "cpu":
             self._plan = ops.DeltaPlan(self.weight, self.qtvs)
@@ -125,7 +127,17 @@ class DeltaLinear(_Module):
                 raise ValueError(f"task_ids: {ids.shape[0]} ids for an input of shape {tuple(x.shape)} "
                                  "(give one id per batch element)")
             rows_per = x2.shape[0] // ids.shape[0]
-            if self._plan is not None and x.dtype == self.weight.dtype:
+            plan = self._plan
+            if (plan is not None and x.dtype == self.weight.dtype == torch.float32 and x2.device.type == "cpu"
+                    and plan.base.dtype == torch.float32):
+                # one row grouping per (task ids, rows per id): a decode loop inside one
+                # tenants() block sorts the ids once per layer, not once per step
+                ids_np = ids.numpy()
+                cached = self._groups
+                if cached is None or cached[1] != rows_per or not np.array_equal(cached[0], ids_np):
+                    cached = self._groups = (ids_np.copy(), rows_per, plan.groups(np.repeat(ids_np, rows_per)))
+                y = plan.run(x2.contiguous(), cached[2])
+            elif self._plan is not None and x.dtype == self.weight.dtype:
                 y = self._plan(x2, np.repeat(ids.numpy(), rows_per))
             else:
                 y = vkern.delta_linear(x2, w, self.qtvs, task_ids=ids.repeat_interleave(rows_per),

@@ -7,6 +7,7 @@ base plus its offset), described by a flat table (see ``_components``).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
@@ -452,7 +453,7 @@ def _apply_cpu(call: ApplyCall):
         _ext.C.taskvec_apply_cpu(A.data_ptr(base), A.DTYPE_CODE[A.dtype_name(base)], N, K, _row_stride(base),
                                  A.data_ptr(target), _row_stride(target), table.ctypes.data, coefs.ctypes.data,
                                  len(table), T, 1 if call.method == "ties" else 0, task_coef.ctypes.data,
-                                 0 if thr is None else thr.ctypes.data, 0 if cut is None else cut.ctypes.data)
+                                 0 if thr is None else thr.ctypes.data, 0 if cut is None else cut.ctypes.data, 0)
     if out is None or direct:
         return target
     return _write_out(call, target)
@@ -467,18 +468,30 @@ def _task_groups(ids: np.ndarray, T: int):
 
 
 _BLAS_ROWS = 8  # above this many rows of x, delta_linear's base product goes to the BLAS
+_MERGE_ROWS = 8  # DeltaPlan.run: every tenant with at least this many rows gets its own merged GEMM
+_SCRATCH = threading.local()  # DeltaPlan.run's merged weight, one per thread
+
+
+def _is_q4(q: QTaskVector) -> bool:
+    """One affine 4-bit component whose groups are whole blocks of 32 columns: the kernel's
+    decode path multiplies these straight from the packed nibbles."""
+    return q.scheme == "affine" and q.bits == 4 and not q.is_residual and q.group_size % 32 == 0
 
 
 def _base_by_blas(M: int, base, qtvs: Sequence[QTaskVector], merged: bool) -> bool:
     """Whether x @ base^T goes to the BLAS (then the kernel adds the deltas only). Many rows of
     float32: always (a GEMM). 2..8 rows, one tenant per row (task ids), no sign-only task: also
     (the kernel's fused pass is for BitDelta sign tasks; with affine codes the BLAS product plus
-    one pass over each tenant's codes is faster)."""
+    one pass over each tenant's codes is faster), except when every task is 4-bit affine (_is_q4):
+    then the kernel's decode path reads each base row once for all rows and each tenant's codes
+    once, in one parallel pass, faster than a BLAS call plus a second pass (and on a loaded
+    machine it saves a hand-over between two thread pools, which cost milliseconds per call)."""
     if A.dtype_name(base) != "float32":
         return False
     if M > _BLAS_ROWS:
         return True
-    return M >= 2 and not merged and all(q.scheme != "sign" for q in qtvs)
+    return (M >= 2 and not merged and all(q.scheme != "sign" for q in qtvs)
+            and not all(_is_q4(q) for q in qtvs))
 
 
 def _delta_cpu_core(x32, base, qtvs, table, coefs, coeffs64, ids, torch, out_name: str):
@@ -546,6 +559,82 @@ class DeltaPlan:
         self.coeffs = np.ones(self.T)
         self.table, self.coefs = _components(self.qtvs, self.coeffs, share_bases=False)
         self.K = int(b.shape[1])
+        self._task_tables = None
+
+    def groups(self, task_ids):
+        """The checked row grouping of task_ids (NumPy or torch int [M]) for :meth:`run`: a
+        caller whose ids repeat (DeltaLinear inside one ``tenants`` block) computes it once."""
+        ids = task_ids.numpy() if A.is_torch(task_ids) else np.asarray(task_ids)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 1:
+            raise ValueError(f"task_ids: expected shape (M,), got {tuple(ids.shape)}")
+        if ids.size and (ids.min() < -1 or ids.max() >= self.T):
+            raise ValueError(f"task_ids: every id must be in [-1, T={self.T}) (-1 = base only), "
+                             f"got min={int(ids.min())}, max={int(ids.max())}")
+        order, starts = _task_groups(ids, self.T)
+        return ids, order, starts
+
+    def run(self, x, grouping):
+        """``plan(x, ids)`` with ``grouping = plan.groups(ids)``: x a float32 contiguous torch CPU
+        tensor ``[M, K]`` (what DeltaLinear passes); no other checks. Returns float32 ``[M, N]``."""
+        torch = A.torch_module()
+        ids, order, starts = grouping
+        M = int(x.shape[0])
+        if int(ids.shape[0]) != M:
+            raise ValueError(f"task_ids: expected shape ({M},) (one per row of x), got {tuple(ids.shape)}")
+        base = self.base
+        N = int(base.shape[0])
+        y = torch.empty((M, N), dtype=torch.float32)
+        if not (M and N):
+            return y.zero_()
+        counts = np.diff(starts)
+        if M > _BLAS_ROWS and int(counts[1:][counts[1:] > 0].min(initial=_MERGE_ROWS)) >= _MERGE_ROWS:
+            return self._run_merged(x, ids, order, starts, y)
+        base_done = _base_by_blas(M, base, self.qtvs, False)
+        if base_done:
+            torch.mm(x, base.T, out=y)
+        _ext.C.taskvec_delta_linear_cpu(x.data_ptr(), M, self.K, base.data_ptr(), 0, N, _row_stride(base),
+                                        self.table.ctypes.data, self.coefs.ctypes.data, len(self.table), self.T,
+                                        0, order.ctypes.data, starts.ctypes.data, y.data_ptr(), int(base_done))
+        if not np.isfinite(x.numpy()).all():
+            _nonfinite_rows_by_definition(self.qtvs, self.coeffs, ids, x, base, y)
+        return y
+
+    def _run_merged(self, x, ids, order, starts, y):
+        """Many rows per tenant (a prefill): each tenant's weight base + tau_t is built once in a
+        per-thread scratch (the apply kernel, one pass over the base and the codes) and its rows
+        are one BLAS GEMM, as a dense fine-tune's would be; rows of task -1 use the base."""
+        torch = A.torch_module()
+        base = self.base
+        N, K = (int(s) for s in base.shape)
+        used = [t for t in range(self.T) if starts[t + 2] > starts[t + 1]]
+        scratch = getattr(_SCRATCH, "w", None)
+        if scratch is None or scratch.numel() < len(used) * N * K:
+            scratch = _SCRATCH.w = torch.empty(len(used) * N * K, dtype=torch.float32)
+        if self._task_tables is None:
+            self._task_tables = [_components([q], np.ones(1), False) for q in self.qtvs]
+        one = np.ones(1, dtype=np.float32)
+        weights = {-1: base}
+        for j, t in enumerate(used):  # the applies back to back, then the GEMMs: one hand-over between
+            w = scratch[j * N * K:(j + 1) * N * K].view(N, K)  # vkern's threads and the BLAS's, not 2 per tenant
+            table, coefs = self._task_tables[t]
+            _ext.C.taskvec_apply_cpu(base.data_ptr(), 0, N, K, _row_stride(base), w.data_ptr(), K,
+                                     table.ctypes.data, coefs.ctypes.data, len(table), 1, 0, one.ctypes.data, 0, 0,
+                                     1)
+            weights[t] = w
+        for t in range(-1, self.T):
+            r0, r1 = int(starts[t + 1]), int(starts[t + 2])
+            if r1 == r0:
+                continue
+            rows = torch.from_numpy(order[r0:r1])
+            wt = weights[t]
+            if r1 - r0 == int(x.shape[0]):
+                torch.mm(x, wt.T, out=y)
+            else:
+                y.index_copy_(0, rows, torch.mm(x.index_select(0, rows), wt.T))
+        if not np.isfinite(x.numpy()).all():
+            _nonfinite_rows_by_definition(self.qtvs, self.coeffs, ids, x, base, y)
+        return y
 
     def __call__(self, x, task_ids):
         torch = A.torch_module() if A.is_torch(x) else None
