@@ -69,8 +69,7 @@ void muvera_encode(const MuveraCall& c) {
   // gamma_D(2^-53) S (its products are exact). So where |d32| > (gamma32 + gamma64) |x| |g| + that
   // term (and d32 is finite, so nothing overflowed), |e| > |d64 - e|: d64, e and d32 share a sign.
   // The norms are float64 sums of D terms (relative error below 1e-9 wherever the bound is finite,
-  // D < 2^23): the 1e-6
-  // slack covers them.
+  // D < 2^23): the 1e-6 slack covers them.
   const double kbound = (gamma(D + 1, 0x1p-24) + gamma(D + 1, 0x1p-53)) * (1.0 + 1e-6);
   const double abound = static_cast<double>(2 * D + 2) * 0x1p-126 * (1.0 + gmax);
   // AMS inverse index per repetition: inputs of output j, increasing q, at order[starts[j]..starts[j+1]).
