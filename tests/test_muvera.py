@@ -187,3 +187,93 @@ def test_bad_inputs(rng):
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="docs: contains NaN"):
         mv.encode_documents(bad, cfg, doc_offsets=off)
+
+
+def _simd_levels():
+    return [lv for lv in ("generic", "avx2", "avx512") if lv in vkern.info().get("simd_supported", [])]
+
+
+def near_zero_tokens(rng, cfg, n, rel=1e-9):
+    """n tokens, token i built so that its exact dot with SimHash column i % (R * k) is
+    +-rel * |x| |g| (random sign): far outside float64 rounding (~D * 1e-16 * |x| |g|), well
+    inside float32 rounding (~1e-7 * |x| |g|), so a float32 dot would get that sign wrong about
+    half the time. Returns the tokens and, per token, (r, j, the exact sign)."""
+    import math
+    D, k = cfg.dim, cfg.num_simhash_projections
+    sim = cfg.matrices()["simhash"]
+    xs, cols = [], []
+    for i in range(n):
+        r, j = divmod(i % (cfg.num_repetitions * k), k)
+        g = sim[r][:, j].astype(np.float64)
+        v = rng.standard_normal(D)
+        v[0] = 0.0
+        h = g.copy()
+        h[0] = 0.0
+        x = (v - (v @ h) / (h @ h) * h).astype(np.float32)   # x[0] = 0, the rest nearly orthogonal to g
+        target = (1 if rng.random() < 0.5 else -1) * rel * np.linalg.norm(x) * np.linalg.norm(g)
+        rest = math.fsum(float(x[q]) * float(g[q]) for q in range(1, D))   # products exact in float64
+        x[0] = np.float32((target - rest) / g[0])   # tiny, so finely rounded: the dot lands on target
+        exact = math.fsum(float(x[q]) * float(g[q]) for q in range(D))
+        assert abs(exact - target) < 1e-3 * abs(target)
+        xs.append(x)
+        cols.append((r, j, exact > 0))
+    return np.stack(xs), cols
+
+
+@pytest.mark.parametrize("projection_dim", [None, 8])
+def test_signs_certain_near_zero_dots(projection_dim, rng):
+    """The cpu encoder computes the SimHash dots in float32 and trusts a sign only outside a
+    proven error bound, recomputing the rest in float64 (csrc/cpu/muvera.cpp): on tokens whose
+    dots sit between float32 and float64 rounding, its partitions (and so its vectors) must still
+    be the float64 ones, the reference's, at every SIMD level."""
+    needs("cpu")
+    cfg = mv.MuveraConfig(dim=48, num_repetitions=3, num_simhash_projections=4, projection_dim=projection_dim,
+                          fill_empty_partitions=False, seed=5)
+    x, cols = near_zero_tokens(rng, cfg, 240)
+    sim = cfg.matrices()["simhash"]
+    # the hazard is real: float32 dots get many of these signs wrong ...
+    f32 = np.array([(x[i] @ sim[r][:, j]) > 0 for i, (r, j, _) in enumerate(cols)])
+    want = np.array([s for _, _, s in cols])
+    assert np.mean(f32 != want) > 0.1
+    # ... the reference's float64 dots get them right
+    for r in range(cfg.num_repetitions):
+        b, _ = mv.ref.partitions(x, sim[r])
+        for i, (rr, j, s) in enumerate(cols):
+            if rr == r:
+                assert bool((b[i] >> (cfg.num_simhash_projections - 1 - j)) & 1) == s
+    # one token per set: any wrong bit moves the token to another block
+    off = np.arange(len(x) + 1, dtype=np.int64)
+    ref_fde = mv.encode_documents(x, cfg, doc_offsets=off, backend="reference")
+    try:
+        for level in _simd_levels():
+            vkern.set_simd_level(level)
+            got = mv.encode_documents(x, cfg, doc_offsets=off, backend="cpu")
+            np.testing.assert_array_equal(got, ref_fde, err_msg=level)
+    finally:
+        vkern.set_simd_level("auto")
+
+
+def test_simd_levels_bit_identical(rng):
+    """Every SIMD level of the cpu encoder gives the same bits (AMS sums in the same order, the
+    same certified signs), on tails of every size (tokens per set not a multiple of 4 or 8,
+    SimHash columns not a multiple of 8) and with fill_empty_partitions and a final sketch."""
+    needs("cpu")
+    lengths = rng.integers(0, 90, 30)
+    off = np.zeros(31, np.int64)
+    off[1:] = np.cumsum(lengths)
+    for conf in (dict(dim=37, num_repetitions=5, num_simhash_projections=5, projection_dim=11),
+                 dict(dim=40, num_repetitions=3, num_simhash_projections=3, projection_dim=None),
+                 dict(dim=16, num_repetitions=7, num_simhash_projections=2, projection_dim=6, final_projection_dim=50)):
+        cfg = mv.MuveraConfig(**conf)
+        x = rng.standard_normal((int(off[-1]), cfg.dim)).astype(np.float32)
+        ref_fde = mv.encode_documents(x, cfg, doc_offsets=off, backend="reference")
+        outs = {}
+        try:
+            for level in _simd_levels():
+                vkern.set_simd_level(level)
+                outs[level] = mv.encode_documents(x, cfg, doc_offsets=off, backend="cpu")
+        finally:
+            vkern.set_simd_level("auto")
+        for level, o in outs.items():
+            np.testing.assert_array_equal(o, outs["generic"], err_msg=f"{level} {conf}")
+            np.testing.assert_allclose(o, ref_fde, rtol=1e-6, atol=1e-7, err_msg=f"{level} {conf}")

@@ -317,7 +317,7 @@ def _encode(sets, config, doc_offsets, doc_lengths, average, fill_empty, backend
     if A.is_torch(x):
         if x.numel() and not bool(A.torch_module().isfinite(x).all()):
             raise ValueError(f"{what}: contains NaN or inf")
-    elif x.size and not np.isfinite(x).all():
+    elif x.size and not A.all_finite(x):
         raise ValueError(f"{what}: contains NaN or inf")
     call = EncodeCall(x, off, cfg, average, fill_empty, A.device_of(like) if A.is_torch(like) else "cpu",
                       "torch" if A.is_torch(like) else "numpy")
