@@ -225,3 +225,35 @@ def test_calls_from_two_threads_do_not_wait_for_each_other():
     t.join()
     np.testing.assert_array_equal(out["long"][:2], long_want)
     assert short_done_first, "the short call waited for the long call in another thread"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_waits_for_a_vkern_blas_call():
+    """A fork waits until no BLAS call of vkern's is in flight (vkern._forksafe): forking in the
+    middle of an OpenBLAS GEMM hung the fork test on Zen 3 (OpenBLAS's fork handler waits for the
+    GEMM's worker threads), and that GEMM was delta_linear's base product."""
+    from vkern._forksafe import blas_call
+
+    inside, done = threading.Event(), []
+
+    def blas_user():
+        with blas_call():
+            inside.set()
+            time.sleep(0.4)
+            done.append(time.monotonic())
+
+    t = threading.Thread(target=blas_user)
+    t.start()
+    inside.wait(5)
+    pid = os.fork()
+    if pid == 0:                                    # child: the gate is fresh, calls pass at once
+        with blas_call():
+            pass
+        os._exit(0)
+    forked_at = time.monotonic()
+    t.join()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert done and forked_at >= done[0], "fork() returned while a vkern BLAS call was in flight"
+    with blas_call():                               # the parent's gate is open again
+        pass

@@ -16,6 +16,7 @@ import numpy as np
 from .. import _arrays as A
 from .. import _ext
 from .._backend import Backend, cpu_reason, cuda_reason, host_reason, op, triton_reason
+from .._forksafe import blas_call
 from ..reference import taskvec as ref
 from ..taskvec import QTaskVector, _validate
 from . import taskvec_methods as MM
@@ -506,10 +507,11 @@ def _delta_cpu_core(x32, base, qtvs, table, coefs, coeffs64, ids, torch, out_nam
         order, starts = _task_groups(ids, T)
     base_done = _base_by_blas(M, base, qtvs, merged)
     if base_done and M and N:
-        if torch is None:
-            np.matmul(x32, base.T, out=y)
-        else:
-            torch.mm(x32, base.T, out=y)
+        with blas_call():
+            if torch is None:
+                np.matmul(x32, base.T, out=y)
+            else:
+                torch.mm(x32, base.T, out=y)
     if M and N:
         _ext.C.taskvec_delta_linear_cpu(A.data_ptr(x32), M, K, A.data_ptr(base), A.DTYPE_CODE[A.dtype_name(base)], N,
                                         _row_stride(base), table.ctypes.data, coefs.ctypes.data, len(table), T,
@@ -592,7 +594,8 @@ class DeltaPlan:
             return self._run_merged(x, ids, order, starts, y)
         base_done = _base_by_blas(M, base, self.qtvs, False)
         if base_done:
-            torch.mm(x, base.T, out=y)
+            with blas_call():
+                torch.mm(x, base.T, out=y)
         _ext.C.taskvec_delta_linear_cpu(x.data_ptr(), M, self.K, base.data_ptr(), 0, N, _row_stride(base),
                                         self.table.ctypes.data, self.coefs.ctypes.data, len(self.table), self.T,
                                         0, order.ctypes.data, starts.ctypes.data, y.data_ptr(), int(base_done))
@@ -628,10 +631,11 @@ class DeltaPlan:
                 continue
             rows = torch.from_numpy(order[r0:r1])
             wt = weights[t]
-            if r1 - r0 == int(x.shape[0]):
-                torch.mm(x, wt.T, out=y)
-            else:
-                y.index_copy_(0, rows, torch.mm(x.index_select(0, rows), wt.T))
+            with blas_call():
+                if r1 - r0 == int(x.shape[0]):
+                    torch.mm(x, wt.T, out=y)
+                else:
+                    y.index_copy_(0, rows, torch.mm(x.index_select(0, rows), wt.T))
         if not np.isfinite(x.numpy()).all():
             _nonfinite_rows_by_definition(self.qtvs, self.coeffs, ids, x, base, y)
         return y
