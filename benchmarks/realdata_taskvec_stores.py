@@ -25,17 +25,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-STORES = [  # label, compress kwargs, merged accuracy measured (each costs two passes over the test sets)
-    ("8-bit, group 128", dict(bits=8, group="128"), False),
+STORES = [  # label, compress kwargs, merged accuracy measured (each costs two passes over the test sets; all are)
+    ("8-bit, group 128", dict(bits=8, group="128"), True),
     ("4-bit, group 128", dict(bits=4, group="128"), True),
-    ("3-bit, group 128", dict(bits=3, group="128"), False),
+    ("3-bit, group 128", dict(bits=3, group="128"), True),
     ("2-bit, group 128", dict(bits=2, group="128"), True),
-    ("2-bit, per row", dict(bits=2, group="row"), False),
+    ("2-bit, per row", dict(bits=2, group="row"), True),
     ("RTVQ 2-bit offsets + 3-bit shared base, per row", dict(bits=2, group="row", residual=True, base_bits=3), True),
     ("RTVQ 2-bit offsets + 2-bit shared base, per row", dict(bits=2, group="row", residual=True, base_bits=2), True),
     ("RTVQ 2-bit offsets + 3-bit shared base, group 128", dict(bits=2, group="128", residual=True, base_bits=3),
-     False),
-    ("budget 3 bits/element (TVQ allocation), group 128", dict(bits=2, group="128", budget=3.0), False),
+     True),
+    ("budget 3 bits/element (TVQ allocation), group 128", dict(bits=2, group="128", budget=3.0), True),
 ]
 
 
