@@ -222,6 +222,13 @@ def _prepare_apply(base, qtvs, coeffs, method, density, out, p=None, seed=None, 
     return ApplyCall(b, qs, c, method, density, o, A.device_of(b), lib, origin, p, seed, nm)
 
 
+def _check_task_id_range(ids: np.ndarray, T: int) -> None:
+    """delta_linear's task ids (int64 [M]): each in [-1, T) (-1 = base only)."""
+    if ids.size and (ids.min() < -1 or ids.max() >= T):
+        raise ValueError(f"task_ids: every id must be in [-1, T={T}) (-1 = base only), "
+                         f"got min={int(ids.min())}, max={int(ids.max())}")
+
+
 def _prepare_delta(x, base, qtvs, coeffs, task_ids) -> DeltaCall:
     xx, origin = A.to_native(x, "x")
     _check_float(xx, "x")
@@ -255,9 +262,7 @@ def _prepare_delta(x, base, qtvs, coeffs, task_ids) -> DeltaCall:
         if _device_str(ids_native) != device:
             raise ValueError(f"mixed devices: task_ids on {_device_str(ids_native)}, base on {device}")
         ids = (ids_native if isinstance(ids_native, np.ndarray) else ids_native.detach().cpu().numpy()).astype(np.int64)
-        if M and (ids.min() < -1 or ids.max() >= T):
-            raise ValueError(f"task_ids: every id must be in [-1, T={T}) (-1 = base only), "
-                             f"got min={int(ids.min())}, max={int(ids.max())}")
+        _check_task_id_range(ids, T)
     lib = "numpy" if isinstance(b, np.ndarray) else "torch"
     return DeltaCall(xx, single, b, qs, c, ids, ids_native, A.device_of(b), lib, origin)
 
@@ -570,9 +575,7 @@ class DeltaPlan:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if ids.ndim != 1:
             raise ValueError(f"task_ids: expected shape (M,), got {tuple(ids.shape)}")
-        if ids.size and (ids.min() < -1 or ids.max() >= self.T):
-            raise ValueError(f"task_ids: every id must be in [-1, T={self.T}) (-1 = base only), "
-                             f"got min={int(ids.min())}, max={int(ids.max())}")
+        _check_task_id_range(ids, self.T)
         order, starts = _task_groups(ids, self.T)
         return ids, order, starts
 
@@ -654,9 +657,7 @@ class DeltaPlan:
         M = int(x32.shape[0])
         if ids.shape != (M,):
             raise ValueError(f"task_ids: expected shape ({M},) (one per row of x), got {tuple(ids.shape)}")
-        if M and (ids.min() < -1 or ids.max() >= self.T):
-            raise ValueError(f"task_ids: every id must be in [-1, T={self.T}) (-1 = base only), "
-                             f"got min={int(ids.min())}, max={int(ids.max())}")
+        _check_task_id_range(ids, self.T)
         base = self.base
         if type(x32) is not type(base):
             raise TypeError(f"x: expected the array kind of base ({type(base).__name__}), got {type(x).__name__}")
