@@ -74,3 +74,48 @@ def test_the_named_fix_works():
     got = vkern.maxsim(q.astype(np.float32), d.astype(np.float32), doc_offsets=np.array([0, 10]))
     want = (q @ d.T).max(axis=1).sum()
     np.testing.assert_allclose(got, [want], rtol=1e-4)
+
+
+def _padded_ops():
+    """Every op that takes padded docs [N, Ld, D] with doc_lengths [N]: name -> call(docs, lengths)."""
+    from vkern import muvera
+
+    q = f32(4, 8)
+    cfg = muvera.MuveraConfig(dim=8, num_repetitions=2, num_simhash_projections=2, seed=1)
+    return {
+        "maxsim": lambda d, ln: vkern.maxsim(q, d, doc_lengths=ln, backend="cpu"),
+        "pool_tokens": lambda d, ln: vkern.pool_tokens(d, doc_lengths=ln, pool_factor=2),
+        "quantize_docs": lambda d, ln: vkern.quantize_docs(d, doc_lengths=ln),
+        "muvera.encode_documents": lambda d, ln: muvera.encode_documents(d, cfg, doc_lengths=ln),
+    }
+
+
+@pytest.mark.parametrize("bad, exc, pattern", [
+    (np.array([2.0, 3.0, 1.0]), TypeError, r"^doc_lengths: expected an integer array, got float64$"),
+    (np.array([2, 3]), ValueError, r"^doc_lengths: expected shape \(3,\) \(one per document\), got \(2,\)$"),
+    (np.array([[2, 3, 1]]), ValueError, r"^doc_lengths: expected shape \(3,\) \(one per document\), got \(1, 3\)$"),
+    (np.array([2, 6, 1]), ValueError, r"^doc_lengths: every length must be in \[0, Ld=5\], got min=1, max=6$"),
+    (np.array([2, -1, 1]), ValueError, r"^doc_lengths: every length must be in \[0, Ld=5\], got min=-1, max=2$"),
+])
+@pytest.mark.parametrize("op", sorted(_padded_ops()))
+def test_padded_doc_lengths_checked_alike(op, bad, exc, pattern):
+    # One check (vkern._arrays.padded_lengths) for every op: same type, same message, before any kernel.
+    docs = f32(3, 5, 8)
+    with pytest.raises(exc, match=pattern):
+        _padded_ops()[op](docs, bad)
+
+
+@pytest.mark.parametrize("op", sorted(_padded_ops()))
+def test_padded_doc_lengths_of_another_kind_refused(op):
+    torch = pytest.importorskip("torch")
+    docs = f32(3, 5, 8)
+    with pytest.raises(TypeError, match="mixed array kinds"):
+        _padded_ops()[op](docs, torch.tensor([2, 3, 1]))
+
+
+@pytest.mark.parametrize("op", sorted(_padded_ops()))
+def test_padded_doc_lengths_accepted_alike(op):
+    # The good cases the check must let through: int32 and int64, zero and full lengths.
+    docs = f32(3, 5, 8)
+    for ln in (np.array([0, 5, 2], np.int32), np.array([5, 5, 5], np.int64), None):
+        _padded_ops()[op](docs, ln)

@@ -101,6 +101,26 @@ def same_place(arrays: dict) -> str:
     return next(iter(libs.values()))
 
 
+def padded_lengths(doc_lengths: Any, docs: Any, what: str = "docs") -> np.ndarray:
+    """Host int64 [N] lengths for padded docs [N, Ld, D] (Ld each where doc_lengths is None),
+    checked as every op checks them: same library and device as the docs, an integer dtype,
+    shape (N,), every length in [0, Ld]."""
+    N, Ld = int(docs.shape[0]), int(docs.shape[1])
+    if doc_lengths is None:
+        return np.full(N, Ld, np.int64)
+    ln = to_native(doc_lengths, "doc_lengths")[0]
+    same_place({what: docs, "doc_lengths": ln})
+    if not is_integer(ln):
+        raise TypeError(f"doc_lengths: expected an integer array, got {dtype_name(ln)}")
+    if tuple(ln.shape) != (N,):
+        raise ValueError(f"doc_lengths: expected shape ({N},) (one per document), got {tuple(ln.shape)}")
+    lens = (ln if isinstance(ln, np.ndarray) else ln.detach().to("cpu").numpy()).astype(np.int64, copy=False)
+    if N and (lens.min() < 0 or lens.max() > Ld):
+        raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}], "
+                         f"got min={int(lens.min())}, max={int(lens.max())}")
+    return lens
+
+
 def is_float(a: Any) -> bool:
     return dtype_name(a) in FLOAT_DTYPES
 

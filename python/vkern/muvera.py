@@ -360,17 +360,7 @@ def _device_packed(sets, doc_offsets, doc_lengths, what: str):
         if doc_offsets is not None:
             raise ValueError("doc_offsets: only valid with packed docs [T, D]; padded docs use doc_lengths")
         N, Ld = int(d.shape[0]), int(d.shape[1])
-        lens = np.full(N, Ld, np.int64)
-        if doc_lengths is not None:
-            ln = A.to_native(doc_lengths, "doc_lengths")[0]
-            A.same_place({what: d, "doc_lengths": ln})
-            if not A.is_integer(ln):
-                raise TypeError(f"doc_lengths: expected an integer array, got {A.dtype_name(ln)}")
-            lens = _host_ints(ln)
-            if lens.shape != (N,):
-                raise ValueError(f"doc_lengths: expected shape ({N},), got {lens.shape}")
-            if np.any(lens < 0) or np.any(lens > Ld):
-                raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}]")
+        lens = A.padded_lengths(doc_lengths, d, what)
         off = np.zeros(N + 1, np.int64)
         np.cumsum(lens, out=off[1:])
         mask = torch.from_numpy(np.arange(Ld)[None, :] < lens[:, None]).to(d.device)

@@ -168,10 +168,7 @@ def _prepare(queries, docs, doc_offsets, doc_lengths, query_lengths, topk) -> Ma
                              f"got first={int(off[0])}, last={int(off[-1])}, "
                              f"decreasing steps={int(np.sum(np.diff(off) < 0))}")
     else:
-        Ld = int(d.shape[1])
-        ln = _host_ints(lengths) if lengths is not None else np.full(N, Ld, dtype=np.int64)
-        if np.any(ln < 0) or np.any(ln > Ld):
-            raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}], got min={int(ln.min())}, max={int(ln.max())}")
+        ln = A.padded_lengths(lengths, d)
     ql = _host_ints(qlens) if qlens is not None else np.full(B, Lq, dtype=np.int64)
     if np.any(ql < 0) or np.any(ql > Lq):
         raise ValueError(f"query_lengths: every length must be in [0, Lq={Lq}], got min={int(ql.min())}, max={int(ql.max())}")

@@ -105,11 +105,7 @@ def quantize_docs(docs, *, doc_offsets=None, doc_lengths=None) -> QuantizedDocs:
         if doc_offsets is not None:
             raise ValueError("doc_offsets: only valid with packed docs [T, D]; padded docs use doc_lengths")
         N, Ld, D = (int(s) for s in d.shape)
-        lens = np.full(N, Ld, np.int64) if doc_lengths is None else small(doc_lengths, "doc_lengths")
-        if not (isinstance(lens, np.ndarray) and lens.dtype.kind in "iu") or lens.shape != (N,):
-            raise ValueError(f"doc_lengths: expected integers of shape ({N},), got {getattr(lens, 'shape', None)}")
-        if np.any(lens < 0) or np.any(lens > Ld):
-            raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}]")
+        lens = A.padded_lengths(doc_lengths, d)
         off = np.zeros(N + 1, np.int64)
         np.cumsum(lens, out=off[1:])
         mask = np.arange(Ld)[None, :] < lens[:, None]

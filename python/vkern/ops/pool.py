@@ -55,16 +55,7 @@ def packed_docs(docs, doc_offsets, doc_lengths, what: str = "docs"):
         if doc_offsets is not None:
             raise ValueError("doc_offsets: only valid with packed docs [T, D]; padded docs use doc_lengths")
         N, Ld, _ = x.shape
-        lens = np.full(N, Ld, np.int64)
-        if doc_lengths is not None:
-            ln, _ = A.to_native(doc_lengths, "doc_lengths")
-            if not A.is_integer(ln):
-                raise TypeError(f"doc_lengths: expected an integer array, got {A.dtype_name(ln)}")
-            lens = A.to_numpy(ln).astype(np.int64)
-            if lens.shape != (N,):
-                raise ValueError(f"doc_lengths: expected shape ({N},), got {lens.shape}")
-            if np.any(lens < 0) or np.any(lens > Ld):
-                raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}]")
+        lens = A.padded_lengths(doc_lengths, d, what)
         off = np.zeros(N + 1, np.int64)
         np.cumsum(lens, out=off[1:])
         return x[np.arange(Ld)[None, :] < lens[:, None]], off, d
