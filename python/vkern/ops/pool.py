@@ -5,7 +5,7 @@ Contract: docs/ops/retrieval_memory.md; definitions: vkern/reference/pool.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
