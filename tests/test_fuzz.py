@@ -1,5 +1,6 @@
-"""Differential fuzzing (issue 11): every public op and mode, cpu backend against the NumPy
-reference, on generated inputs (every dtype, NumPy and torch, contiguous / Fortran / strided /
+"""Differential fuzzing (issue 11): every public op and mode (since 2026-12-04 also token pooling,
+segment means, int8 documents, candidate rescoring with doc_ids, MUVERA encodings and MaxSim
+gradients), cpu backend against the NumPy reference, on generated inputs (every dtype, NumPy and torch, contiguous / Fortran / strided /
 transposed / negative-stride / big-endian layouts, NaN / inf / -0, empty and size-1 dims), plus
 an invalid-input fuzz that requires the documented exception type (ValueError / TypeError).
 
@@ -674,6 +675,263 @@ def check_quantize(data, case):
             raise Mismatch("an exact zero did not stay zero")
 
 
+# ------------------------------------------------------------------ smaller indexes (issue 15) and gradients (issue 14)
+
+def _draw_docs(data, case, kind, D, N, label="d", layouts=True):
+    """(docs factory, kwargs factory, lens): packed, padded or list documents of N token sets."""
+    lens = [data.draw(st.integers(0, 9), label=f"{label}.len") for _ in range(N)]
+    mode = data.draw(st.sampled_from(["packed", "padded", "list"]), label=f"{label}.mode")
+    if mode == "packed":
+        ds = draw_spec(data, draw_values(data, (sum(lens), D), case, label=label), kind=kind, label=label,
+                       layouts=layouts)
+        off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        return ds.make, lambda: {"doc_offsets": ints_like(off, kind)}, lens
+    if mode == "padded":
+        Ld = max(lens, default=0) + data.draw(st.integers(0, 2), label=f"{label}.pad")
+        ds = draw_spec(data, draw_values(data, (N, Ld, D), case, label=label), kind=kind, label=label,
+                       layouts=layouts)
+        if data.draw(st.booleans(), label=f"{label}.lengths?"):
+            return ds.make, lambda: {"doc_lengths": ints_like(lens, kind)}, lens
+        return ds.make, dict, [Ld] * N
+    specs = [draw_spec(data, draw_values(data, (n, D), case, label=label), kind=kind, label=label,
+                       layouts=layouts) for n in lens]
+    return (lambda: [sp.make() for sp in specs]), dict, lens
+
+
+def _kind(data):
+    return data.draw(st.sampled_from(["numpy", "torch"] if torch is not None else ["numpy"]), label="kind")
+
+
+def _doc_list(d, kw):
+    """The documents as host float32 arrays, one per document (what the op sees)."""
+    if isinstance(d, list):
+        return [host(x).astype(np.float32) for x in d]
+    x = host(d).astype(np.float32)
+    if "doc_offsets" in kw:
+        off = host(kw["doc_offsets"])
+        return [x[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+    lens = host(kw["doc_lengths"]) if "doc_lengths" in kw else [x.shape[1]] * x.shape[0]
+    return [x[i, :n] for i, n in enumerate(lens)]
+
+
+def _ward_has_ties(docs, protected):
+    """True if some document's Ward distances (1 - x x^T over its unprotected tokens) repeat."""
+    for x in docs:
+        y = x[min(protected, len(x)):].astype(np.float64)
+        if len(y) < 3:
+            continue
+        dist = (1.0 - y @ y.T)[np.triu_indices(len(y), 1)]
+        if not np.isfinite(dist).all():
+            continue   # refused anyway
+        dist = np.sort(dist)
+        if np.any(np.diff(dist) <= 1e-6 * (1.0 + np.abs(dist[1:]))):
+            return True
+    return False
+
+
+def check_pool(data, case):
+    kind = _kind(data)
+    D, N = data.draw(st.integers(1, 8), label="D"), data.draw(st.integers(0, 4), label="N")
+    docs, kw, _ = _draw_docs(data, case, kind, D, N)
+    args = dict(pool_factor=data.draw(st.integers(1, 4), label="pool_factor"),
+                protected_tokens=data.draw(st.integers(0, 2), label="protected_tokens"),
+                method=data.draw(st.sampled_from(["ward", "kmeans"]), label="method"),
+                seed=data.draw(st.integers(0, 3), label="seed"))
+    got, want = same_refusal(lambda: vkern.pool_tokens(docs(), backend="reference", **args, **kw()),
+                             lambda: vkern.pool_tokens(docs(), backend="cpu", **args, **kw()), case)
+    if want is None:
+        return
+    if args["method"] == "ward" and _ward_has_ties(_doc_list(docs(), kw()), args["protected_tokens"]):
+        # Exact distance ties: the merge order among equal distances is not part of the contract
+        # (SciPy's own recipe can form fewer clusters there), so check only what must hold anyway:
+        # one pooled document per document, none longer than its cluster budget, none empty
+        # that was not empty, protected tokens kept as they were.
+        lens = [len(x) for x in _doc_list(docs(), kw())]
+        for name, res in (("cpu", got), ("reference", want)):
+            n_out = np.diff(host(res[1]))
+            p, f = args["protected_tokens"], args["pool_factor"]
+            bound = [n if max((n - min(p, n)) // f, 1) >= n - min(p, n) else min(p, n) + max((n - min(p, n)) // f, 1)
+                     for n in lens]
+            if len(n_out) != len(lens) or np.any(n_out > bound) or np.any((n_out == 0) != (np.asarray(lens) == 0)):
+                raise Mismatch(f"{name}: pooled lengths {n_out.tolist()} for documents of {lens} tokens ({args})")
+        return
+    if not np.array_equal(host(got[1]), host(want[1])):
+        raise Mismatch(f"pooled doc_offsets {host(got[1]).tolist()} vs reference {host(want[1]).tolist()} ({args})")
+    agree(got[0], want[0], what=f"pooled tokens ({args['method']})")
+
+
+def check_segment_mean(data, case):
+    kind = _kind(data)
+    T, D = data.draw(st.integers(0, 12), label="T"), data.draw(st.integers(1, 8), label="D")
+    xs = draw_spec(data, draw_values(data, (T, D), case), kind=kind)
+    S = data.draw(st.integers(1, 5), label="S")
+    ids = np.asarray([data.draw(st.integers(0, S - 1), label="id") for _ in range(T)], np.int64)
+    given_s = data.draw(st.booleans(), label="num_segments?")
+
+    def call(backend):
+        return vkern.segment_mean(xs.make(), ints_like(ids, kind), num_segments=S if given_s else None,
+                                  backend=backend)
+
+    got, want = same_refusal(lambda: call("reference"), lambda: call("cpu"), case)
+    if want is not None:
+        agree(got, want, what="segment means")
+
+
+def _draw_queries(data, case, kind, D):
+    batched = data.draw(st.booleans(), label="batched")
+    B, Lq = (data.draw(st.integers(0, 3), label="B") if batched else 1), data.draw(st.integers(0, 5), label="Lq")
+    qs = draw_spec(data, draw_values(data, (B, Lq, D) if batched else (Lq, D), case, label="q"), kind=kind,
+                   label="q")
+    kw = {}
+    if batched and data.draw(st.booleans(), label="query_lengths?"):
+        ql = [data.draw(st.integers(0, Lq), label="ql") for _ in range(B)]
+        kw["query_lengths"] = ints_like(ql, kind)
+    return qs, kw, B, batched
+
+
+def check_maxsim_int8(data, case):
+    # quantize_docs then the int8 path of maxsim: cpu vs reference (queries quantised per call).
+    kind = _kind(data)
+    D, N = data.draw(st.integers(1, 12), label="D"), data.draw(st.integers(0, 5), label="N")
+    qs, qkw, B, batched = _draw_queries(data, case, kind, D)
+    docs, kw, _ = _draw_docs(data, case, kind, D, N)
+    try:
+        qd = vkern.quantize_docs(docs(), **kw())
+    except (ValueError, TypeError) as exc:   # non-finite docs: refused before any kernel, by contract
+        case.refused, case.refusal = True, f"{type(exc).__name__}: {exc}"[:300]
+        return
+    topk = data.draw(st.one_of(st.none(), st.integers(1, N + 2)), label="topk")
+
+    def call(backend, k=topk):
+        return vkern.maxsim(qs.make(), qd, topk=k, backend=backend, **qkw)
+
+    got, want = same_refusal(lambda: call("reference"), lambda: call("cpu"), case)
+    if want is None:
+        return
+    if topk is None:
+        agree(got, want, what="int8 scores")
+        return
+    agree(got[0], want[0], what="int8 top-k scores")
+    if host(got[1]).shape != host(want[1]).shape:
+        raise Mismatch(f"int8 top-k indices: shape {host(got[1]).shape} vs {host(want[1]).shape}")
+    full = host(call("reference", None)).astype(np.float64)
+    if not full.size:
+        return
+    full = full.reshape(-1, full.shape[-1])
+    for r, (a, b) in enumerate(zip(host(got[1]).reshape(-1, host(got[1]).shape[-1]),
+                                   host(want[1]).reshape(-1, host(want[1]).shape[-1]))):
+        if not np.array_equal(a, b) and not tie_equivalent(full[r], a, b):
+            raise Mismatch(f"int8 top-k indices row {r}: {a} vs reference {b} (scores {full[r]})")
+
+
+def check_maxsim_subset(data, case):
+    # doc_ids: one candidate list for every query, or one per query, over packed / padded / int8 docs.
+    kind = _kind(data)
+    D, N = data.draw(st.integers(1, 12), label="D"), data.draw(st.integers(1, 5), label="N")
+    qs, qkw, B, batched = _draw_queries(data, case, kind, D)
+    docs, kw, _ = _draw_docs(data, case, kind, D, N)
+    per_query = batched and data.draw(st.booleans(), label="per_query?")
+    K = data.draw(st.integers(0, N + 1), label="K")
+    ids = np.asarray([[data.draw(st.integers(0, N - 1), label="id") for _ in range(K)]
+                      for _ in range(B if per_query else 1)], np.int64)
+    ids = ids if per_query else ids[0]
+    topk = data.draw(st.one_of(st.none(), st.integers(1, K + 1)), label="topk")
+    d = docs()
+    if isinstance(d, list):   # doc_ids works on a store: pack the list first
+        return
+    extra = kw()
+
+    def call(backend, k=topk):
+        return vkern.maxsim(qs.make(), d, doc_ids=ints_like(ids, kind), topk=k, backend=backend, **qkw, **extra)
+
+    got, want = same_refusal(lambda: call("reference"), lambda: call("cpu"), case)
+    if want is None:
+        return
+    if topk is None:
+        agree(got, want, what="candidate scores")
+        return
+    agree(got[0], want[0], what="candidate top-k scores")
+    gi, wi = host(got[1]), host(want[1])
+    if gi.shape != wi.shape:
+        raise Mismatch(f"candidate top-k indices: {gi.shape} vs {wi.shape}")
+    full = host(call("reference", None)).astype(np.float64)
+    if not full.size:
+        return
+    full, cand = full.reshape(-1, full.shape[-1]), np.broadcast_to(ids, (full.reshape(-1, full.shape[-1]).shape[0],
+                                                                         ids.shape[-1]))
+    for r, (a, b) in enumerate(zip(gi.reshape(-1, gi.shape[-1]), wi.reshape(-1, wi.shape[-1]))):
+        if np.array_equal(a, b):
+            continue
+        score_of = {int(c): full[r][j] for j, c in enumerate(cand[r])}   # by original id (a repeated id: same score)
+        sa = np.sort([score_of[int(i)] for i in a if i >= 0])
+        sb = np.sort([score_of[int(i)] for i in b if i >= 0])
+        if sa.shape != sb.shape or not np.allclose(sa, sb, rtol=1e-4, atol=1e-6, equal_nan=True):
+            raise Mismatch(f"candidate top-k indices row {r}: {a} vs reference {b} (candidates {cand[r]})")
+
+
+def check_muvera(data, case):
+    from vkern import muvera
+
+    kind = _kind(data)
+    D = data.draw(st.integers(1, 8), label="D")
+    cfg = muvera.MuveraConfig(
+        dim=D, num_repetitions=data.draw(st.integers(1, 3), label="R"),
+        num_simhash_projections=data.draw(st.integers(0, 3), label="k"),
+        projection_dim=data.draw(st.one_of(st.none(), st.integers(1, 4)), label="projection_dim"),
+        fill_empty_partitions=data.draw(st.booleans(), label="fill"),
+        final_projection_dim=data.draw(st.one_of(st.none(), st.integers(1, 16)), label="final"),
+        seed=data.draw(st.integers(0, 5), label="seed"))
+    if data.draw(st.booleans(), label="documents?"):
+        docs, kw, _ = _draw_docs(data, case, kind, D, data.draw(st.integers(0, 4), label="N"))
+
+        def call(backend):
+            return muvera.encode_documents(docs(), cfg, backend=backend, **kw())
+    else:
+        qs, qkw, _, _ = _draw_queries(data, case, kind, D)
+
+        def call(backend):
+            return muvera.encode_queries(qs.make(), cfg, backend=backend, **qkw)
+
+    got, want = same_refusal(lambda: call("reference"), lambda: call("cpu"), case)
+    if want is not None:
+        agree(got, want, what="FDE")
+
+
+def check_maxsim_grad(data, case):
+    # torch autograd through vkern.maxsim: the cpu kernels' gradients against the reference's.
+    if torch is None:
+        return
+    D, N = data.draw(st.integers(1, 8), label="D"), data.draw(st.integers(0, 4), label="N")
+    qs, qkw, B, batched = _draw_queries(data, case, "torch", D)
+    docs, kw, _ = _draw_docs(data, case, "torch", D, N, layouts=False)
+    w_seed = data.draw(st.integers(0, 2**16), label="w.seed")
+
+    def call(backend):
+        q = qs.make().detach().requires_grad_(True)
+        d = docs()
+        d = [x.detach().requires_grad_(True) for x in d] if isinstance(d, list) else d.detach().requires_grad_(True)
+        s = vkern.maxsim(q, d, backend=backend, **qkw, **kw())
+        w = torch.from_numpy(np.random.default_rng(w_seed).standard_normal(tuple(s.shape)).astype(np.float32))
+        # -inf scores (empty documents) carry no gradient; keep them out of the loss
+        (torch.where(torch.isfinite(s), s, torch.zeros_like(s)).float() * w).sum().backward()
+        dg = [x.grad for x in d] if isinstance(d, list) else [d.grad]
+        return s.detach(), q.grad, dg
+
+    got, want = same_refusal(lambda: call("reference"), lambda: call("cpu"), case)
+    if want is None:
+        return
+    agree(got[0], want[0], what="scores")
+    if want[0].numel() and not torch.isfinite(want[0]).all():
+        return   # NaN scores: gradients are not defined (argmax of NaN similarities); scores agreed above
+    for name, g, r in [("queries.grad", got[1], want[1])] + [(f"docs.grad[{i}]", a, b)
+                                                               for i, (a, b) in enumerate(zip(got[2], want[2]))]:
+        if (g is None) != (r is None):
+            raise Mismatch(f"{name}: {'None' if g is None else 'a tensor'} vs reference "
+                           f"{'None' if r is None else 'a tensor'}")
+        if g is not None:
+            agree(g, r, what=name, rtol=1e-3)
+
+
 OPS = {
     "maxsim": check_maxsim,
     "loki_attention": check_loki,
@@ -686,6 +944,12 @@ OPS = {
     "delta_linear": check_delta_linear,
     "taskvec.dequantize": check_dequantize,
     "taskvec.quantize": check_quantize,
+    "pool_tokens": check_pool,
+    "segment_mean": check_segment_mean,
+    "maxsim int8 docs": check_maxsim_int8,
+    "maxsim doc_ids": check_maxsim_subset,
+    "muvera": check_muvera,
+    "maxsim gradients": check_maxsim_grad,
 }
 
 

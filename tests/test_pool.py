@@ -111,6 +111,41 @@ def test_cpu_equals_reference_exactly_and_cluster_order(rng):
             np.testing.assert_allclose(r[0], c[0], rtol=0, atol=1e-6)
 
 
+def test_negative_dissimilarities_pool_alike_on_every_backend():
+    # Vectors that are not unit-norm make 1 - <x_i, x_j> negative. SciPy refuses such a tree
+    # (fcluster: negative distances); vkern keeps the sign of each square so that the cpu
+    # kernel's nearest-neighbour chain and the reference's closest-pair search build one tree.
+    # Before that fix these documents (found by tests/test_fuzz.py) pooled differently.
+    needs("cpu")
+    for seed, n, D in [(14, 6, 8), (6, 7, 3), (26, 9, 6), (3, 40, 16)]:
+        x = np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
+        off = np.array([0, n])
+        assert (1.0 - x @ x.T)[np.triu_indices(n, 1)].min() < -1.0
+        for pf in (2, 3):
+            r = vkern.pool_tokens(x, doc_offsets=off, pool_factor=pf, protected_tokens=0, backend="reference")
+            c = vkern.pool_tokens(x, doc_offsets=off, pool_factor=pf, protected_tokens=0, backend="cpu")
+            assert r[1].tolist() == c[1].tolist() == [0, max(n // pf, 1)]
+            np.testing.assert_allclose(c[0], r[0], rtol=0, atol=1e-6)
+    # A near-duplicate pair of unit vectors: its dissimilarity rounds below 0, where PyLate's
+    # recipe stops (SciPy: negative distances). vkern pools it as SciPy pools the same matrix with
+    # that entry raised to 0 (the pair is the closest either way).
+    u = np.random.default_rng(5).standard_normal((24, 32)).astype(np.float32)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    u[13] = u[4] * np.float32(1.0000001)
+    dist = 1.0 - (u @ u.T).astype(np.float64)
+    cond = dist[np.triu_indices(24, 1)]
+    assert cond.min() < 0
+    with pytest.raises(ValueError, match="negative distances"):
+        hierarchy.fcluster(hierarchy.linkage(cond, method="ward"), 8, criterion="maxclust")
+    labels = hierarchy.fcluster(hierarchy.linkage(np.maximum(cond, 0), method="ward"), 8, criterion="maxclust")
+    want = np.stack([u[labels == c].astype(np.float64).mean(0) for c in np.unique(labels)]).astype(np.float32)
+    for backend in ("reference", "cpu"):
+        pooled, o = vkern.pool_tokens(u, doc_offsets=np.array([0, 24]), pool_factor=3, protected_tokens=0,
+                                      backend=backend)
+        assert o.tolist() == [0, 8]
+        assert same_rows(pooled, want)
+
+
 def test_ties_give_fewer_clusters_like_scipy():
     # 6 tokens in 2 groups of identical vectors: all within-group distances tie at 0, so
     # maxclust=3 can only form the 2 groups (SciPy does the same).

@@ -8,6 +8,9 @@ the protected tokens, then one mean per cluster, clusters ordered by their lowes
 ward: PyLate's recipe. Dissimilarity 1 - <x_i, x_j> (the cosine distance of normalised vectors),
 the dot products in float32 and the rest in float64, merged by Ward's rule in its Lance-Williams
 form on those dissimilarities (what ``scipy.cluster.hierarchy.linkage(condensed, "ward")`` does),
+with one extension: a negative dissimilarity (vectors not of unit norm, or rounding between
+near-duplicate tokens; SciPy refuses those, so PyLate's pooling raises) enters the rule as its
+square with its sign, which keeps the rule reducible and the tree the same for every merge order,
 then cut like ``fcluster(Z, k, criterion="maxclust")``: the smallest merge height r such that the
 merges of height <= r leave at most k clusters (fewer when merge heights tie at the cut).
 
@@ -39,7 +42,8 @@ def ward_merges(d: np.ndarray):
     closest active pair, update by Lance-Williams). Returns a list of (a, b, height) with a, b the
     smallest token index of each merged cluster, in merge order."""
     m = d.shape[0]
-    d = d.astype(np.float64).copy()
+    d = d.astype(np.float64)
+    d = d * np.abs(d)                # the squares, a negative dissimilarity keeping its sign
     np.fill_diagonal(d, np.inf)
     size = np.ones(m)
     rep = np.arange(m)               # smallest token index in each active cluster
@@ -53,8 +57,13 @@ def ward_merges(d: np.ndarray):
         merges.append((int(min(rep[i], rep[j])), int(max(rep[i], rep[j])), float(h)))
         ni, nj = size[i], size[j]
         nk = size
-        # Ward's update: d(k, i+j)^2 = ((ni+nk) d(k,i)^2 + (nj+nk) d(k,j)^2 - nk d(i,j)^2) / (ni+nj+nk)
-        new = np.sqrt(np.maximum(((ni + nk) * d[i] ** 2 + (nj + nk) * d[j] ** 2 - nk * h * h) / (ni + nj + nk), 0))
+        # Ward's update on the squares: d(k, i+j)^2 = ((ni+nk) d(k,i)^2 + (nj+nk) d(k,j)^2 - nk d(i,j)^2)
+        # / (ni+nj+nk), a negative result kept (SciPy takes its square root: NaN; never with
+        # dissimilarities >= 0 from unit vectors in practice). With signed squares and no clamp the
+        # rule stays reducible even where a dissimilarity is negative, so any merge order (this
+        # generic one, SciPy's NN-chain, the cpu kernel's) gives the same tree; heights are kept as
+        # squares (same order).
+        new = ((ni + nk) * d[i] + (nj + nk) * d[j] - nk * h) / (ni + nj + nk)
         keep = min(i, j)
         gone = max(i, j)
         d[keep] = new
