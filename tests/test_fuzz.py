@@ -1017,7 +1017,16 @@ INVALID = {
                      {"x": (2,), "base": (2,)}, {}),
     "loki.rotate": (lambda: {"x": _f32(3, 4, 8), "P": _f32(2, 8, 8)},
                     lambda a, be: vkern.loki.rotate(a["x"], a["P"], backend=be), {"x": (2, 3, 4, 5), "P": (3,)}, {}),
+    "pool_tokens": (lambda: {"docs": _f32(10, 8), "doc_offsets": np.array([0, 4, 10]), "pool_factor": 2,
+                             "protected_tokens": 1},
+                    lambda a, be: vkern.pool_tokens(a["docs"], doc_offsets=a["doc_offsets"], pool_factor=a["pool_factor"],
+                                                    protected_tokens=a["protected_tokens"], backend=be),
+                    {"docs": (2,), "doc_offsets": (1,)}, {"pool_factor": (1, None), "protected_tokens": (0, None)}),
+    "segment_mean": (lambda: {"docs": _f32(10, 8), "segment_ids": np.array([0, 0, 1, 2, 2, 2, 3, 3, 3, 3])},
+                     lambda a, be: vkern.segment_mean(a["docs"], a["segment_ids"], backend=be),
+                     {"docs": (2,), "segment_ids": (1,)}, {}),
 }
+UNBOUNDED_INTS = {"pool_factor", "protected_tokens"}   # any large value is valid (one cluster / all kept)
 
 FLOAT_ARGS = {"queries", "docs", "q", "k_cache", "v_cache", "k", "v", "scores", "base", "x", "P"}
 
@@ -1052,18 +1061,21 @@ def _mutate(data, op, args, no_dim=False):
     if what == "not-an-array":
         name = data.draw(st.sampled_from(arrays), label="arg")
         values = [None, "x", 3, 2.5, {"a": 1}, object()]
-        if name == "seq_lens":
-            values = values[1:]               # None: the default
+        if name == "seq_lens" or (name == "doc_offsets" and op == "pool_tokens"):
+            values = values[1:]               # None: the default (pool_tokens: padded docs take none)
         args[name] = data.draw(st.sampled_from(values), label="value")
         return f"{name}=not an array"
     if what == "backend":
         args["__backend__"] = data.draw(st.sampled_from(["gpu", "", "numpy", "cpu ", 3]), label="backend")
         return "backend"
     if what == "dim":
-        name = data.draw(st.sampled_from([a for a in arrays if args[a].ndim >= 2 or a in ("doc_offsets", "seq_lens")]),
-                         label="arg")
+        name = data.draw(st.sampled_from([a for a in arrays if (args[a].ndim >= 2 and op not in ("pool_tokens", "segment_mean"))
+                                          or a in ("doc_offsets", "seq_lens", "segment_ids")]), label="arg")
         x = args[name]
         ax = data.draw(st.integers(0, x.ndim - 1), label="axis")
+        if name == "segment_ids":          # one id too many or too few: not one per row
+            args[name] = np.concatenate([x, x[:1]]) if data.draw(st.booleans(), label="longer") else x[1:]
+            return f"{name}.shape"
         if name in ("doc_offsets", "seq_lens"):
             bad = x.copy()
             bad[data.draw(st.integers(0, len(x) - 1), label="i")] = data.draw(st.sampled_from([-1, 10**6]), label="v")
@@ -1095,6 +1107,8 @@ def _mutate(data, op, args, no_dim=False):
             bad = [0, -1, True, "3", 0.0, -0.5, 1.5, float("nan"), 2]   # 2 < num_sink + num_recent
         if name == "rank":
             bad = [0, -1, 9, True, 1.5, "3", None]
+        if name in UNBOUNDED_INTS:
+            bad = [v for v in bad if v != 2**70]
         args[name] = data.draw(st.sampled_from(bad), label="value")
         return f"{name}={args[name]!r}"
     if what == "coeffs":
