@@ -200,6 +200,43 @@ def lockstep(loss_fn, feats, embeddings, vkern_first=False, vkern_context=None, 
     return out
 
 
+def compare_rankings(want, got, exact=None, tol=1e-5):
+    """Two ``pylate.rank.rerank`` outputs (PyLate's, vkern's) for the same queries, compared.
+
+    Counts the identical rankings; for each query that differs, the positions that differ, the largest
+    gap between PyLate's scores of the passages placed at a differing position (a near-tie when tiny),
+    and at the first one the two passages' order in each and (``exact``: per query, id -> float64
+    score) the float64 order. ``identical_up_to_ties``: rankings whose every differing position holds
+    passages whose PyLate scores are within ``tol``."""
+    out = {"identical_rankings": 0, "identical_up_to_ties": 0, "max_abs_score_diff": 0.0,
+           "float64_agrees_with_vkern": 0, "float64_agrees_with_pylate": 0, "tie_tolerance": tol,
+           "differences": []}
+    for qi, (w, g) in enumerate(zip(want, got)):
+        sw = {r["id"]: r["score"] for r in w}
+        sg = {r["id"]: r["score"] for r in g}
+        if set(sw) != set(sg):
+            raise ValueError(f"query {qi}: the two rankings hold different passages")
+        out["max_abs_score_diff"] = max(out["max_abs_score_diff"], max(abs(sw[k] - sg[k]) for k in sw))
+        pos = [k for k, (a, b) in enumerate(zip(w, g)) if a["id"] != b["id"]]
+        if not pos:
+            out["identical_rankings"] += 1
+            out["identical_up_to_ties"] += 1
+            continue
+        gap = max(abs(sw[w[k]["id"]] - sw[g[k]["id"]]) for k in pos)
+        out["identical_up_to_ties"] += gap <= tol
+        a, b = w[pos[0]]["id"], g[pos[0]]["id"]           # PyLate ranks a first there, vkern b
+        d = {"query": qi, "positions": len(pos), "rank": pos[0], "max_pylate_gap": gap,
+             "pylate_order": [a, b]}
+        if exact is not None:
+            ea, eb = exact[qi][a], exact[qi][b]
+            d["float64_order"] = [a, b] if ea > eb else [b, a] if eb > ea else "tie"
+            d["float64_gap"] = abs(ea - eb)
+            out["float64_agrees_with_vkern"] += eb > ea
+            out["float64_agrees_with_pylate"] += ea > eb
+        out["differences"].append(d)
+    return out
+
+
 def provenance(argv):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -544,21 +581,34 @@ def main():
                 out.append(e if is_query else e[f["attention_mask"][0].bool()])
         return out
 
-    q_emb = encode([p_[0] for p_ in eval_pairs[:32]], True)
+    q_emb = encode([p_[0] for p_ in eval_pairs], True)
     d_emb = encode([p_[1] for p_ in eval_pairs], False)
     ids = [[str(i) for i in range(len(eval_pairs))] for _ in range(len(q_emb))]
     docs = [list(d_emb) for _ in range(len(q_emb))]
     want = pylate.rank.rerank(ids, list(q_emb), docs)
     with vp.patch():
         got = pylate.rank.rerank(ids, list(q_emb), docs)
-    same = sum([r["id"] for r in x] == [r["id"] for r in y] for x, y in zip(got, want))
-    sdiff = max(abs(r["score"] - s["score"]) for x, y in zip(got, want) for r, s in zip(x, y))
-    hits = sum(int(x[0]["id"]) == i for i, x in enumerate(got))
-    summary["rerank"] = {"queries": len(q_emb), "docs": len(eval_pairs), "identical_rankings": same,
-                         "max_abs_score_diff": sdiff, "top1_is_own_passage": hits}
-    print(f"rerank ({len(q_emb)} held-out queries x {len(eval_pairs)} passages, pylate.rank.rerank, the trained "
-          f"model): identical rankings {same}/{len(q_emb)}, max |score diff| {sdiff:.2e}; top-1 = the query's own "
-          f"passage for {hits}/{len(q_emb)}")
+    # float64 scores with rerank's own semantics (documents zero-padded to the longest, no masks)
+    padded = torch.nn.utils.rnn.pad_sequence(d_emb, batch_first=True).double()
+    exact = [dict(zip(ids[0], torch.einsum("qh,nlh->nql", q.double(), padded).amax(-1).sum(-1).tolist()))
+             for q in q_emb]
+    rr = compare_rankings(want, got, exact)
+    rr.update({"queries": len(q_emb), "docs": len(eval_pairs),
+               "top1_is_own_passage": sum(int(x[0]["id"]) == i for i, x in enumerate(got))})
+    summary["rerank"] = rr
+    print(f"rerank ({len(q_emb)} held-out queries x {len(eval_pairs)} passages each, pylate.rank.rerank, the trained "
+          f"model): identical rankings {rr['identical_rankings']}/{len(q_emb)}, max |score diff| (same passage) "
+          f"{rr['max_abs_score_diff']:.2e}; top-1 = the query's own passage for {rr['top1_is_own_passage']}/{len(q_emb)}")
+    for d in rr["differences"]:
+        tie = "a near-tie" if d["max_pylate_gap"] <= rr["tie_tolerance"] else "NOT a near-tie"
+        print(f"  query {d['query']}: {d['positions']} position(s) differ, between passages whose PyLate scores "
+              f"differ by <= {d['max_pylate_gap']:.2e} ({tie}); at rank {d['rank']} PyLate has passage "
+              f"{d['pylate_order'][0]}, vkern {d['pylate_order'][1]}; float64 ranks them {d.get('float64_order')} "
+              f"(gap {d.get('float64_gap', float('nan')):.2e})")
+    if rr["differences"]:
+        print(f"  rankings identical up to near-ties (PyLate score gap <= {rr['tie_tolerance']:.0e}): "
+              f"{rr['identical_up_to_ties']}/{len(q_emb)}; where they differ, float64 agrees with vkern's order "
+              f"{rr['float64_agrees_with_vkern']} time(s), with PyLate's {rr['float64_agrees_with_pylate']}")
     prov["utc_end"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     prov["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     print(f"# end {prov['utc_end']}, load {' '.join(prov['loadavg_end'])}")

@@ -112,3 +112,25 @@ def test_lockstep_reports_a_wrong_scorer():
     assert r["loss_abs_diff"] > 1e-5 and r["grad_rel_diff"] > 1e-3
     with pytest.raises(TypeError, match="Stub"):
         mod.lockstep(pl_losses.Contrastive(enc), feats, emb)
+
+
+def test_compare_rankings_counts_and_explains_near_ties():
+    mod = _script()
+    want = [[{"id": "a", "score": 3.0}, {"id": "b", "score": 2.0}, {"id": "c", "score": 1.0}],
+            [{"id": "a", "score": 2.0000001}, {"id": "b", "score": 2.0}, {"id": "c", "score": 1.0}],
+            [{"id": "a", "score": 3.0}, {"id": "b", "score": 2.0}, {"id": "c", "score": 1.0}]]
+    got = [want[0],
+           [{"id": "b", "score": 2.0000002}, {"id": "a", "score": 2.0000001}, {"id": "c", "score": 1.0}],
+           [{"id": "c", "score": 3.5}, {"id": "a", "score": 3.0}, {"id": "b", "score": 2.0}]]
+    exact = [{"a": 3.0, "b": 2.0, "c": 1.0}, {"a": 2.0, "b": 2.00000015, "c": 1.0}, {"a": 3.0, "b": 2.0, "c": 1.0}]
+    r = mod.compare_rankings(want, got, exact)
+    assert r["identical_rankings"] == 1 and r["identical_up_to_ties"] == 2
+    assert [d["query"] for d in r["differences"]] == [1, 2]
+    d1, d2 = r["differences"]
+    assert d1["positions"] == 2 and d1["rank"] == 0 and d1["pylate_order"] == ["a", "b"]
+    assert d1["max_pylate_gap"] < 1e-6 and d1["float64_order"] == ["b", "a"]
+    assert d2["max_pylate_gap"] == 2.0 and d2["positions"] == 3
+    assert r["float64_agrees_with_vkern"] == 1 and r["float64_agrees_with_pylate"] == 1
+    assert abs(r["max_abs_score_diff"] - 2.5) < 1e-12
+    with pytest.raises(ValueError, match="query 0"):
+        mod.compare_rankings([want[0]], [want[0][:2] + [{"id": "z", "score": 0.0}]])
