@@ -150,8 +150,6 @@ def lockstep(loss_fn, feats, embeddings, vkern_first=False, vkern_context=None, 
     if vkern_context is None:
         from vkern.integrations import pylate as vp
         vkern_context = vp.patch
-    if vkern_context is None:
-        raise ValueError("vkern_context must be a context-manager factory")
     stub = loss_fn.model
     if not isinstance(stub, Stub):
         raise TypeError("loss_fn.model must be a Stub (see Stub)")
