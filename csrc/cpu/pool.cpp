@@ -28,7 +28,7 @@ const PoolLevel& level_for(SimdLevel l) {
 
 struct Scratch {
   std::vector<float> dots;
-  std::vector<double> dist, xx, cc;
+  std::vector<double> dist, dist2, xx, cc;
   std::vector<float> centres;
   std::vector<int64_t> labels, prev, counts, chain, rep, parent;
   std::vector<double> size, sums;
@@ -57,13 +57,14 @@ void ward_labels(const PoolLevel& lv, const float* x, int64_t m, int64_t ld, int
   std::fill(s.size.begin(), s.size.begin() + m, 1.0);
   s.pen.assign(static_cast<size_t>(ldd), std::numeric_limits<double>::infinity());
   std::fill(s.pen.begin(), s.pen.begin() + m, 0.0);
-  s.live.resize(static_cast<size_t>(m));
+  s.live.resize(static_cast<size_t>(4 * m));
+  s.dist2.resize(static_cast<size_t>((ldd / 2) * (ldd / 2)));
   s.chain.resize(static_cast<size_t>(m));
   s.rep.resize(static_cast<size_t>(m));
   s.merge_a.resize(static_cast<size_t>(m - 1));
   s.merge_b.resize(static_cast<size_t>(m - 1));
   s.heights.resize(static_cast<size_t>(m - 1));
-  lv.ward_chain(s.dist.data(), m, ldd, s.size.data(), s.pen.data(), s.live.data(), s.chain.data(), s.rep.data(),
+  lv.ward_chain(s.dist.data(), m, ldd, s.dist2.data(), s.size.data(), s.pen.data(), s.live.data(), s.chain.data(), s.rep.data(),
                 s.merge_a.data(), s.merge_b.data(), s.heights.data());
   // fcluster(maxclust=k): the (m-k)-th smallest height (squared: same order) is the cut; every merge at
   // or below it joins.
