@@ -15,7 +15,8 @@ struct PoolLevel {
   void (*dots)(const float* a, int64_t na, int64_t lda, const float* b, int64_t nb, int64_t ldb, int64_t D,
                float* out, int64_t ldo);
   // d [m, ldd] float64 = s|s| with s = 1 - <x_i, x_j> (dots in float32; the signed square has
-  // the order of s), +inf on the diagonal and in columns >= m. Scratch: pack [ldd * D] floats.
+  // the order of s), +inf on the diagonal and in columns >= m. Scratch: pack [kWardPad * D]
+  // floats, and d[-kWardPad, 0) (the tiles of columns below 0 land there).
   void (*ward_dist)(const float* x, int64_t m, int64_t ld, int64_t D, float* pack, double* d, int64_t ldd);
   // Ward merges of d (overwritten) by the nearest-neighbour chain: merge_a/b = lowest token of
   // each side, merge_h = height as its signed square (the order fcluster needs), m-1 of each in
