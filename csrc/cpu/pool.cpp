@@ -58,7 +58,7 @@ void ward_labels(const PoolLevel& lv, const float* x, int64_t m, int64_t ld, int
   std::fill(s.size.begin(), s.size.begin() + m, 1.0);
   s.pen.assign(static_cast<size_t>(ldd), std::numeric_limits<double>::infinity());
   std::fill(s.pen.begin(), s.pen.begin() + m, 0.0);
-  s.live.resize(static_cast<size_t>(4 * m));
+  s.live.resize(static_cast<size_t>(4 * m + ldd));
   s.dist2.resize(static_cast<size_t>((ldd / 2) * (ldd / 2)));
   s.chain.resize(static_cast<size_t>(m));
   s.rep.resize(static_cast<size_t>(m));

@@ -21,7 +21,7 @@ struct PoolLevel {
   // Ward merges of d (overwritten) by the nearest-neighbour chain: merge_a/b = lowest token of
   // each side, merge_h = height as its signed square (the order fcluster needs), m-1 of each in
   // merge order. size / pen [ldd]: 1 / 0 below m, 0 / +inf after (overwritten); spare
-  // [(ldd / 2)^2] doubles (the compacted matrices), work [4 m], chain, rep [m] scratch.
+  // [(ldd / 2)^2] doubles (the compacted matrices), work [4 m + ldd], chain, rep [m] scratch.
   void (*ward_chain)(double* d, int64_t m, int64_t ldd, double* spare, double* size, double* pen, int64_t* work,
                      int64_t* chain, int64_t* rep, int64_t* merge_a, int64_t* merge_b, double* merge_h);
   // out [nc, D] = float32 of the float64 mean of the rows i with labels[i] == g (every g in
