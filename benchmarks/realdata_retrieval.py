@@ -56,7 +56,9 @@ def provenance(argv):
         cpu = platform.processor()
     return {"command": " ".join(["python", *([sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))]),
             "commit": git("rev-parse", "--short", "HEAD") or "unknown",
-            "tree_modified": bool(git("status", "--porcelain", "--untracked-files=no")),
+            # tracked code that differs from the commit (the results files this script writes excluded)
+            "tree_modified": bool(git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                      ":(top,exclude)benchmarks/results")),
             "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "loadavg_start": os.getloadavg(), "cpu": cpu, "cpus": os.cpu_count()}
 
