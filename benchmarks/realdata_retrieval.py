@@ -37,6 +37,32 @@ HERE = Path(__file__).resolve().parent
 POOL_REPS = 3      # timed calls of vkern's pooling and of the SciPy recipe (interleaved), best of each
 
 
+def provenance(argv):
+    """What produced these figures: command, commit (and whether the tree differed), UTC time,
+    load average, CPU and the SIMD level vkern dispatched to."""
+    import datetime
+    import platform
+    import subprocess
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001 - no git: say so
+            return ""
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except Exception:  # noqa: BLE001
+        cpu = platform.processor()
+    return {"command": " ".join(["python", *([sys.argv[0]] + list(sys.argv[1:] if argv is None else argv))]),
+            "commit": git("rev-parse", "--short", "HEAD") or "unknown",
+            # tracked code that differs from the commit (the results files this script writes excluded)
+            "tree_modified": bool(git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                      ":(top,exclude)benchmarks/results")),
+            "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "loadavg_start": os.getloadavg(), "cpu": cpu, "cpus": os.cpu_count()}
+
+
 def best_time(fn, reps=3):
     fn()
     ts = []
@@ -54,6 +80,7 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--md", metavar="PATH", help="write the tables as Markdown")
     args = p.parse_args(argv)
+    prov = provenance(argv)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     import numpy as np
@@ -79,9 +106,13 @@ def main(argv=None):
     Q = np.zeros((B, qlens.max(), D), np.float32)
     for b in range(B):
         Q[b, :qlens[b]] = qp[qoff[b]:qoff[b + 1]]
-    out = {"corpus": {"docs": N, "tokens": int(off[-1]), "dim": D, "queries": B}}
+    prov["simd_level"] = vkern.info().get("simd_level")
+    out = {"provenance": prov, "corpus": {"docs": N, "tokens": int(off[-1]), "dim": D, "queries": B}}
     lines = [f"# Memory-efficient retrieval on real data ({N} passages, {int(off[-1])} tokens x {D}, "
-             f"{B} queries; MiniLM token vectors; {args.threads} threads)", ""]
+             f"{B} queries; MiniLM token vectors; {args.threads} threads)", "",
+             f"`{prov['command']}` at commit {prov['commit']}{' (modified tree)' if prov['tree_modified'] else ''}, "
+             f"{prov['utc']}, on {prov['cpu']} ({prov['cpus']} CPUs, vkern SIMD level {prov['simd_level']}); "
+             "load average at the start " + " / ".join(f"{v:.2f}" for v in prov["loadavg_start"]) + "@@LOAD_END@@", ""]
 
     exact = vkern.maxsim(Q, docs, doc_offsets=off, query_lengths=qlens, backend="cpu")
     top_exact = np.argsort(-exact, axis=1, kind="stable")[:, :10]
@@ -131,7 +162,7 @@ def main(argv=None):
     except Exception as exc:  # noqa: BLE001 - report and carry on
         print(f"pylate.models not importable ({type(exc).__name__}: {exc}); no PyLate row")
     lines += ["## Token pooling", "",
-              "| method | pool factor | tokens kept | recall of exact top-10 | mean Spearman vs unpooled | vkern s | SciPy recipe s | x SciPy | docs = SciPy's rows | PyLate s | x PyLate | docs = PyLate's rows |",
+              "| method | pool factor | tokens kept | recall of exact top-10 | mean Spearman vs unpooled | vkern s (CPU s) | SciPy recipe s (CPU s) | x SciPy | docs = SciPy's rows | PyLate s | x PyLate | docs = PyLate's rows |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     out["pooling"] = []
     for method in ("ward", "kmeans"):
@@ -147,15 +178,18 @@ def main(argv=None):
             if method == "ward":
                 # vkern and the SciPy recipe side by side: after one untimed call of each (SciPy's
                 # gives the rows compared below), POOL_REPS timed calls interleaved, best of each.
+                # Process time (all threads' CPU seconds) is taken around the same calls.
                 ref = scipy_ward_recipe(docs, off, pf)
-                tv, ts = [], []
+                tv, ts, cv, cs = [], [], [], []
                 for _ in range(POOL_REPS):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     run_vkern()
                     tv.append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
+                    cv.append(time.process_time() - c0)
+                    t0, c0 = time.perf_counter(), time.process_time()
                     scipy_ward_recipe(docs, off, pf)
                     ts.append(time.perf_counter() - t0)
+                    cs.append(time.process_time() - c0)
                 t_v, t_s = min(tv), min(ts)
             else:
                 t_v = best_time(run_vkern, POOL_REPS)
@@ -163,8 +197,11 @@ def main(argv=None):
                    "spearman": rho, "vkern_s": t_v}
             if method == "ward":
                 same_scipy = sum(same_rows(ref[n], pooled[poff[n]:poff[n + 1]]) for n in range(N))
-                row.update(scipy_s=t_s, same_as_scipy=same_scipy, timing=f"best of {POOL_REPS} interleaved")
-                cells[:3] = [f"{t_s:.2f}", f"{t_s / t_v:.1f}", f"{same_scipy}/{N}"]
+                row.update(scipy_s=t_s, same_as_scipy=same_scipy, timing=f"best of {POOL_REPS} interleaved",
+                           vkern_cpu_s=min(cv), scipy_cpu_s=min(cs), vkern_s_all=tv, scipy_s_all=ts,
+                           vkern_cpu_s_all=cv, scipy_cpu_s_all=cs, ratio_wall=t_s / t_v,
+                           ratio_cpu=min(cs) / min(cv), loadavg=os.getloadavg())
+                cells[:3] = [f"{t_s:.3f} ({min(cs):.3f})", f"{t_s / t_v:.1f}", f"{same_scipy}/{N}"]
                 if pylate_fn is not None:
                     t0 = time.perf_counter()
                     theirs = pylate_fn(None, tdocs, pool_factor=pf, protected_tokens=1)
@@ -173,10 +210,17 @@ def main(argv=None):
                     row.update(pylate_s=t_p, same_as_pylate=same_docs)
                     cells[3:] = [f"{t_p:.2f}", f"{t_p / t_v:.1f}", f"{same_docs}/{N}"]
             out["pooling"].append(row)
+            vk_cell = f"{t_v:.3f} ({row['vkern_cpu_s']:.3f})" if method == "ward" else f"{t_v:.2f}"
             lines.append(f"| {method} | {pf} | {row['tokens']} ({row['tokens'] / off[-1]:.0%}) | {row['recall10']:.3f} "
-                         f"| {rho:.4f} | {t_v:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", f"vkern s and SciPy recipe s: best of {POOL_REPS} calls each, the two interleaved in this run "
-              f"(vkern on {args.threads} threads, the recipe on one BLAS thread); PyLate s: one call.", ""]
+                         f"| {rho:.4f} | {vk_cell} | " + " | ".join(cells) + " |")
+    ward_rows = [r for r in out["pooling"] if r["method"] == "ward"]
+    lines += ["", f"vkern s and SciPy recipe s: wall seconds, best of {POOL_REPS} calls each, the two interleaved in this "
+              f"run (vkern on {args.threads} threads, the recipe on one BLAS thread); in brackets the process (CPU) "
+              "seconds of the same calls, all threads together (x SciPy in CPU time: "
+              + ", ".join(f"pool factor {r['pool_factor']} {r['ratio_cpu']:.1f}" for r in ward_rows)
+              + "); load average after the Ward rows: "
+              + "; ".join(" / ".join(f"{v:.2f}" for v in r["loadavg"]) for r in ward_rows)
+              + ". PyLate s: one call.", ""]
 
     # -------------------------------------------------------------- MUVERA
     mv = vkern.muvera
@@ -235,6 +279,8 @@ def main(argv=None):
               "size; it draws its own random matrices (dense +-1 projection, binary partition ids), so its vectors "
               "differ from vkern's: a time for the same amount of work, not the same output.",
               "The reference encoding time is extrapolated from its first 100 documents."]
+    prov["loadavg_end"] = os.getloadavg()
+    lines[2] = lines[2].replace("@@LOAD_END@@", ", at the end " + " / ".join(f"{v:.2f}" for v in prov["loadavg_end"]))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.md:

@@ -84,6 +84,33 @@ def test_ward_matches_scipy_at_tile_edges(D, rng):
             assert same_rows(pooled[new_off[n]:new_off[n + 1]], scipy_pool(x[off[n]:off[n + 1]], pf, 1)), (pf, n)
 
 
+@pytest.mark.parametrize("level", ["generic", "avx2", "avx512", "avx512shape"])
+def test_ward_every_simd_level(level, rng):
+    """Each SIMD level the CPU can run (avx512 on real AVX-512 hardware; avx512shape, its
+    blocking compiled for AVX2, where AVX2 runs): SciPy's clusters, and the same pooled rows
+    bit for bit as the automatic level. Lengths around the panel edges (16- and 32-column
+    panels, the first one partial) and long enough for several compactions of the chain's
+    matrix (half the slots dead, then a quarter, ...)."""
+    needs("cpu")
+    from vkern import _ext
+    if level not in _ext.C.simd_supported():
+        pytest.skip(f"{level} not supported on this CPU")
+    lengths = [2, 3, 9, 16, 17, 31, 32, 33, 47, 48, 49, 64, 65, 97, 130, 257, 300]
+    x, off = normalised(rng, lengths, 40)
+    auto = vkern.pool_tokens(x, doc_offsets=off, pool_factor=2)
+    try:
+        vkern.set_simd_level(level)
+        got = {pf: vkern.pool_tokens(x, doc_offsets=off, pool_factor=pf) for pf in (2, 3)}
+    finally:
+        vkern.set_simd_level("auto")
+    np.testing.assert_array_equal(got[2][1], auto[1])
+    assert got[2][0].tobytes() == auto[0].tobytes()
+    for pf in (2, 3):
+        pooled, new_off = got[pf]
+        for n in range(len(lengths)):
+            assert same_rows(pooled[new_off[n]:new_off[n + 1]], scipy_pool(x[off[n]:off[n + 1]], pf, 1)), (pf, n)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_non_finite_in_any_document_raises(backend, value, rng):

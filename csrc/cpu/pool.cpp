@@ -28,7 +28,7 @@ const PoolLevel& level_for(SimdLevel l) {
 
 struct Scratch {
   std::vector<float> dots;
-  std::vector<double> dist, xx, cc;
+  std::vector<double> dist, dist2, xx, cc;
   std::vector<float> centres;
   std::vector<int64_t> labels, prev, counts, chain, rep, parent;
   std::vector<double> size, sums;
@@ -50,20 +50,22 @@ int64_t find(std::vector<int64_t>& parent, int64_t a) {
 // Labels 0.. of at most k Ward clusters of the m rows x (stride ld), in order of lowest token.
 void ward_labels(const PoolLevel& lv, const float* x, int64_t m, int64_t ld, int64_t D, int64_t k, Scratch& s) {
   const int64_t ldd = (m + kWardPad - 1) / kWardPad * kWardPad;
-  s.pack.resize(static_cast<size_t>(ldd * D));
-  s.dist.resize(static_cast<size_t>(m * ldd));
-  lv.ward_dist(x, m, ld, D, s.pack.data(), s.dist.data(), ldd);
+  s.pack.resize(static_cast<size_t>(kWardPad * D));
+  s.dist.resize(static_cast<size_t>(kWardPad + m * ldd));   // d[-kWardPad, 0): ward_dist's scratch
+  double* const d = s.dist.data() + kWardPad;
+  lv.ward_dist(x, m, ld, D, s.pack.data(), d, ldd);
   s.size.assign(static_cast<size_t>(ldd), 0.0);
   std::fill(s.size.begin(), s.size.begin() + m, 1.0);
   s.pen.assign(static_cast<size_t>(ldd), std::numeric_limits<double>::infinity());
   std::fill(s.pen.begin(), s.pen.begin() + m, 0.0);
-  s.live.resize(static_cast<size_t>(m));
+  s.live.resize(static_cast<size_t>(4 * m + ldd));
+  s.dist2.resize(static_cast<size_t>((ldd / 2) * (ldd / 2)));
   s.chain.resize(static_cast<size_t>(m));
   s.rep.resize(static_cast<size_t>(m));
   s.merge_a.resize(static_cast<size_t>(m - 1));
   s.merge_b.resize(static_cast<size_t>(m - 1));
   s.heights.resize(static_cast<size_t>(m - 1));
-  lv.ward_chain(s.dist.data(), m, ldd, s.size.data(), s.pen.data(), s.live.data(), s.chain.data(), s.rep.data(),
+  lv.ward_chain(d, m, ldd, s.dist2.data(), s.size.data(), s.pen.data(), s.live.data(), s.chain.data(), s.rep.data(),
                 s.merge_a.data(), s.merge_b.data(), s.heights.data());
   // fcluster(maxclust=k): the (m-k)-th smallest height (squared: same order) is the cut; every merge at
   // or below it joins.

@@ -15,14 +15,15 @@ struct PoolLevel {
   void (*dots)(const float* a, int64_t na, int64_t lda, const float* b, int64_t nb, int64_t ldb, int64_t D,
                float* out, int64_t ldo);
   // d [m, ldd] float64 = s|s| with s = 1 - <x_i, x_j> (dots in float32; the signed square has
-  // the order of s), +inf on the diagonal and in columns >= m. Scratch: pack [ldd * D] floats.
+  // the order of s), +inf on the diagonal and in columns >= m. Scratch: pack [kWardPad * D]
+  // floats, and d[-kWardPad, 0) (the tiles of columns below 0 land there).
   void (*ward_dist)(const float* x, int64_t m, int64_t ld, int64_t D, float* pack, double* d, int64_t ldd);
   // Ward merges of d (overwritten) by the nearest-neighbour chain: merge_a/b = lowest token of
   // each side, merge_h = height as its signed square (the order fcluster needs), m-1 of each in
-  // merge order. size / pen [ldd]: 1 / 0 below m,
-  // 0 / +inf after (overwritten); live, chain, rep [m] scratch.
-  void (*ward_chain)(double* d, int64_t m, int64_t ldd, double* size, double* pen, int64_t* live, int64_t* chain,
-                     int64_t* rep, int64_t* merge_a, int64_t* merge_b, double* merge_h);
+  // merge order. size / pen [ldd]: 1 / 0 below m, 0 / +inf after (overwritten); spare
+  // [(ldd / 2)^2] doubles (the compacted matrices), work [4 m + ldd], chain, rep [m] scratch.
+  void (*ward_chain)(double* d, int64_t m, int64_t ldd, double* spare, double* size, double* pen, int64_t* work,
+                     int64_t* chain, int64_t* rep, int64_t* merge_a, int64_t* merge_b, double* merge_h);
   // out [nc, D] = float32 of the float64 mean of the rows i with labels[i] == g (every g in
   // [0, nc) has one; each sum in row order); sums [nc + m + D], counts [nc] scratch.
   void (*cluster_means)(const float* x, int64_t m, int64_t ld, int64_t D, const int64_t* labels, int64_t nc,
