@@ -20,9 +20,19 @@ batch of 4 rows, row b of tenant b (greedy, KV cache):
 * apply into dense weights: one model, whose linear weights are rewritten with
   `vkern.apply_task_vectors` before each tenant's row (the swap cost counted).
 
-Tokens/s counts the 4 rows' new tokens (prefill of the prompt included). The three contenders
-run in turn, ``--repeats`` times (default 3), and each one's median time is reported, with every
-repeat's time. All three produce the same tokens (checked, every repeat).
+End to end, tokens/s counts the 4 rows' new tokens (the prefill of the prompt and, for the apply
+contender, its weight swaps included). Then the prefill (the forward of the prompt, which gives
+the first new token; prompt tokens/s) and the decode (the --steps - 1 one-token forwards after it;
+new tokens/s) separately: the prefill does every dense model's GEMM FLOPs plus building the
+merged weights, so it cannot beat the dense models; a decode step reads the base once for the 4
+tenants (plus their 4-bit codes) where the dense models read 4 full weight sets. ``--steps 64``
+makes the run decode-dominated. The three contenders run in turn, ``--repeats`` times (default
+3), and each one's median is reported, with every repeat's end-to-end time. All three produce
+the same tokens (checked, every repeat). The output starts with the command, commit, UTC time,
+CPU and load average, and names the SIMD level; ``--profile`` instead times DeltaLinear's own
+forwards by layer kind (where the time goes).
+
+The tied lm_head has no task vectors: patch_linear_layers leaves it a plain nn.Linear.
 """
 from __future__ import annotations
 
@@ -208,6 +218,14 @@ def main():
         print(f"{name:<44}{tp:>9.3f}{tok_pre / tp:>9.1f}{tp / med(ref, 1):>8.2f}x{td:>9.3f}"
               f"{(tok_dec / td if td else float('nan')):>9.1f}{(td / med(ref, 2) if td else float('nan')):>8.2f}x"
               f"{tsw:>8.3f}")
+    print("per repeat (the contenders run back to back, so one repeat's ratios share the machine's load), and best of "
+          "the repeats (the least disturbed time of each), DeltaLinear is x faster:")
+    for name in names[1:]:
+        per = [(b[i] / a[i], b[1] / a[1], b[2] / a[2]) for a, b in zip(res[ref], res[name]) for i in (0,)]
+        best = [min(r[i] for r in res[name]) / min(r[i] for r in res[ref]) for i in range(3)]
+        print(f"  {name}: end to end / prefill / decode per repeat "
+              + ", ".join(f"{e:.2f}/{p:.2f}/{d:.2f}" for e, p, d in per)
+              + f"; best of {args.repeats}: {best[0]:.2f} / {best[1]:.2f} / {best[2]:.2f}")
     print("(swap: the apply contender's rewrite of the linear weights before each tenant, part of its end to end "
           "time, in neither its prefill nor its decode column)")
     print(f"same tokens from all three, every repeat: {same}")

@@ -18,6 +18,12 @@ uses for the forward passes inside it::
     with tenants(model, [0, 2, -1, 1]):                   # batch element b uses task ids[b] (store.tasks order)
         logits = model(input_ids).logits
 
+Layers no task vector touches (no entry in the store, all task vectors exactly zero, or named
+in ``base_only``) stay plain ``nn.Linear``: a tied lm_head costs exactly its dense matmul.
+A decode step (up to 8 rows) is one kernel pass per layer that reads each base row once for all
+rows, with each row's codes; a prefill (8+ rows per tenant) builds each tenant's merged weight
+once and runs one GEMM per tenant on its block of rows.
+
 Inference only: the forward runs without autograd (a tensor that requires grad is refused).
 Imports without torch; torch is needed to build the modules.
 """
