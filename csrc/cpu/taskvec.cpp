@@ -336,15 +336,21 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
         if (slot[m] >= 0) vals[m] = valbuf + slot[m] * K;
       float outv[8];
       const int64_t n_end = std::min(N, (task + 1) * rows);
+      constexpr int64_t kAhead = 2;
+      for (int64_t n = task * rows; n < std::min(n_end, task * rows + kAhead); ++n) {  // the first rows' loads
+        const char* nb = row_ptr(call.base, call.dtype, call.base_stride, n, 0);
+        for (int64_t off = 0; off < K * static_cast<int64_t>(elem_size(call.dtype)); off += 64)
+          __builtin_prefetch(nb + off, 0, 3);
+      }
       for (int64_t n = task * rows; n < n_end; ++n) {
-        if (n + 1 < N) {  // ask for the next base row and code rows now: their loads overlap this row's work
-          const char* nb = row_ptr(call.base, call.dtype, call.base_stride, n + 1, 0);
+        if (n + kAhead < n_end) {  // ask for a later base row and code rows now: their loads overlap this work
+          const char* nb = row_ptr(call.base, call.dtype, call.base_stride, n + kAhead, 0);
           const int64_t bytes = K * static_cast<int64_t>(elem_size(call.dtype));
-          for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(nb + off, 0, 0);
+          for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(nb + off, 0, 3);
           for (int64_t m = 0; m < M; ++m) {
             if (!isq4[m]) continue;
-            const uint8_t* nc = tasks[m]->codes + (n + 1) * tasks[m]->row_bytes;
-            for (int64_t off = 0; off < tasks[m]->row_bytes; off += 64) __builtin_prefetch(nc + off, 0, 0);
+            const uint8_t* nc = tasks[m]->codes + (n + kAhead) * tasks[m]->row_bytes;
+            for (int64_t off = 0; off < tasks[m]->row_bytes; off += 64) __builtin_prefetch(nc + off, 0, 3);
           }
         }
         const float* b;
