@@ -248,7 +248,7 @@ def test_gpu_backends_name_the_limitation(rng, backend):
 
 # ------------------------------------------- delta_linear: 4-bit tenants straight from the codes
 
-@pytest.mark.parametrize("level", ["generic", "avx2"])
+@pytest.mark.parametrize("level", ["generic", "avx2", "avx512", "avx512shape"])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
 def test_delta_linear_q4_tenants_and_plan(rng, level, M):
     """One affine 4-bit task per row (the serving case: x . delta from the codes, the base by the

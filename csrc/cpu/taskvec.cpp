@@ -23,7 +23,12 @@ namespace {
 constexpr int64_t kChunk = 1024;  // columns per chunk (a multiple of 8)
 
 const TaskvecLevel& level_now() {
-  return simd_active() == SimdLevel::generic ? taskvec_level_generic() : taskvec_level_avx2();
+  switch (simd_active()) {
+    case SimdLevel::generic: return taskvec_level_generic();
+    case SimdLevel::avx512: return taskvec_level_avx512();
+    case SimdLevel::avx512shape: return taskvec_level_avx512shape();
+    default: return taskvec_level_avx2();
+  }
 }
 
 size_t elem_size(int dtype) { return dtype == 0 ? 4 : 2; }
@@ -259,54 +264,93 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
     return;
   }
 
-  // Few rows (a decode step), each with its own affine 4-bit task or none, the whole row in
-  // one chunk: per output row, one pass over the base row for all rows of x, then each row's
-  // codes once, straight from the nibbles (x deinterleaved per 16 columns and its group sums
-  // taken once per call, not once per output row).
-  bool q4fast = !call.merged && !call.base_done && M >= 1 && M <= 8 && K <= kDeltaChunk;
-  std::vector<int64_t> q4_task(static_cast<size_t>(M), -1);
-  if (q4fast) {
+  // Few rows (a decode step), each with its own task (any scheme, bits and components) or
+  // none: per output row, one pass over the base row for all rows of x together with each
+  // row's codes (lv.fused_rows). A one-component affine 4-bit task (group_size % 32 == 0)
+  // multiplies straight from the nibbles (x deinterleaved per block and its group sums taken
+  // once per call); any other task's row n is decoded exactly into an L1 buffer first, once
+  // per distinct task.
+  if (!call.merged && !call.base_done && M >= 1 && M <= 8) {
+    const int64_t blk = lv.fused_block;
+    const int64_t KB = K / blk * blk;
+    std::vector<int64_t> rt(static_cast<size_t>(M), -1);
     for (int64_t t = -1; t < T; ++t)
-      for (int64_t i = call.group_start[t + 1]; i < call.group_start[t + 2]; ++i) q4_task[call.row_order[i]] = t;
-    for (int64_t m = 0; m < M && q4fast; ++m) q4fast = q4_task[m] < 0 || q4[q4_task[m]] != nullptr;
-  }
-  if (q4fast) {
-    const int64_t K16 = K / 16 * 16;
-    std::vector<float> xs(static_cast<size_t>(std::max<int64_t>(1, M * K16)));
+      for (int64_t i = call.group_start[t + 1]; i < call.group_start[t + 2]; ++i) rt[call.row_order[i]] = t;
+    const TvComp* tasks[8] = {};
+    int isq4[8] = {};
+    float coef[8] = {};
+    int slot[8];                 // decoded-values buffer of row m (-1: none)
+    int64_t slot_task[8];
+    int nslots = 0;
+    std::vector<float> xs(static_cast<size_t>(std::max<int64_t>(1, M * KB)));
     std::vector<std::vector<float>> gsum(static_cast<size_t>(M));
+    const float* xsp[8] = {};
+    const float* gsp[8] = {};
     for (int64_t m = 0; m < M; ++m) {
-      const float* xm = call.x + m * K;
-      float* sm = xs.data() + m * K16;
-      for (int64_t k = 0; k < K16; k += 16)
-        for (int64_t j = 0; j < 8; ++j) {
-          sm[k + j] = xm[k + 2 * j];
-          sm[k + 8 + j] = xm[k + 2 * j + 1];
+      slot[m] = -1;
+      const int64_t t = rt[m];
+      if (t < 0) continue;
+      for (int64_t c = 0; c < call.C; ++c)
+        if (call.comps[c].task == t) { tasks[m] = &call.comps[c]; coef[m] = call.comps[c].coef; }
+      if (tasks[m] == nullptr) continue;  // a task with no components: the base alone
+      if (q4[t] != nullptr) {
+        isq4[m] = 1;
+        tasks[m] = q4[t];
+        const float* xm = call.x + m * K;
+        float* sm = xs.data() + m * KB;
+        const int64_t half = blk / 2;
+        for (int64_t k = 0; k < KB; k += blk)
+          for (int64_t j = 0; j < half; ++j) {
+            sm[k + j] = xm[k + 2 * j];
+            sm[k + half + j] = xm[k + 2 * j + 1];
+          }
+        const TvComp& c = *q4[t];
+        gsum[m].assign(static_cast<size_t>(c.n_groups), 0.0f);
+        for (int64_t g = 0; g < c.n_groups; ++g) {
+          double acc = 0.0;
+          for (int64_t k = g * c.group_size; k < std::min(K, (g + 1) * c.group_size); ++k) acc += xm[k];
+          gsum[m][g] = static_cast<float>(acc);
         }
-      if (q4_task[m] < 0) continue;
-      const TvComp& c = *q4[q4_task[m]];
-      gsum[m].assign(static_cast<size_t>(c.n_groups), 0.0f);
-      for (int64_t g = 0; g < c.n_groups; ++g) {
-        double acc = 0.0;
-        for (int64_t k = g * c.group_size; k < std::min(K, (g + 1) * c.group_size); ++k) acc += xm[k];
-        gsum[m][g] = static_cast<float>(acc);
+        xsp[m] = sm;
+        gsp[m] = gsum[m].data();
+      } else {
+        for (int i = 0; i < nslots && slot[m] < 0; ++i)
+          if (slot_task[i] == t) slot[m] = i;
+        if (slot[m] < 0) {
+          slot_task[nslots] = t;
+          slot[m] = nslots++;
+        }
+        // coef[m]: the task's coefficient (every component of a task carries it); task_values
+        // gives the unscaled sum of its components, as the chunked path below uses them
       }
     }
     const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(16, N / (8 * nthreads)));
     const int64_t ntasks = (N + rows - 1) / rows;
+    const int64_t per = K + nslots * K + 16;
+    std::vector<float> fscratch(static_cast<size_t>(nthreads) * per);
     parallel_for(ntasks, [&](int64_t task, int worker) {
-      float* basebuf = scratch.data() + static_cast<size_t>(worker) * per_worker;
-      float* sums = basebuf + kDeltaChunk;
+      float* basebuf = fscratch.data() + static_cast<size_t>(worker) * per;
+      float* valbuf = basebuf + K;
+      const float* vals[8] = {};
+      for (int64_t m = 0; m < M; ++m)
+        if (slot[m] >= 0) vals[m] = valbuf + slot[m] * K;
+      float outv[8];
       const int64_t n_end = std::min(N, (task + 1) * rows);
+      constexpr int64_t kAhead = 2;
+      for (int64_t n = task * rows; n < std::min(n_end, task * rows + kAhead); ++n) {  // the first rows' loads
+        const char* nb = row_ptr(call.base, call.dtype, call.base_stride, n, 0);
+        for (int64_t off = 0; off < K * static_cast<int64_t>(elem_size(call.dtype)); off += 64)
+          __builtin_prefetch(nb + off, 0, 3);
+      }
       for (int64_t n = task * rows; n < n_end; ++n) {
-        if (n + 1 < N) {  // ask for the next base row and code rows now: their loads overlap this row's work
-          const char* nb = row_ptr(call.base, call.dtype, call.base_stride, n + 1, 0);
+        if (n + kAhead < n_end) {  // ask for a later base row and code rows now: their loads overlap this work
+          const char* nb = row_ptr(call.base, call.dtype, call.base_stride, n + kAhead, 0);
           const int64_t bytes = K * static_cast<int64_t>(elem_size(call.dtype));
-          for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(nb + off, 0, 0);
+          for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(nb + off, 0, 3);
           for (int64_t m = 0; m < M; ++m) {
-            if (q4_task[m] < 0) continue;
-            const TvComp& c = *q4[q4_task[m]];
-            const uint8_t* nc = c.codes + (n + 1) * c.row_bytes;
-            for (int64_t off = 0; off < c.row_bytes; off += 64) __builtin_prefetch(nc + off, 0, 0);
+            if (!isq4[m]) continue;
+            const uint8_t* nc = tasks[m]->codes + (n + kAhead) * tasks[m]->row_bytes;
+            for (int64_t off = 0; off < tasks[m]->row_bytes; off += 64) __builtin_prefetch(nc + off, 0, 3);
           }
         }
         const float* b;
@@ -316,17 +360,9 @@ void taskvec_delta_linear(const TvDeltaCall& call) {
           lv.load_row(row_ptr(call.base, call.dtype, call.base_stride, n, 0), call.dtype, K, basebuf);
           b = basebuf;
         }
-        std::fill(sums, sums + M, 0.0f);
-        lv.dot_rows(b, call.x, K, all_rows.data(), M, 0, K, sums);
-        for (int64_t m = 0; m < M; ++m) {
-          float y = sums[m];
-          const int64_t t = q4_task[m];
-          if (t >= 0) {
-            const TvComp& c = *q4[t];
-            y += c.coef * lv.q4_dot_split(c, n, xs.data() + m * K16, call.x + m * K, gsum[m].data(), K);
-          }
-          call.y[m * N + n] = y;
-        }
+        for (int i = 0; i < nslots; ++i) task_values(lv, call.comps, call.C, slot_task[i], n, 0, K, valbuf + i * K);
+        lv.fused_rows(b, call.x, K, M, n, tasks, isq4, coef, xsp, gsp, vals, outv);
+        for (int64_t m = 0; m < M; ++m) call.y[m * N + n] = outv[m];
       }
     });
     return;

@@ -70,10 +70,24 @@ struct TaskvecLevel {
   // s * (x . q - z * gsum): the zero point folded, as q4_dot_rows.
   float (*q4_dot_split)(const TvComp& c, int64_t n, const float* xs, const float* x, const float* gsum,
                         int64_t K);
+  // Decode step, M <= 8 rows of x [M, K] (contiguous), one pass over output row n for all of
+  // them: out[m] = x_m . b[0:K] + coef_m * (x_m . dequant(tasks[m])[n, 0:K]), b the base row
+  // (float32). tasks[m] is row m's component (null: the base alone); q4[m] != 0 when it is one
+  // affine 4-bit component with group_size % 32 == 0, read straight from the nibbles with
+  // xs[m] (x_m deinterleaved per block of kFusedBlock columns: the even columns, then the odd
+  // ones) and gsum[m] (x_m's sum per group); otherwise vals[m] holds row n of the task's
+  // exact dequantized values (K floats, filled by the caller). Each base element is loaded
+  // once for all rows, each code byte once.
+  void (*fused_rows)(const float* b, const float* x, int64_t K, int64_t M, int64_t n, const TvComp* const* tasks,
+                     const int* q4, const float* coef, const float* const* xs, const float* const* gsum,
+                     const float* const* vals, float* out);
+  int fused_block;  // the xs deinterleave block of fused_rows at this level (2 x its vector width)
 };
 
 const TaskvecLevel& taskvec_level_generic();
 const TaskvecLevel& taskvec_level_avx2();
+const TaskvecLevel& taskvec_level_avx512();
+const TaskvecLevel& taskvec_level_avx512shape();
 
 struct TvApplyCall {
   const void* base;          // [N, K], rows base_stride elements apart, unit element stride

@@ -93,3 +93,50 @@ def test_bad_inputs(family):
     q = store.qtv("lm_head.weight", "a")
     with pytest.raises(ValueError, match=r"qtvs\[0\]: expected shape \(3, 64\)"):
         DeltaLinear(torch.zeros(3, 64), [q])
+    with pytest.raises(TypeError, match="base_only: expected a sequence of module-name substrings"):
+        patch_linear_layers(copy.deepcopy(base), store, base_only="lm_head")
+
+
+def test_task_less_layers_stay_plain(family):
+    """A layer no fine-tune moved (all task vectors exactly zero: a tied or frozen lm_head) and a
+    layer named in base_only stay plain nn.Linear, so they cost exactly a dense matmul; the served
+    logits still equal each fine-tune run separately; a DeltaLinear with no task vectors is
+    F.linear bit for bit, whatever the tenants."""
+    root, base, fts = family
+    path = str(root / "s_tl.safetensors")
+    ts.compress(str(root / "base"), [f"t{i}={root / f'ft{i}'}" for i in range(3)], path, bits=4, group="32",
+                progress=False)
+    store = ts.Store(path)
+    layer = "model.layers.0.mlp.up_proj.weight"
+    mapping = {k: [store.qtv(k, f"t{i}") for i in range(3)] for k in store.layout
+               if k.endswith("_proj.weight") or k == "lm_head.weight"}
+    n_out, n_in = store.layout["lm_head.weight"]["shape"]
+    zero = taskvec.quantize(np.zeros((n_out, n_in), dtype=np.float32), bits=4, group_size=32)
+    mapping["lm_head.weight"] = [zero] * 3                               # no fine-tune moved lm_head
+    served = copy.deepcopy(base)
+    replaced = patch_linear_layers(served, mapping, base_only=["layers.1.self_attn.o_proj"], backend="cpu")
+    assert "lm_head" not in replaced and "model.layers.1.self_attn.o_proj" not in replaced
+    assert type(served.lm_head) is torch.nn.Linear
+    assert type(served.model.layers[1].self_attn.o_proj) is torch.nn.Linear
+    assert isinstance(served.get_submodule(layer[:-len(".weight")]), DeltaLinear)
+    assert len(replaced) == 2 * 7 - 1
+    ids = torch.randint(0, 80, (3, 5), generator=torch.Generator().manual_seed(3))
+    tenant = [1, -1, 0]
+    with tenants(served, tenant):
+        got = served(ids).logits
+    with torch.no_grad():
+        for b, t in enumerate(tenant):
+            ref_model = copy.deepcopy(base)
+            if t >= 0:
+                for k, qs in mapping.items():
+                    name = k[:-len(".weight")]
+                    if name in replaced:
+                        ref_model.get_submodule(name).weight.add_(
+                            torch.from_numpy(taskvec.dequantize(qs[t], backend="cpu")))
+            torch.testing.assert_close(got[b], ref_model(ids[b:b + 1]).logits[0], rtol=1e-4, atol=1e-4)
+    lin = base.model.layers[0].mlp.up_proj
+    plain = DeltaLinear(lin.weight, [], lin.bias)
+    plain.task_ids = torch.tensor([0, 1])
+    x = torch.randn(2, 3, lin.in_features)
+    with torch.no_grad():
+        assert torch.equal(plain(x), torch.nn.functional.linear(x, lin.weight, lin.bias))

@@ -18,6 +18,12 @@ uses for the forward passes inside it::
     with tenants(model, [0, 2, -1, 1]):                   # batch element b uses task ids[b] (store.tasks order)
         logits = model(input_ids).logits
 
+Layers no task vector touches (no entry in the store, all task vectors exactly zero, or named
+in ``base_only``) stay plain ``nn.Linear``: a tied lm_head costs exactly its dense matmul.
+A decode step (up to 8 rows) is one kernel pass per layer that reads each base row once for all
+rows, with each row's codes; a prefill (8+ rows per tenant) builds each tenant's merged weight
+once and runs one GEMM per tenant on its block of rows.
+
 Inference only: the forward runs without autograd (a tensor that requires grad is refused).
 Imports without torch; torch is needed to build the modules.
 """
@@ -119,7 +125,10 @@ class DeltaLinear(_Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        if self.task_ids is None or not self.qtvs:
+        if not self.qtvs:  # task-less: exactly nn.Linear's product, whatever the tenants
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, w, b)
+        if self.task_ids is None:
             y = x2 @ w.T
         else:
             ids = self.task_ids.to(x.device)
@@ -151,15 +160,50 @@ def _store_qtvs(store, name: str, tasks: Sequence[str]):
     return [store.qtv(name, t) for t in tasks]
 
 
+def _all_zero(qtvs) -> bool:
+    """Whether every one of these task vectors dequantizes to exactly zero (a layer no fine-tune
+    moved, e.g. a tied or frozen lm_head): cheap tests first, then the values."""
+    from .. import taskvec
+
+    for q in qtvs:
+        if not any(np.any(np.asarray(s)) for s in _scale_arrays(q)):
+            continue
+        if np.any(taskvec.dequantize(q, backend="cpu")):
+            return False
+    return True
+
+
+def _scale_arrays(q):
+    """The scales of q and of its residual base, as arrays (all zero: a zero task vector)."""
+    out = []
+    for part in (q, getattr(q, "base", None)):
+        if part is None:
+            continue
+        sc = getattr(part, "scales", None)
+        if sc is None:
+            return [np.ones(1)]  # unknown layout: decide by the values
+        out.append(sc.cpu().numpy() if hasattr(sc, "cpu") else sc)
+    return out
+
+
 def patch_linear_layers(model, store, *, tasks: Optional[Sequence[str]] = None,
-                        include: Optional[Sequence[str]] = None, backend: str = "auto") -> List[str]:
+                        include: Optional[Sequence[str]] = None, base_only: Optional[Sequence[str]] = None,
+                        backend: str = "auto") -> List[str]:
     """Replaces every ``nn.Linear`` of `model` whose ``<module name>.weight`` has task vectors in
     `store` (a :class:`vkern.taskvec_store.Store`, or a mapping ``{weight name: [QTaskVector]}``)
     by a :class:`DeltaLinear` sharing the Linear's weight and bias. `tasks` picks and orders the
     store's tasks (default: all, in store order); `include` keeps only module names containing
     one of these substrings; `backend` goes to every DeltaLinear. Returns the names of the replaced
-    modules."""
+    modules.
+
+    Task-less layers stay plain ``nn.Linear`` (exactly a dense matmul, whatever the tenants): a
+    layer the store has no task vectors for (e.g. SmolLM2's lm_head, tied to the embeddings), a
+    layer whose task vectors are all exactly zero (no fine-tune moved it), and every module name
+    containing one of the `base_only` substrings."""
     torch = _torch()
+    if base_only is not None and (isinstance(base_only, str) or
+                                  not all(isinstance(b, str) for b in base_only)):
+        raise TypeError(f"base_only: expected a sequence of module-name substrings, got {base_only!r}")
     cls = DeltaLinear
     is_store = hasattr(store, "qtv") and hasattr(store, "tasks")
     if is_store:
@@ -172,6 +216,8 @@ def patch_linear_layers(model, store, *, tasks: Optional[Sequence[str]] = None,
         if not isinstance(module, torch.nn.Linear):
             continue
         if include is not None and not any(s in name for s in include):
+            continue
+        if base_only is not None and any(s in name for s in base_only):
             continue
         key = f"{name}.weight"
         if is_store:
@@ -187,6 +233,8 @@ def patch_linear_layers(model, store, *, tasks: Optional[Sequence[str]] = None,
                 continue
             qtvs = list(store[key])
             names = None
+        if _all_zero(qtvs):
+            continue
         new = cls(module.weight, qtvs, module.bias, names, backend=backend)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

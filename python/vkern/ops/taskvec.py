@@ -486,18 +486,15 @@ def _is_q4(q: QTaskVector) -> bool:
 
 def _base_by_blas(M: int, base, qtvs: Sequence[QTaskVector], merged: bool) -> bool:
     """Whether x @ base^T goes to the BLAS (then the kernel adds the deltas only). Many rows of
-    float32: always (a GEMM). 2..8 rows, one tenant per row (task ids), no sign-only task: also
-    (the kernel's fused pass is for BitDelta sign tasks; with affine codes the BLAS product plus
-    one pass over each tenant's codes is faster), except when every task is 4-bit affine (_is_q4):
-    then the kernel's decode path reads each base row once for all rows and each tenant's codes
-    once, in one parallel pass, faster than a BLAS call plus a second pass (and on a loaded
-    machine it saves a hand-over between two thread pools, which cost milliseconds per call)."""
+    float32: always (a GEMM). Up to 8 rows: never (see below)."""
     if A.dtype_name(base) != "float32":
         return False
     if M > _BLAS_ROWS:
         return True
-    return (M >= 2 and not merged and all(q.scheme != "sign" for q in qtvs)
-            and not all(_is_q4(q) for q in qtvs))
+    # 1..8 rows with task ids: the kernel's fused decode-step pass reads each base row once for
+    # all rows together with each row's codes (every scheme and bit width), faster than a BLAS
+    # call plus a second pass over the codes (and no hand-over between two thread pools)
+    return False
 
 
 def _delta_cpu_core(x32, base, qtvs, table, coefs, coeffs64, ids, torch, out_name: str):
@@ -632,12 +629,13 @@ class DeltaPlan:
             r0, r1 = int(starts[t + 1]), int(starts[t + 2])
             if r1 == r0:
                 continue
-            rows = torch.from_numpy(order[r0:r1])
             wt = weights[t]
+            a, b = int(order[r0]), int(order[r1 - 1]) + 1
             with blas_call():
-                if r1 - r0 == int(x.shape[0]):
-                    torch.mm(x, wt.T, out=y)
+                if b - a == r1 - r0:  # the tenant's rows are one block of x (order is ascending within a task)
+                    torch.mm(x[a:b], wt.T, out=y[a:b])
                 else:
+                    rows = torch.from_numpy(order[r0:r1])
                     y.index_copy_(0, rows, torch.mm(x.index_select(0, rows), wt.T))
         if not np.isfinite(x.numpy()).all():
             _nonfinite_rows_by_definition(self.qtvs, self.coeffs, ids, x, base, y)
