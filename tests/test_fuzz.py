@@ -268,6 +268,36 @@ def tie_equivalent(scores, a, b, rtol=1e-4) -> bool:
     return bool(span <= rtol * (1.0 + np.max(np.abs(both))))
 
 
+def agree_topk(got, want, full, what, cand=None) -> None:
+    """(scores, indices) top-k results: scores agree, indices agree except among reference scores
+    that tie. full(): the reference's scores without top-k, [rows, N] (or [rows, K] over the
+    candidates `cand`, whose entries are the ids the indices name)."""
+    agree(got[0], want[0], what=f"top-k {what}")
+    gi, wi = host(got[1]), host(want[1])
+    if gi.shape != wi.shape or str(got[1].dtype) != str(want[1].dtype):
+        raise Mismatch(f"top-k {what} indices: {gi.shape} {got[1].dtype} vs {wi.shape} {want[1].dtype}")
+    full = host(full()).astype(np.float64)
+    if not full.size:
+        return
+    full = full.reshape(-1, full.shape[-1])
+    if cand is not None:
+        cand = np.broadcast_to(cand, (full.shape[0], cand.shape[-1]))
+    for r, (a, b) in enumerate(zip(gi.reshape(-1, gi.shape[-1]), wi.reshape(-1, wi.shape[-1]))):
+        if np.array_equal(a, b):
+            continue
+        if cand is None:
+            if tie_equivalent(full[r], a, b):
+                continue
+        else:   # by original id (a repeated candidate id: the same score)
+            score_of = {int(c): full[r][j] for j, c in enumerate(cand[r])}
+            sa = np.sort([score_of[int(i)] for i in a if i >= 0])
+            sb = np.sort([score_of[int(i)] for i in b if i >= 0])
+            if sa.shape == sb.shape and np.allclose(sa, sb, rtol=1e-4, atol=1e-6, equal_nan=True):
+                continue
+        raise Mismatch(f"top-k {what} indices row {r}: {a} vs reference {b} (scores {full[r]}"
+                       + ("" if cand is None else f", candidates {cand[r]}") + ")")
+
+
 # ------------------------------------------------------------------ maxsim
 
 def check_maxsim(data, case):
@@ -311,18 +341,8 @@ def check_maxsim(data, case):
     if topk is None:
         agree(got, want, what="scores")
         return
-    # top-k: scores agree; indices agree except among reference scores that tie
-    agree(got[0], want[0], what="top-k scores")
-    gi, wi = host(got[1]), host(want[1])
-    if gi.shape != wi.shape or str(got[1].dtype) != str(want[1].dtype):
-        raise Mismatch(f"top-k indices: {gi.shape} {got[1].dtype} vs {wi.shape} {want[1].dtype}")
-    full = host(vkern.maxsim(qs.make(), docs(), backend="reference", **{k: f() for k, f in kw.items()}))
-    if not full.size:
-        return
-    full = full.reshape(-1, full.shape[-1])
-    for r, (a, b) in enumerate(zip(gi.reshape(-1, gi.shape[-1]), wi.reshape(-1, wi.shape[-1]))):
-        if not np.array_equal(a, b) and not tie_equivalent(full[r].astype(np.float64), a, b):
-            raise Mismatch(f"top-k indices row {r}: {a} vs reference {b} (scores {full[r]})")
+    agree_topk(got, want, lambda: vkern.maxsim(qs.make(), docs(), backend="reference", **{k: f() for k, f in kw.items()}),
+               "scores")
 
 
 # ------------------------------------------------------------------ loki
@@ -811,17 +831,7 @@ def check_maxsim_int8(data, case):
     if topk is None:
         agree(got, want, what="int8 scores")
         return
-    agree(got[0], want[0], what="int8 top-k scores")
-    if host(got[1]).shape != host(want[1]).shape:
-        raise Mismatch(f"int8 top-k indices: shape {host(got[1]).shape} vs {host(want[1]).shape}")
-    full = host(call("reference", None)).astype(np.float64)
-    if not full.size:
-        return
-    full = full.reshape(-1, full.shape[-1])
-    for r, (a, b) in enumerate(zip(host(got[1]).reshape(-1, host(got[1]).shape[-1]),
-                                   host(want[1]).reshape(-1, host(want[1]).shape[-1]))):
-        if not np.array_equal(a, b) and not tie_equivalent(full[r], a, b):
-            raise Mismatch(f"int8 top-k indices row {r}: {a} vs reference {b} (scores {full[r]})")
+    agree_topk(got, want, lambda: call("reference", None), "int8 scores")
 
 
 def check_maxsim_subset(data, case):
@@ -850,23 +860,7 @@ def check_maxsim_subset(data, case):
     if topk is None:
         agree(got, want, what="candidate scores")
         return
-    agree(got[0], want[0], what="candidate top-k scores")
-    gi, wi = host(got[1]), host(want[1])
-    if gi.shape != wi.shape:
-        raise Mismatch(f"candidate top-k indices: {gi.shape} vs {wi.shape}")
-    full = host(call("reference", None)).astype(np.float64)
-    if not full.size:
-        return
-    full, cand = full.reshape(-1, full.shape[-1]), np.broadcast_to(ids, (full.reshape(-1, full.shape[-1]).shape[0],
-                                                                         ids.shape[-1]))
-    for r, (a, b) in enumerate(zip(gi.reshape(-1, gi.shape[-1]), wi.reshape(-1, wi.shape[-1]))):
-        if np.array_equal(a, b):
-            continue
-        score_of = {int(c): full[r][j] for j, c in enumerate(cand[r])}   # by original id (a repeated id: same score)
-        sa = np.sort([score_of[int(i)] for i in a if i >= 0])
-        sb = np.sort([score_of[int(i)] for i in b if i >= 0])
-        if sa.shape != sb.shape or not np.allclose(sa, sb, rtol=1e-4, atol=1e-6, equal_nan=True):
-            raise Mismatch(f"candidate top-k indices row {r}: {a} vs reference {b} (candidates {cand[r]})")
+    agree_topk(got, want, lambda: call("reference", None), "candidate scores", cand=ids)
 
 
 def check_muvera(data, case):
