@@ -101,6 +101,13 @@ def same_place(arrays: dict) -> str:
     return next(iter(libs.values()))
 
 
+def host_ints(x: Any) -> np.ndarray:
+    """Small index array as host int64 (one tiny device->host copy for CUDA inputs)."""
+    if isinstance(x, np.ndarray):
+        return x.astype(np.int64, copy=False)
+    return x.detach().to("cpu").numpy().astype(np.int64, copy=False)
+
+
 def padded_lengths(doc_lengths: Any, docs: Any, what: str = "docs") -> np.ndarray:
     """Host int64 [N] lengths for padded docs [N, Ld, D] (Ld each where doc_lengths is None),
     checked as every op checks them: same library and device as the docs, an integer dtype,
@@ -114,7 +121,7 @@ def padded_lengths(doc_lengths: Any, docs: Any, what: str = "docs") -> np.ndarra
         raise TypeError(f"doc_lengths: expected an integer array, got {dtype_name(ln)}")
     if tuple(ln.shape) != (N,):
         raise ValueError(f"doc_lengths: expected shape ({N},) (one per document), got {tuple(ln.shape)}")
-    lens = (ln if isinstance(ln, np.ndarray) else ln.detach().to("cpu").numpy()).astype(np.int64, copy=False)
+    lens = host_ints(ln)
     if N and (lens.min() < 0 or lens.max() > Ld):
         raise ValueError(f"doc_lengths: every length must be in [0, Ld={Ld}], "
                          f"got min={int(lens.min())}, max={int(lens.max())}")

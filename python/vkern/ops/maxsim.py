@@ -59,11 +59,7 @@ def _check_index(x: Any, name: str, length: int, length_desc: str) -> None:
         raise ValueError(f"{name}: expected shape ({length},) ({length_desc}), got {tuple(x.shape)}")
 
 
-def _host_ints(x: Any) -> np.ndarray:
-    """Small index array as host int64 (one tiny device->host copy for CUDA inputs)."""
-    if isinstance(x, np.ndarray):
-        return x.astype(np.int64, copy=False)
-    return x.detach().to("cpu").numpy().astype(np.int64, copy=False)
+_host_ints = A.host_ints   # small index arrays as host int64 (ops.maxsim_int8 and muvera import it from here)
 
 
 def _pack_list(docs: Sequence[Any], D: Optional[int], like: Any):
